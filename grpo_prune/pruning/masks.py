@@ -1,0 +1,359 @@
+"""Mask builders: precomputed scores + a target sparsity -> a keep-mask (pure functions).
+
+Conventions shared by the whole engine:
+
+- A mask is a bool tensor of the scored tensor's shape, ``True`` = keep, ``False`` = pruned.
+- Scores are float, higher = more important; the *lowest* scores are pruned.
+- Ties are broken by flat index: among equal scores the lowest flat index is pruned first. The embedded model's
+  weights are dequantised 4-bit values, so exact ties are common and selection must not depend on sort internals.
+- Masks are monotone: an entry pruned in ``prev_mask`` stays pruned; it counts towards the requested number, so
+  the result has exactly ``k`` pruned entries unless ``prev_mask`` already prunes more (then exactly those).
+- Counts use Python's :func:`round` (half to even) via :func:`num_to_prune`: ``k = round(sparsity * n)``.
+
+Selection never sorts the full tensor when a global threshold is enough: the k-th lowest *value* (unique, hence
+deterministic) is found with ``kthvalue``, every entry below it is pruned, and the entries equal to it are taken in
+flat-index order. That is the same set a stable sort would select, at a fraction of its time and memory when
+ranking every prunable weight of a model at once (global comparison).
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "expand_group_mask",
+    "global_unstructured_masks",
+    "group_mask",
+    "n_m_mask",
+    "num_to_prune",
+    "parse_n_m",
+    "unstructured_mask",
+]
+
+
+def num_to_prune(sparsity: float, n: int) -> int:
+    """Number of units to prune for ``sparsity`` (fraction in ``[0, 1]``) of ``n`` units: ``round(sparsity * n)``."""
+    _check_sparsity(sparsity)
+    return int(round(float(sparsity) * n))
+
+
+def _check_sparsity(sparsity: float) -> None:
+    s = float(sparsity)
+    if not (0.0 <= s <= 1.0):  # also rejects NaN
+        raise ValueError(f"sparsity must be a fraction in [0, 1]; got {sparsity}")
+
+
+def _as_int(value: object, message: str) -> int:
+    # operator.index accepts Python, numpy and torch integers but not floats (a float count is a caller bug).
+    if isinstance(value, bool):
+        raise ValueError(f"{message}; got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{message}; got {value!r}") from None
+
+
+def _check_scores(scores: Tensor) -> None:
+    if not scores.is_floating_point():
+        raise ValueError(f"scores must be a floating-point tensor; got {scores.dtype}")
+    if torch.isnan(scores).any():
+        # NaN has no place in an order; it usually means training diverged.
+        raise ValueError("scores contain NaN")
+
+
+def _check_prev(prev_mask: Tensor | None, shape: torch.Size, name: str = "prev_mask") -> None:
+    if prev_mask is None:
+        return
+    if prev_mask.dtype != torch.bool:
+        raise ValueError(f"{name} must be a bool tensor (True = keep); got {prev_mask.dtype}")
+    if prev_mask.shape != shape:
+        raise ValueError(f"{name} must have the scores' shape {tuple(shape)}; got {tuple(prev_mask.shape)}")
+
+
+def _prune_lowest(scores: Tensor, k: int, forced: Tensor | None = None, eligible: Tensor | None = None) -> Tensor:
+    """Pruned-set of a flat score vector.
+
+    Args:
+        scores: ``[n]`` float.
+        k: how many to prune in total, ``forced`` ones included.
+        forced: ``[n]`` bool, entries that must be pruned (previously pruned).
+        eligible: ``[n]`` bool, entries that may be pruned besides ``forced`` (default: all).
+
+    Returns:
+        ``[n]`` bool, True = pruned: ``forced`` plus the ``k - |forced|`` lowest eligible scores (ties by index).
+    """
+    if scores.dtype in (torch.float16, torch.bfloat16):
+        scores = scores.to(torch.float32)  # exact; kthvalue and comparisons then share one dtype
+    pruned = torch.zeros_like(scores, dtype=torch.bool) if forced is None else forced.clone()
+    pool = ~pruned if eligible is None else eligible & ~pruned
+    pool_size = int(pool.sum())
+    k_new = min(max(k - int(pruned.sum()), 0), pool_size)
+    if k_new == 0:
+        return pruned
+    if k_new == pool_size:
+        return pruned | pool
+    pool_scores = scores if pool_size == scores.numel() else scores[pool]
+    # Only the k-th *value* is used (it is unique); which of the equal entries go is decided below by index.
+    threshold = torch.kthvalue(pool_scores, k_new).values
+    below = pool & (scores < threshold)
+    pruned |= below
+    need = k_new - int(below.sum())
+    tied = torch.nonzero(pool & (scores == threshold)).squeeze(1)  # ascending flat index
+    pruned[tied[:need]] = True
+    return pruned
+
+
+def _prune_lowest_rows(scores: Tensor, k: int, prev_keep: Tensor | None = None) -> Tensor:
+    """Row-wise selection: prune the ``k`` lowest of every row of ``scores`` ``[rows, cols]``.
+
+    Previously pruned entries (``~prev_keep``) are pruned first and count towards ``k``; a row that already has
+    more than ``k`` pruned keeps exactly those. Returns the keep-mask ``[rows, cols]``.
+    """
+    rows, cols = scores.shape
+    order = torch.sort(scores, dim=1, stable=True).indices
+    if prev_keep is None:
+        k_row: Tensor | int = k
+    else:
+        # A second stable sort on "was kept" puts previously pruned entries first while keeping the score order
+        # (and its index tie-break) inside both parts: a lexicographic sort without -inf sentinels.
+        was_kept = prev_keep.gather(1, order).to(torch.uint8)
+        order = order.gather(1, torch.sort(was_kept, dim=1, stable=True).indices)
+        k_row = (~prev_keep).sum(dim=1, keepdim=True).clamp(min=k)
+    prune_sorted = torch.arange(cols, device=scores.device).unsqueeze(0) < k_row
+    keep = torch.empty((rows, cols), dtype=torch.bool, device=scores.device)
+    keep.scatter_(1, order, ~prune_sorted.expand(rows, cols))
+    return keep
+
+
+def unstructured_mask(
+    scores: Tensor,
+    sparsity: float,
+    prev_mask: Tensor | None = None,
+    per_row: bool = False,
+) -> Tensor:
+    """Unstructured keep-mask for one weight matrix.
+
+    Args:
+        scores: ``[out_features, in_features]`` (any shape with ``per_row=False``).
+        sparsity: fraction to prune, in ``[0, 1]``.
+        prev_mask: previous keep-mask of the same shape; its pruned entries stay pruned and count towards k.
+        per_row: compare within each output row (Wanda's "per output" comparison): ``round(sparsity * cols)``
+            pruned in every row (rows are all dims but the last). Otherwise ``round(sparsity * numel)`` over the
+            whole matrix.
+
+    Returns:
+        bool keep-mask of ``scores``' shape.
+    """
+    _check_sparsity(sparsity)
+    _check_scores(scores)
+    _check_prev(prev_mask, scores.shape)
+    scores = scores.detach()
+    if per_row:
+        if scores.dim() < 1:
+            raise ValueError("per_row needs scores with at least one dimension")
+        cols = scores.shape[-1]
+        prev = None if prev_mask is None else prev_mask.reshape(-1, cols)
+        keep = _prune_lowest_rows(scores.reshape(-1, cols), num_to_prune(sparsity, cols), prev)
+        return keep.reshape(scores.shape)
+    forced = None if prev_mask is None else ~prev_mask.reshape(-1)
+    pruned = _prune_lowest(scores.reshape(-1), num_to_prune(sparsity, scores.numel()), forced)
+    return (~pruned).reshape(scores.shape)
+
+
+def global_unstructured_masks(
+    scores: Mapping[str, Tensor],
+    sparsity: float,
+    prev_masks: Mapping[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """One ranking across all layers: exactly ``round(sparsity * total)`` entries pruned overall.
+
+    Scores of different layers must be comparable (normalise them first if they are not). Ties across layers are
+    broken by the order of ``scores``' keys, then by flat index within a layer.
+
+    Args:
+        scores: layer name -> scores (any shapes).
+        sparsity: overall fraction to prune, in ``[0, 1]``.
+        prev_masks: layer name -> previous keep-mask (optional; layers missing here start all-kept).
+
+    Returns:
+        layer name -> bool keep-mask, in ``scores``' key order.
+    """
+    _check_sparsity(sparsity)
+    names = list(scores)
+    if prev_masks is not None:
+        unknown = sorted(set(prev_masks) - set(names))
+        if unknown:
+            raise ValueError(f"prev_masks has layers without scores: {unknown}")
+    if not names:
+        return {}
+    for name in names:
+        _check_scores(scores[name])
+        if prev_masks is not None:
+            _check_prev(prev_masks.get(name), scores[name].shape, f"prev_masks[{name!r}]")
+    device = scores[names[0]].device
+    flat = torch.cat([scores[n].detach().reshape(-1).to(device=device, dtype=torch.float32) for n in names])
+    forced = None
+    if prev_masks is not None:
+        forced = torch.cat(
+            [
+                ~prev_masks[n].reshape(-1).to(device)
+                if n in prev_masks
+                else torch.zeros(scores[n].numel(), dtype=torch.bool, device=device)
+                for n in names
+            ]
+        )
+    pruned = _prune_lowest(flat, num_to_prune(sparsity, flat.numel()), forced)
+    del flat
+    keep = ~pruned
+    out: dict[str, Tensor] = {}
+    offset = 0
+    for name in names:
+        t = scores[name]
+        out[name] = keep[offset : offset + t.numel()].reshape(t.shape).to(t.device).clone()
+        offset += t.numel()
+    return out
+
+
+_N_M_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def _n_m_error(got: object) -> ValueError:
+    return ValueError(
+        f"n_m must be 'N:M' with integers 1 <= N < M (keep N of every M consecutive inputs), e.g. '2:4' or '4:8'; "
+        f"got {got!r}"
+    )
+
+
+def parse_n_m(spec: str) -> tuple[int, int]:
+    """Parse an N:M sparsity pattern: ``"2:4"`` -> ``(2, 4)``, keep 2 of every 4 consecutive inputs.
+
+    Raises:
+        ValueError: naming ``n_m``, for anything but ``"N:M"`` with integers ``1 <= N < M``
+            (e.g. ``"3:2"``, ``"2:0"``, ``"0:4"``, ``"4:4"``, ``"a:b"``, ``"24"``).
+    """
+    match = _N_M_RE.match(spec) if isinstance(spec, str) else None
+    if match is None:
+        raise _n_m_error(spec)
+    n, m = int(match.group(1)), int(match.group(2))
+    if not (1 <= n < m):
+        raise _n_m_error(spec)
+    return n, m
+
+
+def n_m_mask(
+    scores: Tensor,
+    n: int,
+    m: int,
+    sparsity: float | None = None,
+    prev_mask: Tensor | None = None,
+) -> Tensor:
+    """N:M semi-structured keep-mask along the input (last) dimension.
+
+    Every group of ``m`` consecutive entries of a row (``[..., j*m:(j+1)*m]``) keeps ``n`` of them in the final
+    pattern: the ``m - n`` lowest scores of each group are pruned (previously pruned ones first).
+
+    For gradual schedules, ``sparsity < 1 - n/m`` prunes ``round(sparsity * numel)`` entries chosen, lowest score
+    first, among the final pattern's pruned entries ("candidates", computed from the same scores and
+    ``prev_mask``). Every intermediate mask therefore prunes a subset of what the final N:M mask prunes, and with
+    ``prev_mask`` chained through increasing sparsities the pruned sets grow monotonically.
+
+    Args:
+        scores: ``[out_features, in_features]`` (any shape whose last dim is divisible by ``m``).
+        n: entries kept per group, ``1 <= n < m``.
+        m: group size.
+        sparsity: fraction to prune in ``[0, 1 - n/m]``; None means the full ``1 - n/m``.
+        prev_mask: previous keep-mask; must prune at most ``m - n`` entries per group (it must be compatible with
+            the pattern).
+
+    Returns:
+        bool keep-mask of ``scores``' shape.
+    """
+    message = "n and m must be integers with 1 <= n < m (keep n of every m)"
+    n, m = _as_int(n, message), _as_int(m, message)
+    if not 1 <= n < m:
+        raise ValueError(f"{message}; got n={n!r}, m={m!r}")
+    _check_scores(scores)
+    _check_prev(prev_mask, scores.shape)
+    if scores.dim() < 1 or scores.shape[-1] % m != 0:
+        raise ValueError(
+            f"N:M pruning needs the input dim (last) divisible by m={m}; got scores of shape {tuple(scores.shape)}"
+        )
+    scores = scores.detach()
+    numel = scores.numel()
+    k_final = numel // m * (m - n)
+    k = k_final if sparsity is None else num_to_prune(sparsity, numel)
+    if k > k_final:
+        raise ValueError(f"sparsity must be at most 1 - n/m = {1 - n / m:g} for {n}:{m} pruning; got {sparsity}")
+    groups = scores.reshape(-1, m)
+    prev_groups = None if prev_mask is None else prev_mask.reshape(-1, m)
+    if prev_groups is not None:
+        worst = int((~prev_groups).sum(dim=1).max()) if prev_groups.numel() else 0
+        if worst > m - n:
+            raise ValueError(
+                f"prev_mask prunes {worst} entries in some group of {m}, more than the {m - n} a {n}:{m} pattern "
+                "allows; it is not compatible with this N:M pattern"
+            )
+    final_keep = _prune_lowest_rows(groups, m - n, prev_groups).reshape(-1)
+    if k == k_final:
+        return final_keep.reshape(scores.shape)
+    forced = None if prev_mask is None else ~prev_mask.reshape(-1)
+    pruned = _prune_lowest(scores.reshape(-1), k, forced, eligible=~final_keep)
+    return (~pruned).reshape(scores.shape)
+
+
+def group_mask(group_scores: Tensor, n_prune: int, prev_keep: Tensor | None = None) -> Tensor:
+    """Keep-mask over structural groups: the ``n_prune`` lowest-scoring groups are pruned.
+
+    Args:
+        group_scores: ``[num_groups]`` float.
+        n_prune: number of groups to prune in total (previously pruned ones included), ``0 <= n_prune <= G``.
+        prev_keep: ``[num_groups]`` bool, previous keep-mask; its pruned groups stay pruned.
+
+    Returns:
+        bool ``[num_groups]``.
+    """
+    if group_scores.dim() != 1:
+        raise ValueError(f"group_scores must be 1-D [num_groups]; got shape {tuple(group_scores.shape)}")
+    _check_scores(group_scores)
+    _check_prev(prev_keep, group_scores.shape, "prev_keep")
+    n_prune = _as_int(n_prune, f"n_prune must be an integer in [0, {group_scores.numel()}]")
+    if not 0 <= n_prune <= group_scores.numel():
+        raise ValueError(f"n_prune must be an integer in [0, {group_scores.numel()}]; got {n_prune!r}")
+    forced = None if prev_keep is None else ~prev_keep
+    return ~_prune_lowest(group_scores.detach(), n_prune, forced)
+
+
+def expand_group_mask(keep: Tensor, shape: Sequence[int] | torch.Size, dim: int, group_size: int = 1) -> Tensor:
+    """Broadcast a group keep-mask onto a weight: group ``i`` covers ``[i*group_size, (i+1)*group_size)`` along ``dim``.
+
+    Examples: an MLP neuron mask ``[intermediate]`` onto ``gate.weight`` (dim 0) or ``down.weight`` (dim 1); a head
+    mask ``[num_heads]`` onto ``q.weight`` with ``dim=0, group_size=head_dim``.
+
+    Args:
+        keep: bool ``[num_groups]``.
+        shape: the weight's shape; ``shape[dim]`` must equal ``num_groups * group_size``.
+        dim: the weight dimension the groups index (negative allowed).
+        group_size: consecutive slices per group.
+
+    Returns:
+        bool tensor of ``shape`` (a new, contiguous tensor, safe to modify in place).
+    """
+    shape = torch.Size(shape)
+    if keep.dim() != 1 or keep.dtype != torch.bool:
+        raise ValueError(f"keep must be a 1-D bool tensor [num_groups]; got {keep.dtype} {tuple(keep.shape)}")
+    if not -len(shape) <= dim < len(shape):
+        raise ValueError(f"dim must index a dimension of shape {tuple(shape)}; got {dim}")
+    dim = dim % len(shape)
+    if group_size < 1 or shape[dim] != keep.numel() * group_size:
+        raise ValueError(
+            f"shape[{dim}] = {shape[dim]} must equal num_groups * group_size = {keep.numel()} * {group_size}"
+        )
+    line = keep.repeat_interleave(group_size)
+    view = [1] * len(shape)
+    view[dim] = shape[dim]
+    return line.reshape(view).expand(shape).contiguous()
