@@ -171,6 +171,7 @@ def mama_scores(
     alpha: float,
     normalization: str,
     bias: Tensor | None = None,
+    pretrained_normalized: bool = False,
 ) -> Tensor:
     """MAMA score ``S = (1 - alpha) * norm(magnitude [+ |bias|]) + alpha * norm(movement)``.
 
@@ -181,6 +182,8 @@ def mama_scores(
         normalization: ``"rank"`` or ``"zscore"`` (see :func:`normalize_scores`), applied per indicator.
         bias: optional pretrained bias of each unit's output (its absolute value is used): same shape as
             ``magnitude`` (group units), or ``[out]`` for a ``[out, in]`` magnitude (added to every entry of row i).
+        pretrained_normalized: ``magnitude`` already is ``norm(magnitude [+ |bias|])`` (the pretrained term never
+            changes, so a caller may normalise it once; then ``bias`` must be None).
 
     Returns:
         float32 tensor of ``magnitude``'s shape.
@@ -192,6 +195,14 @@ def mama_scores(
     if movement.shape != magnitude.shape:
         raise ValueError(f"movement must have magnitude's shape {tuple(magnitude.shape)}; got {tuple(movement.shape)}")
     pretrained = magnitude.detach().to(torch.float32)
+    if pretrained_normalized:
+        if bias is not None:
+            raise ValueError("bias must be folded into an already-normalised pretrained term")
+        if alpha == 1.0:
+            return normalize_scores(movement, normalization)
+        if alpha == 0.0:
+            return pretrained.clone()
+        return (1.0 - alpha) * pretrained + alpha * normalize_scores(movement, normalization)
     if bias is not None:
         b = bias.detach().abs().to(torch.float32)
         if b.shape == pretrained.shape:

@@ -1,0 +1,234 @@
+"""One-shot pruning of a model, outside any training loop (baselines, quick experiments, evaluation).
+
+Uses the same :class:`~grpo_prune.pruning.pruner.Pruner` as training, so a one-shot result and a gradual one are
+scored and masked by the same code. Calibration batches provide what the scorer needs:
+
+- activation statistics (wanda, structured magnitude/wanda/mama, compensation) from forward hooks;
+- movement for ``movement``/``mama``: one backward pass of the language-modelling loss summed over the calibration
+  batches, ``R = -(grad * W)`` (the first-order Taylor estimate of the loss increase when a weight is removed).
+
+Everything (settings, calibration, model structure) is validated before the model is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from grpo_prune.pruning.pruner import Pruner, PruningSettings
+
+__all__ = ["PruneReport", "prune_oneshot"]
+
+
+@dataclass
+class PruneReport:
+    """What :func:`prune_oneshot` did.
+
+    Attributes:
+        layer_sparsity: target module name -> fraction of its weight pruned.
+        global_sparsity: fraction of all target weights pruned.
+        params_zeroed: number of target weights pruned (set to zero).
+        params_total: number of target weights.
+        target_sparsity, granularity, n_m, scorer: the request.
+        unit_sparsity: structured only: group prefix (``model.layers.3.mlp``) -> fraction of units pruned.
+        biases_present: whether the pruned units have pretrained biases (the ``|b0|`` indicator is used only then).
+        added_biases: layers that received a new bias from compensation (export must set ``mlp_bias`` /
+            ``attention_bias`` or carry them otherwise).
+        notes: human-readable remarks (e.g. the bias indicator being absent).
+        masks: target module name -> bool keep-mask (True = keep), for export sidecars. Not in ``repr``.
+    """
+
+    layer_sparsity: dict[str, float]
+    global_sparsity: float
+    params_zeroed: int
+    params_total: int
+    target_sparsity: float
+    granularity: str
+    n_m: str | None
+    scorer: str
+    unit_sparsity: dict[str, float] = field(default_factory=dict)
+    biases_present: bool = False
+    added_biases: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    masks: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able view (without the masks)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "masks"}
+
+
+def _calibration_batches(calibration: Any, vocab_size: int | None) -> list[dict[str, Tensor]]:
+    """Normalise ``calibration`` into a list of ``model(**batch)`` kwargs, validating every batch first."""
+    if calibration is None:
+        return []
+    if isinstance(calibration, Tensor) or isinstance(calibration, Mapping):
+        items = [calibration]
+    elif isinstance(calibration, Iterable) and not isinstance(calibration, (str, bytes)):
+        items = list(calibration)
+    else:
+        raise ValueError(
+            f"`calibration` must be a LongTensor [B, T] of input_ids, a dict for model(**batch), or an iterable of "
+            f"those; got {type(calibration).__name__}."
+        )
+    if not items:
+        raise ValueError("`calibration` is empty: give at least one batch of input_ids.")
+    batches = []
+    for i, item in enumerate(items):
+        batch = {"input_ids": item} if isinstance(item, Tensor) else dict(item) if isinstance(item, Mapping) else None
+        ids = None if batch is None else batch.get("input_ids")
+        if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"`calibration` batch {i}: expected input_ids as an integer tensor [B, T] (alone or under "
+                f"'input_ids' in a dict); got {type(item).__name__}"
+                + (
+                    f" with input_ids {getattr(ids, 'dtype', None)} {tuple(getattr(ids, 'shape', ()))}"
+                    if batch
+                    else ""
+                )
+            )
+        if ids.numel() == 0:
+            raise ValueError(f"`calibration` batch {i} is empty.")
+        if vocab_size is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+            raise ValueError(f"`calibration` batch {i} has token ids outside [0, {vocab_size}).")
+        batches.append(batch)
+    return batches
+
+
+def _run_calibration(model: nn.Module, pruner: Pruner, batches: list[dict[str, Tensor]], movement: bool) -> None:
+    """Forward passes (hooks collect activations) and, for movement, one summed LM-loss backward pass."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    params = list(model.parameters())
+    saved_flags = [p.requires_grad for p in params]
+    saved_grads = [p.grad for p in params]
+    target_weights = {id(mod.weight) for mod in pruner.targets.values()}
+    model.eval()  # no dropout: the scores describe the model that will be used
+    try:
+        for p in params:
+            p.grad = None
+            # Gradients are needed only for the targets; other leaves stay frozen to save memory.
+            p.requires_grad_(movement and id(p) in target_weights)
+        pruner.attach_hooks()
+        with torch.set_grad_enabled(movement):
+            for batch in batches:
+                batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+                if movement:
+                    labels = batch.get("labels")
+                    if labels is None:
+                        labels = batch["input_ids"].clone()
+                        if "attention_mask" in batch:
+                            labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
+                    out = model(**{**batch, "labels": labels}, use_cache=False)
+                    out.loss.backward()
+                else:
+                    model(**batch, use_cache=False)
+        if movement:
+            pruner.accumulate_movement_()
+    finally:
+        pruner.remove_hooks()
+        for p, flag, grad in zip(params, saved_flags, saved_grads, strict=True):
+            p.requires_grad_(flag)
+            p.grad = grad
+        model.train(was_training)
+
+
+def prune_oneshot(
+    model: nn.Module,
+    sparsity: float = 0.5,
+    granularity: str = "unstructured",
+    n_m: str = "2:4",
+    scorer: str = "magnitude",
+    calibration: Any = None,
+    **settings_overrides: Any,
+) -> PruneReport:
+    """Prune ``model`` in place to ``sparsity`` in one step.
+
+    Args:
+        model: a causal LM (Llama/Qwen2-like); its weights are zeroed in place (and biases added by compensation).
+        sparsity: fraction in [0, 1) of the target weights (unstructured), of every layer's units (structured);
+            for ``"n:m"`` it must equal ``1 - N/M``.
+        granularity: ``"unstructured"``, ``"n:m"`` or ``"structured"``.
+        n_m: the N:M pattern (``"2:4"``) for ``granularity="n:m"``.
+        scorer: ``"magnitude"``, ``"wanda"``, ``"movement"``, ``"random"`` or ``"mama"``.
+        calibration: input_ids ``[B, T]``, a dict for ``model(**batch)``, or an iterable of either. Required by
+            wanda, structured pruning (activation-aware), compensation, and movement/mama (LM-loss gradient).
+        **settings_overrides: any other :class:`PruningSettings` field (``alpha``, ``normalization``,
+            ``targets``, ``comparison``, ``structured_units``, ``uniform``, ``compensate``, ``seed``...).
+
+    Returns:
+        a :class:`PruneReport`.
+
+    Raises:
+        ValueError: naming the argument and the allowed values, before anything in the model changes.
+    """
+    fields = {f.name for f in dataclasses.fields(PruningSettings)}
+    fixed = {"target_sparsity", "granularity", "n_m", "scorer", "schedule"}
+    unknown = sorted(set(settings_overrides) - (fields - fixed))
+    if unknown:
+        raise ValueError(
+            f"prune_oneshot got unknown or reserved settings {unknown}; allowed: {sorted(fields - fixed)} "
+            "(sparsity, granularity, n_m and scorer are arguments)."
+        )
+    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"`sparsity` must be a number in [0, 1), got {sparsity!r}.")
+    settings = PruningSettings(
+        target_sparsity=float(sparsity),
+        granularity=granularity,
+        n_m=n_m,
+        scorer=scorer,
+        schedule="oneshot",
+        **settings_overrides,
+    )
+    try:
+        settings.validate()
+    except ValueError as err:  # name the function's argument where it differs from the settings field
+        raise ValueError(str(err).replace("`target_sparsity`", "`sparsity`")) from None
+    needs_data = settings.tracks_activations or settings.needs_movement
+    if needs_data and calibration is None:
+        why = []
+        if settings.scorer == "wanda":
+            why.append("wanda scores weigh |W| by input activation norms")
+        if settings.granularity == "structured" and settings.needs_magnitude:
+            why.append("structured scores are activation-aware")
+        if settings.compensate:
+            why.append("compensation needs mean inputs")
+        if settings.needs_movement:
+            why.append(f"scorer={scorer!r} needs movement from an LM-loss gradient")
+        if settings.track_activations and not why:
+            why.append("track_activations=True")
+        raise ValueError(f"`calibration` is required here ({'; '.join(why)}): pass input_ids [B, T] or batches.")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    batches = _calibration_batches(calibration, vocab) if needs_data else []
+
+    pruner = Pruner(model, settings)  # validates targets and structure; does not touch weights
+    if batches:
+        _run_calibration(model, pruner, batches, movement=settings.needs_movement)
+    event = pruner.prune_to(settings.target_sparsity)
+
+    info = pruner.report()
+    notes = []
+    uses_bias = settings.scorer == "magnitude" or (settings.scorer == "mama" and settings.alpha < 1)
+    if pruner.groups and uses_bias and not pruner.bias_magnitude:
+        notes.append("bias indicator absent: the pruned units have no pretrained biases (|b0| = 0).")
+    if pruner.added_biases:
+        notes.append(f"compensation added biases to {len(pruner.added_biases)} bias-free layers.")
+    return PruneReport(
+        layer_sparsity=event["layer_sparsity"],
+        global_sparsity=event["reached"],
+        params_zeroed=pruner.num_pruned(),
+        params_total=info["target_params"],
+        target_sparsity=settings.target_sparsity,
+        granularity=granularity,
+        n_m=n_m if granularity == "n:m" else None,
+        scorer=scorer,
+        unit_sparsity=event.get("unit_sparsity", {}),
+        biases_present=info["biases_present"],
+        added_biases=list(pruner.added_biases),
+        notes=notes,
+        masks={n: m.clone() for n, m in pruner.masks.items()},
+    )
