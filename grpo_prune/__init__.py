@@ -21,7 +21,16 @@ _LAZY = {
     "export_pruned": "grpo_prune.export",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = [
+    "MamaGRPOConfig",
+    "MamaGRPOTrainer",
+    "PruneReport",
+    "Pruner",
+    "PruningSettings",
+    "export_pruned",
+    "load_model",
+    "prune_oneshot",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from grpo_prune.config import MamaGRPOConfig

@@ -1,0 +1,240 @@
+"""`MamaGRPOConfig`: TRL's `GRPOConfig` plus every pruning and distillation field of MAMA pruning."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+from grpo_prune.distill import DIVERGENCES
+from grpo_prune.pruning.pruner import PruningSettings
+
+
+@dataclass
+class MamaGRPOConfig(GRPOConfig):
+    r"""
+    Configuration of [`MamaGRPOTrainer`]: every [`~trl.GRPOConfig`] field, plus the fields below. All of them are
+    validated in `__post_init__`, so a bad YAML fails before any model is loaded.
+
+    Unlike TRL, `bf16` left unset means bf16 only where the device supports it (fp32 on a CPU-only machine), and a
+    machine with no accelerator sets `use_cpu`, so that `torchrun` processes on CPUs form a real DDP group (gloo).
+
+    Parameters:
+        > Parameters that control what is pruned
+
+        prune_target_sparsity (`float`, defaults to `0.5`):
+            Fraction of the targeted weights (or structural units) pruned at the end of the schedule, in `[0, 1)`.
+            `0` disables pruning.
+        prune_granularity (`str`, defaults to `"unstructured"`):
+            `"unstructured"`, `"n:m"` (see `prune_n_m`) or `"structured"` (see `prune_structured_units`).
+        prune_n_m (`str`, defaults to `"2:4"`):
+            N:M pattern for `prune_granularity="n:m"`: N weights kept in every M consecutive inputs.
+        prune_structured_units (`str`, defaults to `"mlp"`):
+            Units removed by structured pruning: `"mlp"` (MLP intermediate neurons), `"heads"` (attention heads,
+            GQA-aware) or `"mlp+heads"`.
+        prune_targets (`list[str]`, *optional*):
+            Regular expressions (searched in module names) selecting the `nn.Linear` layers to prune. Default: every
+            linear layer inside the decoder layers; embeddings, `lm_head` and norms are never pruned.
+        prune_comparison (`str`, defaults to `"layer"`):
+            Where scores compete: `"layer"` (exact sparsity in every matrix), `"row"` (every output row, as Wanda)
+            or `"global"` (one ranking over all targeted layers).
+
+        > Parameters that control the MAMA score
+
+        prune_scorer (`str`, defaults to `"mama"`):
+            `"mama"`, or a baseline sharing the same machinery: `"magnitude"`, `"wanda"`, `"movement"`, `"random"`.
+        mama_alpha (`float`, defaults to `0.1`):
+            Weight of reward-weighted movement in the MAMA score (`0`: pretrained magnitude only, `1`: movement only).
+            Small by default: one-shot measurements on SmolLM2-135M show first-order movement alone collapses the
+            model at 50% sparsity, while the activation-aware pretrained term (|W0| * ||x||) holds it.
+        mama_normalization (`str`, defaults to `"rank"`):
+            How indicators are made comparable within a layer: `"rank"` (percentile) or `"zscore"`.
+        prune_compensate (`bool`, defaults to `False`):
+            Fold the expected contribution of pruned inputs into the output bias ("move").
+
+        > Parameters that control the schedule
+
+        prune_schedule (`str`, defaults to `"cubic"`):
+            `"cubic"`, `"linear"` or `"oneshot"`.
+        prune_initial_sparsity (`float`, defaults to `0.0`):
+            Sparsity of the first prune event.
+        prune_start_step (`int`, defaults to `0`):
+            Optimizer step of the first prune event.
+        prune_end_step (`int`, *optional*):
+            Optimizer step of the last prune event; the sparsity is held afterwards while training recovers. Default:
+            half of the run's `max_steps`.
+        prune_every (`int`, defaults to `1`):
+            Optimizer steps between prune events.
+        reward_window (`int`, defaults to `4`):
+            Number of generation batches in the rolling mean reward recorded before and after each prune event.
+        reward_guard_tolerance (`float`, *optional*):
+            If set, hold the schedule while the rolling reward is below its pre-event level by more than this
+            fraction of that level's magnitude. `None` disables the guard (rewards are still recorded).
+
+        > Parameters that control distillation from the dense teacher
+
+        distill_coef (`float`, defaults to `1.0`):
+            Weight of the distillation term added to the GRPO loss. `0` disables it (and the teacher).
+        distill_loss (`str`, defaults to `"forward_kl"`):
+            Per-token divergence: `"forward_kl"` (KL(teacher || student)), `"reverse_kl"` (KL(student || teacher)) or
+            `"jsd"` (generalised Jensen-Shannon with `distill_jsd_beta`).
+        distill_temperature (`float`, defaults to `1.0`):
+            Softmax temperature of both distributions; the loss is multiplied by its square.
+        distill_jsd_beta (`float`, defaults to `0.5`):
+            Mixing weight of the generalised JSD.
+        teacher_model_name_or_path (`str`, *optional*):
+            Teacher model. Default: the student's own dense weights at the start of training (TRL's reference model
+            is reused when `beta > 0`).
+    """
+
+    prune_target_sparsity: float = field(
+        default=0.5,
+        metadata={"help": "Fraction of the targeted weights (or units) pruned at the end of the schedule, in [0, 1)."},
+    )
+    prune_granularity: str = field(
+        default="unstructured",
+        metadata={"help": "What a unit is.", "choices": ["unstructured", "n:m", "structured"]},
+    )
+    prune_n_m: str = field(
+        default="2:4", metadata={"help": "N:M pattern: N weights kept in every M consecutive inputs, e.g. '2:4'."}
+    )
+    prune_structured_units: str = field(
+        default="mlp",
+        metadata={
+            "help": "Structured units: MLP neurons, attention heads, or both.",
+            "choices": ["mlp", "heads", "mlp+heads"],
+        },
+    )
+    prune_targets: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Regexes selecting the linear layers to prune. Default: every linear in the decoder layers."
+        },
+    )
+    prune_comparison: str = field(
+        default="layer",
+        metadata={"help": "Where scores compete.", "choices": ["layer", "row", "global"]},
+    )
+    prune_scorer: str = field(
+        default="mama",
+        metadata={"help": "Scorer.", "choices": ["mama", "magnitude", "wanda", "movement", "random"]},
+    )
+    mama_alpha: float = field(
+        default=0.1, metadata={"help": "Weight of reward-weighted movement in the MAMA score, in [0, 1]."}
+    )
+    mama_normalization: str = field(
+        default="rank",
+        metadata={"help": "Per-layer normalisation of the indicators.", "choices": ["rank", "zscore"]},
+    )
+    prune_compensate: bool = field(
+        default=False, metadata={"help": "Fold the pruned inputs' mean contribution into the output bias."}
+    )
+    prune_schedule: str = field(
+        default="cubic", metadata={"help": "Sparsity schedule.", "choices": ["cubic", "linear", "oneshot"]}
+    )
+    prune_initial_sparsity: float = field(default=0.0, metadata={"help": "Sparsity of the first prune event."})
+    prune_start_step: int = field(default=0, metadata={"help": "Optimizer step of the first prune event."})
+    prune_end_step: int | None = field(
+        default=None,
+        metadata={"help": "Optimizer step of the last prune event. Default: half of max_steps."},
+    )
+    prune_every: int = field(default=1, metadata={"help": "Optimizer steps between prune events."})
+    reward_window: int = field(
+        default=4, metadata={"help": "Generation batches in the rolling reward recorded around prune events."}
+    )
+    reward_guard_tolerance: float | None = field(
+        default=None,
+        metadata={"help": "Hold the schedule while the reward is this fraction below its pre-event level. None: off."},
+    )
+    distill_coef: float = field(default=1.0, metadata={"help": "Weight of the distillation loss. 0 disables it."})
+    distill_loss: str = field(
+        default="forward_kl",
+        metadata={"help": "Per-token divergence teacher/student.", "choices": list(DIVERGENCES)},
+    )
+    distill_temperature: float = field(default=1.0, metadata={"help": "Distillation softmax temperature."})
+    distill_jsd_beta: float = field(default=0.5, metadata={"help": "Mixing weight of the generalised JSD."})
+    teacher_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Teacher model. Default: the student's dense weights at the start."}
+    )
+
+    def __post_init__(self):
+        # Cheap checks first, so a bad config never waits for TrainingArguments' device set-up.
+        if self.prune_end_step is not None and self.prune_end_step < self.prune_start_step:
+            raise ValueError(
+                f"`prune_end_step` ({self.prune_end_step}) must be >= `prune_start_step` ({self.prune_start_step})."
+            )
+        if self.reward_window < 1:
+            raise ValueError(f"`reward_window` must be >= 1, got {self.reward_window}.")
+        if self.reward_guard_tolerance is not None and not 0.0 <= self.reward_guard_tolerance < 1.0:
+            raise ValueError(f"`reward_guard_tolerance` must be in [0, 1) or None, got {self.reward_guard_tolerance}.")
+        if self.distill_coef < 0:
+            raise ValueError(f"`distill_coef` must be >= 0, got {self.distill_coef}.")
+        if self.distill_loss not in DIVERGENCES:
+            raise ValueError(f"`distill_loss` must be one of {sorted(DIVERGENCES)}, got {self.distill_loss!r}.")
+        if self.distill_temperature <= 0:
+            raise ValueError(f"`distill_temperature` must be > 0, got {self.distill_temperature}.")
+        if not 0.0 < self.distill_jsd_beta < 1.0:
+            raise ValueError(f"`distill_jsd_beta` must be in (0, 1), got {self.distill_jsd_beta}.")
+        if isinstance(self.prune_targets, str):  # a single pattern from the command line
+            self.prune_targets = [self.prune_targets]
+        if not self.use_cpu and not _accelerator_available():
+            # Without this, accelerate treats `torchrun` CPU processes as independent runs (no gradient sync).
+            self.use_cpu = True
+        if self.bf16 is None and not self.fp16 and not _bf16_device_available(self.use_cpu):
+            # TRL turns bf16 on by default, which transformers rejects on a CPU-only machine; plain fp32 there.
+            self.bf16 = False
+        if self.prune_target_sparsity > 0:
+            # An end step is resolved from max_steps at train time; validate with a placeholder meanwhile.
+            self.pruning_settings(end_step=self.prune_end_step or self.prune_start_step).validate()
+        elif not 0.0 <= self.prune_target_sparsity < 1.0:
+            raise ValueError(f"`prune_target_sparsity` must be in [0, 1), got {self.prune_target_sparsity}.")
+        super().__post_init__()
+
+    @property
+    def pruning_enabled(self) -> bool:
+        return self.prune_target_sparsity > 0
+
+    @property
+    def distillation_enabled(self) -> bool:
+        return self.distill_coef > 0
+
+    def pruning_settings(self, end_step: int | None = None) -> PruningSettings:
+        """The engine's settings for this run; `end_step` overrides `prune_end_step` (resolved from max_steps)."""
+        return PruningSettings(
+            target_sparsity=self.prune_target_sparsity,
+            granularity=self.prune_granularity,
+            n_m=self.prune_n_m,
+            scorer=self.prune_scorer,
+            alpha=self.mama_alpha,
+            normalization=self.mama_normalization,
+            schedule=self.prune_schedule,
+            initial_sparsity=self.prune_initial_sparsity,
+            start_step=self.prune_start_step,
+            end_step=self.prune_end_step if end_step is None else end_step,
+            every=self.prune_every,
+            targets=list(self.prune_targets) if self.prune_targets else None,
+            comparison=self.prune_comparison,
+            structured_units=self.prune_structured_units,
+            compensate=self.prune_compensate,
+            seed=self.seed,
+        )
+
+
+def _accelerator_available() -> bool:
+    import torch
+
+    return bool(
+        torch.cuda.is_available()
+        or (hasattr(torch, "xpu") and torch.xpu.is_available())
+        or (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
+    )
+
+
+def _bf16_device_available(use_cpu: bool) -> bool:
+    import torch
+
+    if use_cpu:
+        return False
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return hasattr(torch, "xpu") and torch.xpu.is_available()

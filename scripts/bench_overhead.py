@@ -1,0 +1,203 @@
+"""Overhead of MAMA pruning and distillation on a GRPO step, on the embedded SmolLM2-135M-Instruct.
+
+Runs three variants on the same settings, each in its own process so that peak memory is its own:
+
+* ``plain``: TRL's `GRPOTrainer`;
+* ``prune``: `MamaGRPOTrainer` with pruning (unstructured MAMA, cubic schedule), no distillation;
+* ``prune+distill``: the same plus distillation from the frozen dense teacher.
+
+For each it reports the median and mean wall time of an optimizer step (from `on_step_begin` to `on_step_end`, so
+generation, loss, optimizer and the prune events are all inside), the time spent inside the pruner's hooks (movement
+accumulation, gradient and weight masking, prune events), and the peak resident memory of the process; then ratios
+to ``plain``. Quote medians and ratios: this machine is shared and noisy.
+
+    OMP_NUM_THREADS=2 python scripts/bench_overhead.py [--steps 6] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+VARIANTS = ("plain", "prune", "prune+distill")
+
+
+def run_variant(variant: str, steps: int, completions: int, tokens: int, out_json: str) -> None:
+    import torch
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    import reward_fns
+    from grpo_prune import MamaGRPOConfig, MamaGRPOTrainer
+    from grpo_prune.data import load_prompt_dataset
+    from grpo_prune.models import load_model, load_tokenizer
+
+    torch.manual_seed(0)
+    model = load_model("smollm2-135m-instruct")
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    dataset = load_prompt_dataset("arithmetic", "train", num_samples=64)
+    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    common = dict(
+        output_dir=tempfile.mkdtemp(prefix=f"bench-{variant.replace('+', '-')}-"),
+        max_steps=steps,
+        per_device_train_batch_size=completions,
+        num_generations=completions,
+        max_completion_length=tokens,
+        learning_rate=1e-5,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        gradient_checkpointing=False,
+        bf16=False,
+        seed=0,
+        disable_tqdm=True,
+    )
+    if variant == "plain":
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=[reward_fns.get("math_answer")],
+            args=GRPOConfig(**common),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
+    else:
+        args = MamaGRPOConfig(
+            **common,
+            prune_target_sparsity=0.5,
+            prune_scorer="mama",
+            prune_start_step=0,
+            prune_end_step=steps - 2,
+            prune_every=2,
+            distill_coef=1.0 if variant == "prune+distill" else 0.0,
+        )
+        trainer = MamaGRPOTrainer(
+            model=model,
+            reward_funcs=[reward_fns.get("math_answer")],
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
+
+    pruner_time = [0.0]
+    if variant != "plain":
+        for name in ("_process_gradients", "_enforce_masks", "_pruning_step_end", "_pruning_train_begin"):
+            original = getattr(trainer, name)
+
+            def timed(*a, _original=original, **k):
+                t0 = time.perf_counter()
+                try:
+                    return _original(*a, **k)
+                finally:
+                    pruner_time[0] += time.perf_counter() - t0
+
+            setattr(trainer, name, timed)
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+            self._t0 = 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self._t0)
+
+    timer = StepTimer()
+    trainer.add_callback(timer)
+    # The first step pays one-off costs (allocations, lazy init); it is reported apart.
+    trainer.train()
+    times = timer.times[1:] or timer.times
+    result = {
+        "variant": variant,
+        "steps": len(timer.times),
+        "first_step_s": timer.times[0],
+        "median_step_s": statistics.median(times),
+        "mean_step_s": statistics.fmean(times),
+        "pruner_s_total": pruner_time[0],
+        "pruner_share": pruner_time[0] / sum(timer.times),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_after_load_bytes": rss_loaded,
+        "sparsity": trainer.pruner.sparsity() if getattr(trainer, "pruner", None) else 0.0,
+        "indicator_bytes": trainer.pruner.memory_bytes() if getattr(trainer, "pruner", None) else {},
+    }
+    with open(out_json, "w") as f:
+        json.dump(result, f)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--completions", type=int, default=4, help="completions per step (one prompt group)")
+    parser.add_argument("--tokens", type=int, default=32, help="max completion length")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.variant:
+        run_variant(args.variant, args.steps, args.completions, args.tokens, args.out)
+        return 0
+
+    results = {}
+    for variant in VARIANTS:
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+            out = f.name
+        cmd = [
+            sys.executable,
+            __file__,
+            "--variant",
+            variant,
+            "--out",
+            out,
+            "--steps",
+            str(args.steps),
+            "--completions",
+            str(args.completions),
+            "--tokens",
+            str(args.tokens),
+        ]
+        print(f"running {variant} ...", file=sys.stderr, flush=True)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        with open(out) as f:
+            results[variant] = json.load(f)
+        os.unlink(out)
+
+    base = results["plain"]
+    threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    print(
+        f"\nSmolLM2-135M-Instruct, {args.completions} completions x {args.tokens} tokens per step, {args.steps} steps "
+        f"(first excluded from median/mean), OMP_NUM_THREADS={threads}\n"
+    )
+    print(
+        "| variant | median step (s) | mean step (s) | x plain (median) | pruner share of step time "
+        "| peak RSS (MiB) | RSS over plain (MiB) | sparsity |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for variant, r in results.items():
+        print(
+            f"| {variant} | {r['median_step_s']:.2f} | {r['mean_step_s']:.2f} | "
+            f"{r['median_step_s'] / base['median_step_s']:.3f} | {100 * r['pruner_share']:.1f}% | "
+            f"{r['peak_rss_bytes'] / 2**20:.0f} | {(r['peak_rss_bytes'] - base['peak_rss_bytes']) / 2**20:+.0f} | "
+            f"{r['sparsity']:.3f} |"
+        )
+    indicators = results["prune"]["indicator_bytes"]
+    if indicators:
+        print(
+            "\nPruner state (bytes, from Pruner.memory_bytes()): "
+            + ", ".join(f"{k}: {v / 2**20:.0f} MiB" for k, v in indicators.items())
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""Launched by test_trainer.py under `torchrun --nproc_per_node 2` (gloo, CPU): a few pruning steps per rank."""
+
+import json
+import sys
+
+import torch.distributed as dist
+from safetensors.torch import save_file
+from tiny import char_tokenizer, prompt_dataset, tiny_args, tiny_model, varied_reward
+
+from grpo_prune import MamaGRPOTrainer
+
+
+def main(out: str) -> None:
+    args = tiny_args(
+        f"{out}/run", max_steps=3, prune_end_step=2, ddp_backend="gloo", prune_scorer="wanda"
+    )  # wanda: activation statistics differ per rank and must be reduced
+    trainer = MamaGRPOTrainer(
+        model=tiny_model(),
+        reward_funcs=[varied_reward],
+        args=args,
+        train_dataset=prompt_dataset(),
+        processing_class=char_tokenizer(),
+    )
+    trainer.train()
+    rank = dist.get_rank()
+    save_file({k: v.contiguous() for k, v in trainer.pruner.masks.items()}, f"{out}/masks_rank{rank}.safetensors")
+    with open(f"{out}/ddp_rank{rank}.json", "w") as f:
+        json.dump({"world_size": dist.get_world_size(), "sparsity": trainer.pruner.sparsity()}, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

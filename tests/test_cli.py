@@ -1,0 +1,218 @@
+"""The real entry point (`grpo-prune train --config ...`) on a tiny model, the shipped configs, and W&B offline."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from tiny import char_tokenizer, tiny_model
+
+from grpo_prune.cli import main, parse_train_args
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(glob.glob(str(REPO / "configs" / "*.yaml")))
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    path = tmp_path / "tiny-model"
+    tiny_model().save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+def write_config(tmp_path, model_dir, **overrides):
+    config = {
+        "model_name_or_path": str(model_dir),
+        "dataset_name": "arithmetic",
+        "reward_funcs": ["math_answer", "tests_rewards:distinct_chars"],
+        "output_dir": str(tmp_path / "run"),
+        "max_steps": 3,
+        "per_device_train_batch_size": 4,
+        "num_generations": 4,
+        "max_completion_length": 8,
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "gradient_checkpointing": False,
+        "prune_target_sparsity": 0.5,
+        "prune_end_step": 2,
+        "prune_every": 1,
+        "distill_coef": 1.0,
+    }
+    config.update(overrides)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def user_reward_module(tmp_path, monkeypatch):
+    # A user's own reward, referenced from YAML as "module:function" (varies, so advantages are not all zero).
+    (tmp_path / "tests_rewards.py").write_text(
+        "def distinct_chars(prompts, completions, **kwargs):\n"
+        "    return [len(set(c if isinstance(c, str) else c[-1]['content'])) / 10 for c in completions]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+
+
+def test_train_cli_end_to_end(tmp_path, tiny_model_dir):
+    config = write_config(tmp_path, tiny_model_dir)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "grpo_prune.cli", "train", "--config", str(config), "--seed", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = tmp_path / "run"
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["steps"] == 3
+    assert summary["sparsity_reached"] == pytest.approx(0.5)
+    assert summary["params_nonzero_after"] < summary["params_nonzero_before"]
+    assert summary["reward_first"] is not None
+    report = json.loads((out / "pruning_report.json").read_text())
+    assert report["global_sparsity"] == pytest.approx(0.5)
+    assert report["distillation"]["enabled"] is True
+    assert (out / "model.safetensors").exists() and (out / "pruning_events.jsonl").exists()
+    assert "grpo-prune: run finished" in proc.stdout and "sparsity" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"dataset_name": "no-such-data"}, "Unknown dataset"),
+        ({"reward_funcs": ["no_such_reward"]}, "no_such_reward"),
+        ({"reward_funcs": ["tests_rewards:missing"]}, "missing"),
+        ({"prune_granularity": "blocks"}, "granularity"),
+        ({"prune_n_m": "3:2"}, "n_m"),
+        ({"model_name_or_path": "./no/such/model"}, "does not exist"),
+        ({"use_peft": True}, "LoRA"),
+    ],
+)
+def test_bad_config_fails_before_loading(tmp_path, tiny_model_dir, override, message, monkeypatch):
+    import grpo_prune.models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the config was validated")
+
+    monkeypatch.setattr(grpo_prune.models, "load_model", no_loading)
+    config = write_config(tmp_path, tiny_model_dir, **override)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        parse_train_args(["--config", str(config)])
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[Path(c).name for c in CONFIGS])
+def test_shipped_configs_validate(config):
+    run = parse_train_args(["--config", config])
+    assert run.reward_funcs
+    assert run.training.output_dir
+
+
+def test_help_and_unknown_command(capsys):
+    assert main([]) == 0
+    assert "train" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["fly"])
+
+
+def test_wandb_offline_run_has_pruning_metrics(tmp_path, tiny_model_dir, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    from wandb.proto import wandb_internal_pb2
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = write_config(tmp_path, tiny_model_dir, report_to="wandb", run_name="tiny")
+    run = parse_train_args(["--config", str(config)])
+    from grpo_prune.cli import run_train
+
+    run_train(run)
+    wandb.finish()
+    files = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "*.wandb"))
+    assert len(files) == 1
+    # wandb-core writes the file in a separate process; the last records can land just after finish() returns.
+    deadline = time.time() + 60
+    while True:
+        history_keys, config_keys, summary_keys = scan_keys(files[0], wandb_internal_pb2)
+        if "prune/final_sparsity" in summary_keys or time.time() > deadline:
+            break
+        time.sleep(1)
+    for key in (
+        "train/prune/sparsity",
+        "train/prune/target_sparsity",
+        "train/distill/loss",
+        "train/reward",
+        "prune/layer_sparsity",
+        "prune/score_histogram",
+    ):
+        # Tables and histograms are stored as nested keys (key/_type, key/values, ...).
+        assert any(k == key or k.startswith(key + "/") for k in history_keys), key
+    assert {"prune_target_sparsity", "prune_scorer", "mama_alpha", "distill_coef"} <= config_keys
+    assert "prune/final_sparsity" in summary_keys, sorted(k for k in summary_keys if "prune" in k or "exit" in k)
+
+
+def scan_keys(path, pb2):
+    """History, config and summary keys recorded in a `.wandb` file (nested keys joined with '/')."""
+    history_keys, config_keys, summary_keys = set(), set(), set()
+    for data in read_wandb_records(path):
+        record = pb2.Record()
+        record.ParseFromString(data)
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            history_keys.update(item.key or "/".join(item.nested_key) for item in record.history.item)
+        elif kind == "config":
+            config_keys.update(item.key for item in record.config.update)
+        elif kind == "summary":
+            summary_keys.update(item.key or "/".join(item.nested_key) for item in record.summary.update)
+    return history_keys, config_keys, summary_keys
+
+
+def read_wandb_records(path):
+    """Payloads of a `.wandb` file: a 7-byte header, then LevelDB-style chunks in 32 KiB blocks (wandb's format;
+    wandb 0.31 ships no Python reader). Chunk header: crc32 (4 bytes), length (2, little endian), type (1):
+    1 full, 2 first, 3 middle, 4 last."""
+    import struct
+    import zlib
+
+    raw = Path(path).read_bytes()
+    assert raw[:4] == b":W&B", raw[:7]
+    block, pos, pending = 32768, 7, b""
+    while pos + 7 <= len(raw):
+        if block - pos % block < 7:  # block trailer too small for a header: padding
+            pos += block - pos % block
+            continue
+        crc, length, kind = struct.unpack("<IHB", raw[pos : pos + 7])
+        payload = raw[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 and length == 0:
+            continue
+        assert zlib.crc32(bytes([kind]) + payload) & 0xFFFFFFFF == crc, "corrupt .wandb chunk"
+        if kind == 1:
+            yield payload
+        elif kind == 2:
+            pending = payload
+        elif kind == 3:
+            pending += payload
+        elif kind == 4:
+            yield pending + payload
+            pending = b""
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(str(REPO / "configs" / "accelerate" / "*.yaml"))))
+def test_shipped_accelerate_configs_load(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(path)
+    assert config.distributed_type in ("MULTI_GPU", "DEEPSPEED", "FSDP")
+    assert config.num_processes >= 2

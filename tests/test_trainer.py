@@ -1,0 +1,388 @@
+"""MamaGRPOTrainer on tiny random models: pruning inside GRPO, distillation, save and resume."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import char_tokenizer, prompt_dataset, tiny_args, tiny_model, varied_reward
+from trl import GRPOConfig, GRPOTrainer
+
+from grpo_prune import MamaGRPOConfig, MamaGRPOTrainer
+
+LINEAR_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def make_trainer(tmp_path, model=None, **overrides):
+    args = tiny_args(tmp_path / "out", **overrides)
+    return MamaGRPOTrainer(
+        model=model if model is not None else tiny_model(),
+        reward_funcs=[varied_reward],
+        args=args,
+        train_dataset=prompt_dataset(),
+        processing_class=char_tokenizer(),
+    )
+
+
+def target_weights(model):
+    return {n: m.weight for n, m in model.named_modules() if n.endswith(LINEAR_SUFFIXES)}
+
+
+def logged(trainer, key):
+    return [entry[key] for entry in trainer.state.log_history if key in entry]
+
+
+# --------------------------------------------------------------------------------------------------- config
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("prune_target_sparsity", 1.0, "sparsity"),
+        ("prune_granularity", "blocks", "granularity"),
+        ("prune_n_m", "3:2", "n_m"),
+        ("prune_scorer", "taylor", "scorer"),
+        ("prune_schedule", "exp", "schedule"),
+        ("mama_alpha", 1.5, "alpha"),
+        ("distill_loss", "kl", "distill_loss"),
+        ("distill_temperature", 0.0, "distill_temperature"),
+        ("reward_guard_tolerance", 1.0, "reward_guard_tolerance"),
+        ("prune_end_step", -1, "prune_end_step"),
+    ],
+)
+def test_config_rejects_bad_fields(tmp_path, field, value, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_args(tmp_path, **{field: value})
+
+
+def test_config_is_a_grpo_config(tmp_path):
+    args = tiny_args(tmp_path)
+    assert isinstance(args, GRPOConfig)
+    settings = args.pruning_settings()
+    assert settings.target_sparsity == 0.5 and settings.scorer == "mama"
+
+
+def test_trainer_requires_mama_config(tmp_path):
+    args = GRPOConfig(output_dir=str(tmp_path), report_to="none", bf16=False)
+    with pytest.raises(TypeError, match="MamaGRPOConfig"):
+        MamaGRPOTrainer(model=tiny_model(), reward_funcs=[varied_reward], args=args, train_dataset=prompt_dataset())
+
+
+# ---------------------------------------------------------------------------------------------- equivalence
+def test_off_switches_train_exactly_like_grpo(tmp_path):
+    common = dict(
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=3,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        bf16=False,
+    )
+    plain = GRPOTrainer(
+        model=tiny_model(),
+        reward_funcs=[varied_reward],
+        args=GRPOConfig(output_dir=str(tmp_path / "a"), **common),
+        train_dataset=prompt_dataset(),
+        processing_class=char_tokenizer(),
+    )
+    plain.train()
+    mama = MamaGRPOTrainer(
+        model=tiny_model(),
+        reward_funcs=[varied_reward],
+        args=MamaGRPOConfig(output_dir=str(tmp_path / "b"), prune_target_sparsity=0.0, distill_coef=0.0, **common),
+        train_dataset=prompt_dataset(),
+        processing_class=char_tokenizer(),
+    )
+    mama.train()
+    assert mama.pruner is None and mama.teacher is None
+    assert logged(mama, "loss") == logged(plain, "loss")
+    assert logged(mama, "reward") == logged(plain, "reward")
+    for (name, a), (_, b) in zip(plain.model.named_parameters(), mama.model.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+# -------------------------------------------------------------------------------------------------- pruning
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (dict(prune_granularity="unstructured"), 0.5),
+        (dict(prune_granularity="unstructured", prune_scorer="magnitude"), 0.5),
+        (dict(prune_granularity="n:m", prune_n_m="2:4", prune_target_sparsity=0.5), 0.5),
+        (dict(prune_granularity="unstructured", prune_schedule="linear", prune_target_sparsity=0.75), 0.75),
+    ],
+)
+def test_pruning_reaches_exact_target_and_stays_zero(tmp_path, overrides, expected):
+    trainer = make_trainer(tmp_path, **overrides)
+    initial = {n: w.detach().clone() for n, w in target_weights(trainer.model).items()}
+    trainer.train()
+    weights = target_weights(trainer.model)
+    for name, w in weights.items():
+        zeros = (w == 0).sum().item()
+        assert zeros == round(expected * w.numel()), name
+        mask = trainer.pruner.masks[name]
+        assert torch.all(w[~mask] == 0) and torch.all(w[mask] != 0), name
+        assert not torch.equal(w[mask], initial[name][mask]), f"{name}: kept weights did not train"
+        # Adam moments are zero at pruned entries, so momentum cannot revive them.
+        for value in trainer.optimizer.state[w].values():
+            if torch.is_tensor(value) and value.shape == w.shape:
+                assert torch.all(value[~mask] == 0), name
+    # Embeddings and norms are never pruned.
+    assert (trainer.model.model.embed_tokens.weight == 0).sum() == 0
+    sparsity = logged(trainer, "prune/sparsity")
+    assert sparsity[-1] == pytest.approx(expected)
+    assert all(a <= b + 1e-9 for a, b in zip(sparsity, sparsity[1:], strict=False))  # monotone
+    assert logged(trainer, "prune/target_sparsity")[-1] == pytest.approx(expected)
+    assert len(trainer.prune_events) >= 2 and "layer_sparsity" in trainer.prune_events[-1]
+    assert logged(trainer, "prune/score_q50")
+
+
+def test_nm_pattern_holds_after_training(tmp_path):
+    trainer = make_trainer(tmp_path, prune_granularity="n:m", prune_n_m="2:4")
+    trainer.train()
+    for name, w in target_weights(trainer.model).items():
+        groups = (w != 0).reshape(w.shape[0], -1, 4).sum(-1)
+        assert torch.all(groups == 2), name
+
+
+def test_structured_pruning_removes_whole_neurons(tmp_path):
+    trainer = make_trainer(tmp_path, prune_granularity="structured", prune_structured_units="mlp")
+    trainer.train()
+    for layer in trainer.model.model.layers:
+        mlp = layer.mlp
+        dead = (mlp.gate_proj.weight == 0).all(dim=1)
+        assert dead.sum().item() == 32  # half of 64 intermediate neurons
+        assert torch.equal(dead, (mlp.up_proj.weight == 0).all(dim=1))
+        assert torch.equal(dead, (mlp.down_proj.weight == 0).all(dim=0))
+
+
+def test_prune_end_after_training_is_an_error(tmp_path):
+    trainer = make_trainer(tmp_path, prune_end_step=10)
+    with pytest.raises(ValueError, match="prune_end_step"):
+        trainer.train()
+
+
+def test_lora_with_pruning_is_refused(tmp_path):
+    from peft import LoraConfig
+
+    with pytest.raises(ValueError, match="LoRA"):
+        make_trainer(tmp_path, model=tiny_model()).__class__(
+            model=tiny_model(),
+            reward_funcs=[varied_reward],
+            args=tiny_args(tmp_path),
+            train_dataset=prompt_dataset(),
+            processing_class=char_tokenizer(),
+            peft_config=LoraConfig(r=4, target_modules=["q_proj"]),
+        )
+
+
+def test_reward_recorded_around_events(tmp_path):
+    trainer = make_trainer(tmp_path, reward_window=1, max_steps=4, prune_end_step=2)
+    trainer.train()
+    before = logged(trainer, "prune/reward_before_event")
+    after = logged(trainer, "prune/reward_after_event")
+    assert before and after
+    report = trainer.pruning_report()
+    assert any(e["reward_after"] is not None for e in report["events"])
+
+
+def test_reward_guard_holds_schedule(tmp_path):
+    # tolerance 0 and a reward that only falls: the guard holds after the first event, so the target is not reached.
+    calls = {"n": 0}
+
+    def falling_reward(completions, **kwargs):
+        calls["n"] += 1
+        return [-float(calls["n"]) + 0.01 * i for i in range(len(completions))]
+
+    trainer = MamaGRPOTrainer(
+        model=tiny_model(),
+        reward_funcs=[falling_reward],
+        args=tiny_args(tmp_path, reward_guard_tolerance=0.0, reward_window=1, prune_start_step=1, prune_end_step=3),
+        train_dataset=prompt_dataset(),
+        processing_class=char_tokenizer(),
+    )
+    trainer.train()
+    assert trainer.reward_guard.holds > 0
+    assert trainer.pruner.sparsity() < 0.5
+
+
+# --------------------------------------------------------------------------------------------- distillation
+def test_distillation_loss_logged_and_teacher_frozen(tmp_path):
+    trainer = make_trainer(tmp_path, distill_coef=1.0)
+    teacher_before = {n: p.detach().clone() for n, p in trainer.teacher.named_parameters()}
+    trainer.train()
+    kd = logged(trainer, "distill/loss")
+    assert kd and all(v == v and v >= 0 for v in kd)
+    assert kd[-1] > 0  # the student was pruned away from the dense teacher
+    for name, p in trainer.teacher.named_parameters():
+        assert torch.equal(p, teacher_before[name]), name
+    # The teacher really is a separate dense model: its logits differ from the pruned student's.
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        t = trainer.teacher(input_ids=ids).logits
+        s = trainer.model(input_ids=ids).logits
+    assert not torch.allclose(t, s)
+    assert all((p == 0).sum() < p.numel() * 0.01 for n, p in trainer.teacher.named_parameters() if "proj" in n)
+
+
+def test_distillation_pulls_student_toward_teacher(tmp_path):
+    # A different teacher and a constant reward (all advantages zero): only the distillation term trains.
+    teacher_dir = tmp_path / "teacher"
+    teacher = tiny_model(seed=1)
+    with torch.no_grad():  # a peaked teacher, far from the near-uniform random student
+        teacher.model.embed_tokens.weight.mul_(8.0)
+    teacher.save_pretrained(teacher_dir)
+
+    def constant_reward(completions, **kwargs):
+        return [1.0] * len(completions)
+
+    trainer = MamaGRPOTrainer(
+        model=tiny_model(seed=0),
+        reward_funcs=[constant_reward],
+        args=tiny_args(
+            tmp_path / "out",
+            prune_target_sparsity=0.0,
+            distill_coef=1.0,
+            teacher_model_name_or_path=str(teacher_dir),
+            max_steps=8,
+            learning_rate=1e-2,
+            weight_decay=0.0,
+        ),
+        train_dataset=prompt_dataset(),
+        processing_class=char_tokenizer(),
+    )
+    ids = torch.randint(3, 40, (4, 12), generator=torch.Generator().manual_seed(0))
+
+    def kl_to_teacher():
+        with torch.no_grad():
+            t = torch.log_softmax(trainer.teacher(input_ids=ids).logits, -1)
+            s = torch.log_softmax(trainer.model(input_ids=ids).logits, -1)
+        return (t.exp() * (t - s)).sum(-1).mean().item()
+
+    before = kl_to_teacher()
+    trainer.train()
+    assert kl_to_teacher() < 0.9 * before
+    kd = logged(trainer, "distill/loss")
+    assert kd[-1] < kd[0]
+
+
+def test_reference_model_is_reused_as_teacher(tmp_path):
+    # TRL builds its reference model from the policy's path, so the policy is given as a folder here.
+    tiny_model().save_pretrained(tmp_path / "policy")
+    trainer = make_trainer(
+        tmp_path, model=str(tmp_path / "policy"), distill_coef=1.0, beta=0.1, max_steps=2, prune_end_step=1
+    )
+    assert trainer.teacher is trainer.ref_model
+    trainer.train()
+    assert logged(trainer, "distill/loss") and logged(trainer, "kl")
+
+
+# -------------------------------------------------------------------------------------------- save / resume
+def test_save_model_writes_zeros_masks_and_report(tmp_path):
+    trainer = make_trainer(tmp_path)
+    trainer.train()
+    out = tmp_path / "final"
+    trainer.save_model(str(out))
+    weights = load_file(out / "model.safetensors")
+    for name, mask in trainer.pruner.masks.items():
+        w = weights[f"{name}.weight"]
+        assert torch.all(w[~mask] == 0)
+    report = json.loads((out / "pruning_report.json").read_text())
+    assert report["global_sparsity"] == pytest.approx(0.5)
+    assert set(report["layer_sparsity"]) == set(trainer.pruner.masks)
+    assert report["events"] and "reward_before" in report["events"][0]
+    assert any(f.startswith("pruner_state") for f in os.listdir(out))
+
+
+def test_resume_gives_the_same_masks(tmp_path):
+    overrides = dict(max_steps=4, prune_end_step=3, save_strategy="steps", save_steps=2)
+    full = make_trainer(tmp_path / "full", **overrides)
+    full.train()
+
+    first = make_trainer(tmp_path / "part", **overrides)
+    first.train()
+    checkpoint = tmp_path / "part" / "out" / "checkpoint-2"
+    assert (checkpoint / "mama_trainer_state.json").exists()
+
+    resumed = make_trainer(tmp_path / "part", **overrides)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    for name, mask in full.pruner.masks.items():
+        assert torch.equal(mask, resumed.pruner.masks[name]), name
+    for (name, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    assert [e["step"] for e in resumed.prune_events] == [e["step"] for e in full.prune_events]
+
+
+# -------------------------------------------------------------------------------------------------------- DDP
+def test_two_process_ddp_masks_identical(tmp_path):
+    script = os.path.join(os.path.dirname(__file__), "ddp_train.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(__file__)}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            script,
+            str(tmp_path),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    masks = [load_file(tmp_path / f"masks_rank{r}.safetensors") for r in (0, 1)]
+    assert masks[0].keys() == masks[1].keys() and masks[0]
+    for name in masks[0]:
+        assert torch.equal(masks[0][name], masks[1][name]), name
+        assert (~masks[0][name]).sum().item() == round(0.5 * masks[0][name].numel()), name
+    info = json.loads((tmp_path / "ddp_rank0.json").read_text())
+    assert info["world_size"] == 2
+
+
+# ----------------------------------------------------------------------------------------- real embedded model
+@pytest.mark.slow
+def test_end_to_end_on_embedded_smollm2(tmp_path):
+    """Two GRPO steps on the real SmolLM2-135M-Instruct with pruning and distillation on."""
+    import reward_fns
+    from grpo_prune.data import load_prompt_dataset
+    from grpo_prune.models import load_model, load_tokenizer
+
+    model = load_model("smollm2-135m-instruct")
+    args = MamaGRPOConfig(
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=16,
+        learning_rate=1e-5,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        gradient_checkpointing=False,
+        prune_target_sparsity=0.5,
+        prune_end_step=1,
+        prune_every=1,
+        distill_coef=1.0,
+    )
+    trainer = MamaGRPOTrainer(
+        model=model,
+        reward_funcs=[reward_fns.get("math_answer")],
+        args=args,
+        train_dataset=load_prompt_dataset("arithmetic", "train", num_samples=8),
+        processing_class=load_tokenizer("smollm2-135m-instruct"),
+    )
+    trainer.train()
+    assert trainer.pruner.sparsity() == pytest.approx(0.5)
+    for name, w in target_weights(trainer.model).items():
+        assert (w == 0).sum().item() == round(0.5 * w.numel()), name
+    kd = logged(trainer, "distill/loss")
+    assert kd and kd[-1] > 0  # the pruned student differs from its dense teacher
+    assert all(v == v for v in logged(trainer, "loss"))

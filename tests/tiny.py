@@ -1,0 +1,91 @@
+"""Tiny random models, a character tokenizer and a varying reward, for fast trainer tests (no hub, no files)."""
+
+from __future__ import annotations
+
+import string
+
+import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+
+CHARS = string.ascii_lowercase + string.digits + " +-=?.#"
+SPECIALS = ["<pad>", "<eos>", "<bos>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<bos>{{ m['role'] }}: {{ m['content'] }}<eos>{% endfor %}"
+    "{% if add_generation_prompt %}<bos>assistant: {% endif %}"
+)
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer with pad/eos/bos and a chat template; vocabulary below 64 ids."""
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + list(CHARS) + [":", "<unk>"])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.padding_side = "left"
+    return fast
+
+
+def tiny_model(kind: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
+    """A 2-layer random decoder (hidden 32, MLP 64, 4 heads, 2 KV heads) with a 64-token vocabulary."""
+    torch.manual_seed(seed)
+    cfg = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        tie_word_embeddings=True,
+    )
+    cfg.update(overrides)
+    config = LlamaConfig(**cfg) if kind == "llama" else Qwen2Config(**cfg)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def prompt_dataset(n: int = 16) -> Dataset:
+    return Dataset.from_dict(
+        {"prompt": [f"{i} + {i % 5} = ?" for i in range(n)], "answer": [str(i + i % 5) for i in range(n)]}
+    )
+
+
+def varied_reward(completions, **kwargs) -> list[float]:
+    """Reward that varies across a group (distinct characters), so GRPO advantages are not all zero."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [len(set(t)) / 10.0 for t in texts]
+
+
+def tiny_args(output_dir, **overrides):
+    """A `MamaGRPOConfig` for 4 short CPU steps: 4 prompts x 4 completions of 8 tokens per step, logged every step."""
+    from grpo_prune import MamaGRPOConfig
+
+    kwargs = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=4,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        prune_target_sparsity=0.5,
+        prune_start_step=0,
+        prune_end_step=2,
+        prune_every=1,
+        distill_coef=0.0,
+        dataloader_num_workers=0,
+    )
+    kwargs.update(overrides)
+    return MamaGRPOConfig(**kwargs)
