@@ -107,7 +107,6 @@ class MamaGRPOTrainer(GRPOTrainer):
             self.pruner = Pruner(self.accelerator.unwrap_model(self.model), args.pruning_settings())
             if self.accelerator.num_processes > 1:
                 self.pruner.set_reduce_fn(lambda t: self.accelerator.reduce(t, reduction="sum"))
-            self.pruner.attach_hooks()
             self.add_callback(_PruningCallback(self))
             if "wandb" in (args.report_to or []):
                 self.add_callback(WandbPruningCallback(self))
@@ -170,11 +169,26 @@ class MamaGRPOTrainer(GRPOTrainer):
             handle.remove()
 
     # ---------------------------------------------------------------------------------------------- distillation
+    @contextmanager
+    def _record_activations(self):
+        """Activation statistics come from the training forward over whole rollouts (prompt + completion), one
+        pass per micro-batch: hooking generation instead would run the hooks once per generated token, for the
+        same tokens, at several times the cost."""
+        if self.pruner is None or not self.model.training:
+            yield
+            return
+        self.pruner.attach_hooks()
+        try:
+            yield
+        finally:
+            self.pruner.remove_hooks()
+
     def _compute_loss(self, model, inputs):
         if self.teacher is None:
-            return super()._compute_loss(model, inputs)
+            with self._record_activations():
+                return super()._compute_loss(model, inputs)
         self._captured_hidden = None
-        with self._capture_student_hidden():
+        with self._capture_student_hidden(), self._record_activations():
             loss = super()._compute_loss(model, inputs)
         hidden, self._captured_hidden = self._captured_hidden, None
         if hidden is None:
