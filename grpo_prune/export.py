@@ -1,0 +1,659 @@
+"""Export a pruned model as a plain Hugging Face checkpoint (``grpo-prune export``).
+
+Two forms, chosen by the pruning granularity (``structured="auto"``):
+
+* **Masked** (unstructured, N:M; or any granularity with ``structured=False``): the model at full size with exact
+  zeros at every pruned weight, plus ``pruning_masks.safetensors``: one bool keep-mask (True = kept) per pruned
+  ``nn.Linear``, keyed by module name (``model.layers.0.mlp.down_proj``), shaped like its weight ``[out, in]``.
+  Sparse kernels and N:M hardware paths can be driven from the sidecar; the checkpoint itself loads anywhere.
+* **Structured**: a physically smaller checkpoint. Pruned MLP neurons are removed (rows of ``gate_proj`` and
+  ``up_proj``, columns of ``down_proj``; ``intermediate_size`` edited), pruned query heads are removed (rows of
+  ``q_proj``, columns of ``o_proj``; ``num_attention_heads`` edited) and, when every query head of a KV group goes,
+  the group's ``k_proj``/``v_proj`` rows too (``num_key_value_heads`` edited). ``head_dim`` is written explicitly,
+  since ``hidden_size // num_attention_heads`` no longer gives it. ``pruning_unit_masks.safetensors`` keeps the
+  unit keep-masks in the original numbering (``model.layers.0.mlp`` -> bool ``[intermediate_size]``,
+  ``model.layers.0.self_attn`` -> bool ``[num_attention_heads]``), so a sliced model can be mapped back.
+
+Both load with plain ``AutoModelForCausalLM.from_pretrained(output_dir)``: no custom code. Vanilla Llama/Qwen2
+configs have one size for every layer, so a structured export needs the same number of units kept in every
+decoder layer (the engine's ``uniform=True`` default); otherwise it raises and ``structured=False`` exports the
+zeros form instead. transformers 5.24 has no per-layer ``intermediate_size`` for these architectures.
+
+Biases added by compensation (``Pruner.added_biases``: ``down_proj``/``o_proj`` of a bias-free model, or every
+target for unstructured compensation) are kept by switching on the config's ``mlp_bias`` / ``attention_bias``, with
+zero biases for the layers that had none. Qwen2 has no such switches (``o_proj`` and the MLP are hard-wired
+bias-free), so a Qwen2 model that needs them is exported as the equivalent ``LlamaForCausalLM`` (Qwen2 without
+sliding-window attention *is* Llama with ``attention_bias=True``); the report says so.
+
+A ``peft`` model (LoRA adapter over a pruned base) is merged on a copy (the caller's model is left as it was) and the
+masks are re-applied after the merge, since ``W + B @ A`` is dense: the exported weights keep the base's sparsity.
+
+Every export writes ``pruning_report.json`` (also returned): parameters and bytes before and after, per-layer
+sparsity, what was removed, the config changes, and the report of the run that pruned the model. Writing is atomic:
+everything goes into a temporary sibling folder that is renamed to ``output_dir`` once complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from grpo_prune.pruning.masks import expand_group_mask
+from grpo_prune.pruning.oneshot import PruneReport
+from grpo_prune.pruning.pruner import SETTINGS_FILE, STATE_FILE, Pruner, PruningSettings
+from grpo_prune.pruning.structure import HeadGroup, MLPGroup, decoder_layers, head_groups, mlp_groups
+
+__all__ = ["EXPORT_FORMAT", "MASKS_FILE", "REPORT_FILE", "UNIT_MASKS_FILE", "export_pruned", "main"]
+
+MASKS_FILE = "pruning_masks.safetensors"
+UNIT_MASKS_FILE = "pruning_unit_masks.safetensors"
+REPORT_FILE = "pruning_report.json"  # the name MamaGRPOTrainer.save_model uses for its own report
+EXPORT_FORMAT = "grpo-prune-export/1"
+
+_MLP_SUFFIXES = ("gate_proj", "up_proj", "down_proj")
+_ATTN_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj")
+_PEFT_PREFIX = "base_model.model."
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# What is being exported
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Source:
+    """A bare causal LM plus what is needed to export it.
+
+    Attributes:
+        model: the unwrapped model (the merged copy for a PEFT input); never modified by the export.
+        masks: target module name -> bool keep-mask ``[out, in]`` (True = kept).
+        granularity: ``"unstructured"``, ``"n:m"`` or ``"structured"``.
+        origin: where it came from (a checkpoint path or ``"in-memory ..."``), for the report.
+        pruning: JSON-able summary of the pruning (settings, sparsity...).
+        source_report: the ``pruning_report.json`` of the checkpoint folder, when there is one.
+        lora_merged: LoRA-wrapped module names that were merged (PEFT input), else None.
+        tokenizer: written beside the model when given (or found in the checkpoint folder).
+    """
+
+    model: nn.Module
+    masks: dict[str, Tensor]
+    granularity: str
+    origin: str
+    pruning: dict[str, Any] = field(default_factory=dict)
+    source_report: dict[str, Any] | None = None
+    lora_merged: list[str] | None = None
+    tokenizer: Any = None
+
+
+def _is_peft_model(model: Any) -> bool:
+    # A model can only be a PeftModel if peft was imported; checking sys.modules avoids importing it for nothing.
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def _merge_lora_copy(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """Merge the adapters of a PEFT model into a deep copy of its base; returns (bare model, LoRA module names)."""
+    wrapped = sorted(
+        n.removeprefix(_PEFT_PREFIX) for n, m in model.named_modules() if hasattr(m, "base_layer") and "." in n
+    )
+    # On a copy: merge_and_unload rewrites the base weights in place, and the caller may keep training the adapter.
+    merged = copy.deepcopy(model).merge_and_unload()
+    return merged, wrapped
+
+
+def _source_from_checkpoint(folder: Path, tokenizer: Any) -> _Source:
+    from transformers import AutoModelForCausalLM
+
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder: pass a checkpoint folder or an in-memory model.")
+    if not (folder / "config.json").is_file():
+        hint = (
+            " It holds a PEFT adapter: load the base with the adapter as a PeftModel and pass it with pruner=."
+            if (folder / "adapter_config.json").is_file()
+            else ""
+        )
+        raise ValueError(f"{folder} has no config.json: not a transformers checkpoint.{hint}")
+    missing = [f for f in (SETTINGS_FILE, STATE_FILE) if not (folder / f).is_file()]
+    if missing:
+        raise ValueError(
+            f"{folder} has no pruner state ({', '.join(missing)} missing): it was not written by "
+            "MamaGRPOTrainer.save_model or Pruner.save, so the masks are unknown. Export an in-memory model with "
+            "pruner=<Pruner or prune_oneshot report> instead."
+        )
+    meta = json.loads((folder / SETTINGS_FILE).read_text())
+    known = set(PruningSettings.__dataclass_fields__)
+    settings = PruningSettings(**{k: v for k, v in meta.get("settings", {}).items() if k in known})
+    # dtype="auto": export in the dtype the checkpoint was saved in. Biases added by compensation are unknown to
+    # the vanilla config and dropped by from_pretrained; Pruner.load re-creates them from the pruner state.
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+    pruner = Pruner(model, settings)
+    pruner.load(folder)
+    pruner.apply_masks_()
+    report_path = folder / REPORT_FILE
+    source_report = json.loads(report_path.read_text()) if report_path.is_file() else None
+    if tokenizer is None and any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    return _Source(
+        model=model,
+        masks=dict(pruner.masks),
+        granularity=settings.granularity,
+        origin=str(folder),
+        pruning=pruner.report(),
+        source_report=source_report,
+        tokenizer=tokenizer,
+    )
+
+
+def _source_from_memory(model: nn.Module, pruner: Any, tokenizer: Any) -> _Source:
+    if pruner is None:
+        raise ValueError(
+            "An in-memory model needs its masks: pass pruner= (the Pruner that pruned it, e.g. trainer.pruner, or "
+            "the PruneReport returned by prune_oneshot)."
+        )
+    if isinstance(pruner, Pruner):
+        masks, granularity, pruning = dict(pruner.masks), pruner.settings.granularity, pruner.report()
+    elif isinstance(pruner, PruneReport):
+        if not pruner.masks:
+            raise ValueError("The PruneReport holds no masks (built by hand?); pass the Pruner instead.")
+        masks, granularity, pruning = dict(pruner.masks), pruner.granularity, pruner.to_dict()
+    else:
+        raise TypeError(
+            f"`pruner` must be a Pruner or a PruneReport (from prune_oneshot), got {type(pruner).__name__}."
+        )
+    lora_merged = None
+    if _is_peft_model(model):
+        model, lora_merged = _merge_lora_copy(model)
+        # Masks built on the wrapped model carry PEFT's prefix; the merged model has the bare names.
+        masks = {n.removeprefix(_PEFT_PREFIX).replace(".base_layer", ""): m for n, m in masks.items()}
+    return _Source(
+        model=model,
+        masks=masks,
+        granularity=granularity,
+        origin=f"in-memory {type(model).__name__}",
+        pruning=pruning,
+        lora_merged=lora_merged,
+        tokenizer=tokenizer,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Structured slicing plan
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Slice:
+    """Keep ``index`` along ``dim`` of the state-dict tensor ``key``."""
+
+    key: str
+    dim: int
+    index: Tensor  # int64 [kept]
+
+
+@dataclass
+class _StructuredPlan:
+    slices: list[_Slice]
+    config: dict[str, int]  # edited config fields
+    unit_masks: dict[str, Tensor]  # group prefix -> bool [num_units] (original numbering)
+    removed: dict[str, dict[str, Any]]  # decoder layer -> what went
+
+
+def _units_from_masks(masks: dict[str, Tensor], group: MLPGroup | HeadGroup, size: int) -> Tensor:
+    """A group's unit keep-mask, bool ``[num_units]``, recovered from its weight masks (checked to be whole units;
+    ``size`` rows/columns per unit: 1 for a neuron, ``head_dim`` for a head)."""
+    producer = masks[group.producers[0]]
+    keep = producer.reshape(group.num_units, -1).any(dim=1)
+    layout = [*((n, 0) for n in group.producers), (group.consumer, 1)]
+    for name, dim in layout:
+        expected = expand_group_mask(keep.cpu(), masks[name].shape, dim, group_size=size)
+        if not torch.equal(expected, masks[name].cpu()):
+            raise ValueError(
+                f"The masks of {group.prefix} are not whole structural units ({name} prunes parts of a unit), so "
+                "they cannot be sliced out; export with structured=False (zeros at full size)."
+            )
+    return keep.cpu()
+
+
+def _index(keep: Tensor, size: int = 1) -> Tensor:
+    """Row/column indices kept by a unit keep-mask ``[num_units]`` whose units span ``size`` rows each."""
+    units = keep.nonzero().squeeze(1)
+    return (units[:, None] * size + torch.arange(size)).reshape(-1)
+
+
+def _structured_plan(model: nn.Module, masks: dict[str, Tensor]) -> _StructuredPlan:
+    """Which rows/columns to keep, and the config that describes the result; raises when not expressible."""
+    modules = dict(model.named_modules())
+    targets = {n: modules[n] for n in masks}
+    config = model.config
+    groups: list[MLPGroup | HeadGroup] = []
+    if any(n.endswith(_MLP_SUFFIXES) for n in masks):
+        groups += mlp_groups(model, targets)
+    if any(n.endswith(("q_proj", "o_proj")) for n in masks):
+        groups += head_groups(model, targets)
+
+    n_heads = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    layers = [prefix for prefix, _ in decoder_layers(model)]
+    # Per decoder layer: (kept neurons, kept query heads, kept KV heads); layers without a group keep everything.
+    kept = {p: [config.intermediate_size, n_heads, n_kv] for p in layers}
+    slices: list[_Slice] = []
+    unit_masks: dict[str, Tensor] = {}
+    removed: dict[str, dict[str, Any]] = {p: {} for p in layers}
+    for g in groups:
+        layer = next(p for p in layers if g.prefix.startswith(p + "."))
+        if isinstance(g, MLPGroup):
+            keep = _units_from_masks(masks, g, 1)
+            idx = _index(keep)
+            slices += [_Slice(f"{n}.{t}", 0, idx) for n in g.producers for t in ("weight", "bias")]
+            slices.append(_Slice(f"{g.down}.weight", 1, idx))
+            kept[layer][0] = int(keep.sum())
+            removed[layer]["mlp_neurons"] = g.num_units - int(keep.sum())
+        else:
+            keep = _units_from_masks(masks, g, g.head_dim)
+            per_kv = keep.reshape(g.num_kv_heads, g.heads_per_kv).sum(dim=1)
+            surviving = per_kv[per_kv > 0].unique()
+            if surviving.numel() > 1:
+                raise ValueError(
+                    f"{g.prefix} keeps {per_kv.tolist()} query heads in its KV groups: a vanilla GQA config needs "
+                    "the same number in every group (the engine prunes heads that way)."
+                )
+            kv_keep = per_kv > 0
+            slices += [_Slice(f"{g.q}.{t}", 0, _index(keep, g.head_dim)) for t in ("weight", "bias")]
+            slices.append(_Slice(f"{g.o}.weight", 1, _index(keep, g.head_dim)))
+            if not kv_keep.all():  # a whole KV group lost its query heads: its keys and values are dead too
+                kv_idx = _index(kv_keep, g.head_dim)
+                slices += [_Slice(f"{n}.{t}", 0, kv_idx) for n in (g.k, g.v) for t in ("weight", "bias")]
+            kept[layer][1:] = [int(keep.sum()), int(kv_keep.sum())]
+            removed[layer]["heads"] = (~keep).nonzero().squeeze(1).tolist()
+            removed[layer]["kv_heads"] = (~kv_keep).nonzero().squeeze(1).tolist()
+        unit_masks[g.prefix] = keep
+
+    sizes = {tuple(v) for v in kept.values()}
+    if len(sizes) > 1:
+        by_layer = {p.rsplit(".", 1)[-1]: v for p, v in kept.items()}
+        raise ValueError(
+            "Structured export needs the same number of units kept in every decoder layer (vanilla configs have one "
+            "intermediate_size and one head count for all layers), but the layers keep [neurons, heads, kv_heads] = "
+            f"{by_layer}. Prune with uniform=True (the default), or export with structured=False for a full-size "
+            "checkpoint with zeros."
+        )
+    (inter, heads, kv_heads) = sizes.pop()
+    if min(inter, heads, kv_heads) == 0:
+        raise ValueError("Structured export would leave a layer with no MLP neuron or no attention head.")
+    new_config = {"intermediate_size": inter, "num_attention_heads": heads, "num_key_value_heads": kv_heads}
+    new_config["head_dim"] = head_dim  # explicit: hidden_size // num_attention_heads no longer gives it
+    return _StructuredPlan(slices, new_config, unit_masks, {p: r for p, r in removed.items() if r})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Config, biases and the vanilla model
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _copy_config(config: Any) -> Any:
+    return config.__class__.from_dict(config.to_dict())
+
+
+def _meta_model(config: Any, dtype: torch.dtype) -> nn.Module:
+    """The vanilla model class for ``config``, without allocating or initialising weights."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def _biased_linears(model: nn.Module) -> set[str]:
+    return {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.bias is not None}
+
+
+def _qwen2_as_llama(config: Any) -> Any:
+    """The LlamaConfig of a Qwen2 model without sliding windows (same computation; o_proj/MLP biases switchable)."""
+    from transformers import LlamaConfig
+
+    if any(t != "full_attention" for t in (getattr(config, "layer_types", None) or [])):
+        raise ValueError(
+            "Compensation added biases that vanilla Qwen2 cannot hold (o_proj/MLP are bias-free there), and this "
+            "model uses sliding-window attention, so it cannot be exported as the equivalent Llama either."
+        )
+    fields = config.to_dict()
+    drop = {"model_type", "architectures", "use_sliding_window", "sliding_window", "max_window_layers", "layer_types"}
+    fields = {k: v for k, v in fields.items() if k not in drop}
+    fields.update(attention_bias=True, architectures=["LlamaForCausalLM"])
+    return LlamaConfig(**fields)
+
+
+def _fit_biases(
+    config: Any, state: dict[str, Tensor], dtype: torch.dtype
+) -> tuple[Any, nn.Module, list[str], list[str]]:
+    """Make ``config`` hold every bias in ``state``, switching on ``mlp_bias`` / ``attention_bias`` if needed.
+
+    Returns:
+        (config, meta model of that config, config changes as text, zero biases added to ``state``).
+    """
+    changes: list[str] = []
+    model = _meta_model(config, dtype)
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    need = {k.removesuffix(".bias") for k in state if k.endswith(".bias") and k.removesuffix(".bias") in linears}
+    missing = need - _biased_linears(model)
+    if missing:
+        for flag, suffixes in (("mlp_bias", _MLP_SUFFIXES), ("attention_bias", _ATTN_SUFFIXES)):
+            if any(n.endswith(suffixes) for n in missing) and hasattr(config, flag) and not getattr(config, flag):
+                setattr(config, flag, True)
+                changes.append(f"{flag}: False -> True (biases added by compensation)")
+        model = _meta_model(config, dtype)
+        missing = need - _biased_linears(model)
+    if missing and getattr(config, "model_type", None) == "qwen2":
+        config = _qwen2_as_llama(config)
+        changes.append(
+            "architecture: Qwen2ForCausalLM -> LlamaForCausalLM with attention_bias=True (vanilla Qwen2 has no "
+            "o_proj/MLP bias for the biases added by compensation; the computation is the same)"
+        )
+        if any(n.endswith(_MLP_SUFFIXES) for n in missing):
+            config.mlp_bias = True
+            changes.append("mlp_bias: False -> True (biases added by compensation)")
+        model = _meta_model(config, dtype)
+        missing = need - _biased_linears(model)
+    if missing:
+        raise ValueError(
+            f"{type(model).__name__} has no config switch for the biases of {sorted(missing)[:3]} (added by "
+            "compensation); it cannot be exported as a vanilla checkpoint. Prune without compensate=True."
+        )
+    zero_filled = []
+    for name in sorted(_biased_linears(model) - need):
+        weight = state.get(f"{name}.weight")
+        if weight is not None:  # a bias the config now implies but the layer never had: zeros change nothing
+            state[f"{name}.bias"] = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+            zero_filled.append(name)
+    return config, model, changes, zero_filled
+
+
+def _count(tensors: dict[str, Tensor]) -> dict[str, int]:
+    """Parameters, bytes and non-zero entries of a state dict, counting tensors that share storage once (tied)."""
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    params = nbytes = nonzero = 0
+    for t in tensors.values():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        params += t.numel()
+        nbytes += t.numel() * t.element_size()
+        nonzero += int(torch.count_nonzero(t))
+    return {"params": params, "bytes": nbytes, "nonzero": nonzero}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Atomic folder write
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _check_output(output_dir: Path, source_dir: Path | None) -> None:
+    if source_dir is not None:
+        out, src = output_dir.resolve(), source_dir.resolve()
+        if out == src or src.is_relative_to(out) or out.is_relative_to(src):
+            raise ValueError(
+                f"output_dir {output_dir} must not be, contain or lie inside the checkpoint {source_dir}."
+            )
+    if output_dir.exists():
+        if not output_dir.is_dir():
+            raise FileExistsError(f"output_dir {output_dir} exists and is not a folder.")
+        report = output_dir / REPORT_FILE
+        previous = False
+        if report.is_file():
+            try:
+                previous = json.loads(report.read_text()).get("format") == EXPORT_FORMAT
+            except ValueError:
+                previous = False
+        if any(output_dir.iterdir()) and not previous:
+            raise FileExistsError(
+                f"output_dir {output_dir} exists and is not an earlier export; refusing to replace it. Remove it or "
+                "choose another folder."
+            )
+
+
+def _write_atomically(output_dir: Path, write: Any) -> None:
+    """``write(tmp)`` into a temporary sibling folder, then rename it to ``output_dir`` (replacing an old export)."""
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{output_dir.name}.tmp-"
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=output_dir.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the export private
+        write(tmp)
+        if output_dir.exists():
+            # os.replace cannot overwrite a non-empty folder: move the old export aside first.
+            trash = Path(tempfile.mkdtemp(prefix=prefix + "old-", dir=output_dir.parent))
+            os.replace(output_dir, trash / output_dir.name)
+            os.replace(tmp, output_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def export_pruned(
+    model_or_checkpoint_dir: nn.Module | str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    *,
+    pruner: Any = None,
+    tokenizer: Any = None,
+    structured: bool | str = "auto",
+) -> dict[str, Any]:
+    """Write a pruned model as a vanilla transformers checkpoint (see the module docstring for the formats).
+
+    Args:
+        model_or_checkpoint_dir: either a checkpoint folder written by ``MamaGRPOTrainer.save_model`` or
+            ``save_pretrained`` + ``Pruner.save`` (``config.json``, weights, ``pruner_state.*``, optionally
+            ``pruning_report.json`` and tokenizer files); or an in-memory causal LM (a ``peft`` model is merged
+            on a copy and re-masked), then with ``pruner``.
+        output_dir: folder to create; an earlier export there is replaced, anything else is refused.
+        pruner: in-memory input only: the :class:`~grpo_prune.pruning.pruner.Pruner` that pruned the model
+            (``trainer.pruner``) or the :class:`~grpo_prune.pruning.oneshot.PruneReport` of ``prune_oneshot``
+            (its ``masks``).
+        tokenizer: saved beside the model; by default the checkpoint folder's own tokenizer, if any.
+        structured: ``"auto"`` slices when the granularity is ``"structured"`` and writes zeros otherwise;
+            ``True`` requires slicing; ``False`` always writes the full-size model with zeros and the mask sidecar.
+
+    Returns:
+        the report written to ``output_dir/pruning_report.json``: ``format``, ``mode`` (``"structured"`` or
+        ``"masked"``), ``params_before/after`` and ``bytes_before/after`` (unique tensors, tied ones once, in the
+        model's dtype), ``nonzero_params_before/after``, ``global_sparsity`` and ``layer_sparsity`` (fraction of
+        each target weight pruned), ``removed`` (per decoder layer: MLP neurons removed, query/KV head indices
+        removed), ``config_changes`` (field -> [before, after]), ``bias_changes``, ``zero_biases_added``,
+        ``lora_merged``, ``files``, ``pruning`` (the pruner's summary) and ``source_report``.
+
+    Raises:
+        ValueError: a folder without pruner state, an in-memory model without ``pruner``, ``structured=True`` on
+            non-structured masks, masks that are not whole units, or units kept in different numbers per layer.
+    """
+    if structured not in ("auto", True, False):
+        raise ValueError(f"`structured` must be 'auto', True or False, got {structured!r}.")
+    output_dir = Path(output_dir)
+    if isinstance(model_or_checkpoint_dir, (str, os.PathLike)):
+        if pruner is not None:
+            raise ValueError(
+                "`pruner` is for in-memory models; a checkpoint folder carries its own pruner state "
+                "(pruner_state.json / pruner_state.safetensors)."
+            )
+        source_dir: Path | None = Path(model_or_checkpoint_dir)
+        _check_output(output_dir, source_dir)
+        src = _source_from_checkpoint(source_dir, tokenizer)
+    elif isinstance(model_or_checkpoint_dir, nn.Module):
+        _check_output(output_dir, None)
+        src = _source_from_memory(model_or_checkpoint_dir, pruner, tokenizer)
+    else:
+        raise TypeError(
+            "`model_or_checkpoint_dir` must be a checkpoint folder or a torch model, got "
+            f"{type(model_or_checkpoint_dir).__name__}."
+        )
+
+    if structured is True and src.granularity != "structured":
+        raise ValueError(
+            f"structured=True needs structured pruning (whole neurons/heads), but the masks are {src.granularity!r}; "
+            "use structured='auto' to export them as zeros with the mask sidecar."
+        )
+    slice_units = src.granularity == "structured" and structured in ("auto", True)
+
+    model = src.model
+    modules = dict(model.named_modules())
+    unknown = [n for n in src.masks if not isinstance(modules.get(n), nn.Linear)]
+    if unknown:
+        raise ValueError(f"Masks name modules that are not nn.Linear layers of this model: {unknown[:3]}")
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+    # The output state, as new tensors: the caller's model is never modified.
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    before = _count(state)
+    for name, mask in src.masks.items():
+        key = f"{name}.weight"
+        # Re-applied even when the weights already hold zeros: a merged LoRA delta (or a caller) may have refilled them.
+        state[key] = state[key].masked_fill(~mask.to(state[key].device), 0)
+
+    config = _copy_config(model.config)
+    config_changes: dict[str, list[Any]] = {}
+    removed: dict[str, dict[str, Any]] = {}
+    sidecar: dict[str, Tensor]
+    if slice_units:
+        plan = _structured_plan(model, src.masks)
+        for s in plan.slices:
+            if s.key in state:  # biases exist on some models only
+                state[s.key] = state[s.key].index_select(s.dim, s.index.to(state[s.key].device)).contiguous()
+        for key, value in plan.config.items():
+            old = getattr(config, key, None)
+            if old != value:
+                config_changes[key] = [old, value]
+            setattr(config, key, value)
+        removed, sidecar, sidecar_name = plan.removed, plan.unit_masks, UNIT_MASKS_FILE
+    else:
+        sidecar, sidecar_name = {n: m.cpu().contiguous() for n, m in src.masks.items()}, MASKS_FILE
+
+    config, new_model, bias_changes, zero_filled = _fit_biases(config, state, dtype)
+    # A strict load into the vanilla class is the check that the edited config describes the tensors exactly.
+    expected = set(new_model.state_dict())
+    extra, missing = sorted(set(state) - expected), sorted(expected - set(state))
+    if extra or missing:
+        raise ValueError(
+            f"The exported {type(new_model).__name__} does not match the tensors: no place for {extra[:3]}, "
+            f"nothing for {missing[:3]}."
+        )
+    new_model.load_state_dict(state, strict=True, assign=True)
+    new_model.tie_weights()
+    if getattr(model, "generation_config", None) is not None:
+        new_model.generation_config = copy.deepcopy(model.generation_config)
+    after = _count(dict(new_model.state_dict()))
+
+    layer_sparsity = {n: 1.0 - m.float().mean().item() for n, m in src.masks.items()}
+    total = sum(m.numel() for m in src.masks.values())
+    pruned = sum(int((~m).sum()) for m in src.masks.values())
+    report: dict[str, Any] = {
+        "format": EXPORT_FORMAT,
+        "mode": "structured" if slice_units else "masked",
+        "granularity": src.granularity,
+        "source": src.origin,
+        "architecture": type(new_model).__name__,
+        "dtype": str(dtype).removeprefix("torch."),
+        "params_before": before["params"],
+        "params_after": after["params"],
+        "params_removed": before["params"] - after["params"],
+        "nonzero_params_before": before["nonzero"],
+        "nonzero_params_after": after["nonzero"],
+        "bytes_before": before["bytes"],
+        "bytes_after": after["bytes"],
+        "size_ratio": after["bytes"] / before["bytes"],
+        "target_params": total,
+        "pruned_params": pruned,
+        "global_sparsity": pruned / total if total else 0.0,
+        "layer_sparsity": layer_sparsity,
+        "removed": removed,
+        "config_changes": config_changes,
+        "bias_changes": bias_changes,
+        "zero_biases_added": zero_filled,
+        "lora_merged": src.lora_merged,
+        "notes": [],
+        "files": [],
+        "pruning": src.pruning,
+        "source_report": src.source_report,
+    }
+    if src.lora_merged is not None:
+        report["notes"].append(
+            f"PEFT adapter merged into the base ({len(src.lora_merged)} LoRA layers) and the masks re-applied "
+            "after the merge, so the exported weights keep the base model's sparsity."
+        )
+    if slice_units:
+        report["notes"].append(
+            f"Structured: {report['params_removed']} parameters physically removed; unit keep-masks in the "
+            f"original numbering are in {UNIT_MASKS_FILE}."
+        )
+    if src.tokenizer is None:
+        report["notes"].append("No tokenizer was given or found: only the model was written.")
+
+    def write(tmp: Path) -> None:
+        new_model.save_pretrained(tmp)
+        if src.tokenizer is not None:
+            src.tokenizer.save_pretrained(tmp)
+        meta = {"format": EXPORT_FORMAT, "granularity": src.granularity, "kind": "units" if slice_units else "weights"}
+        save_file(sidecar, str(tmp / sidecar_name), metadata=meta)
+        report["files"] = sorted(p.name for p in tmp.iterdir()) + [REPORT_FILE]
+        report["file_bytes"] = sum(p.stat().st_size for p in tmp.glob("*.safetensors") if p.name != sidecar_name)
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+
+    _write_atomically(output_dir, write)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``grpo-prune export CHECKPOINT_DIR OUTPUT_DIR [--structured auto|true|false]``; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="grpo-prune export",
+        description="Export a pruned checkpoint (MamaGRPOTrainer.save_model or save_pretrained + Pruner.save) as a "
+        "vanilla transformers checkpoint: zeros + mask sidecar, or a physically smaller model for structured pruning.",
+    )
+    parser.add_argument("checkpoint_dir", help="folder with config.json, the weights and pruner_state.*")
+    parser.add_argument("output_dir", help="folder to write (an earlier export there is replaced)")
+    parser.add_argument(
+        "--structured",
+        choices=("auto", "true", "false"),
+        default="auto",
+        help="auto: slice structured pruning, zeros otherwise; true: require slicing; false: always zeros",
+    )
+    args = parser.parse_args(argv)
+    structured = {"auto": "auto", "true": True, "false": False}[args.structured]
+    try:
+        report = export_pruned(args.checkpoint_dir, args.output_dir, structured=structured)
+    except (ValueError, FileExistsError) as err:
+        print(f"grpo-prune export: error: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"Exported {report['mode']} {report['architecture']} to {args.output_dir}: "
+        f"{report['params_before'] / 1e6:.2f}M -> {report['params_after'] / 1e6:.2f}M parameters, "
+        f"{report['bytes_before'] / 2**20:.1f} -> {report['bytes_after'] / 2**20:.1f} MiB, "
+        f"{report['global_sparsity']:.1%} of the targeted weights pruned."
+    )
+    for change, (old, new) in report["config_changes"].items():
+        print(f"  {change}: {old} -> {new}")
+    for note in report["bias_changes"] + report["notes"]:
+        print(f"  {note}")
+    return 0
