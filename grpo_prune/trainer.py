@@ -333,6 +333,13 @@ class MamaGRPOTrainer(GRPOTrainer):
                     "reward_guard_holds": self.reward_guard.holds,
                 }
             )
+            if getattr(self.pruner, "added_biases", None):
+                # The config of a bias-free model cannot express biases on some projections only; plain
+                # from_pretrained would drop them. `grpo-prune export` sets mlp_bias/attention_bias correctly.
+                report["note"] = (
+                    f"compensation added biases to {len(self.pruner.added_biases)} layers; load this checkpoint "
+                    "through `grpo-prune export` (or resume training), not plain from_pretrained."
+                )
             events = {e["step"]: e for e in self.reward_guard.public_events()}
             report["events"] = [
                 {**e, "reward_after": events.get(e["step"], {}).get("reward_after")} for e in self.prune_events
