@@ -72,6 +72,7 @@ def run_variant(variant: str, steps: int, completions: int, tokens: int, out_jso
             **common,
             prune_target_sparsity=0.5,
             prune_scorer="mama",
+            mama_alpha=0.1,  # movement on: the worst case for the pruner's per-step cost
             prune_start_step=0,
             prune_end_step=steps - 2,
             prune_every=2,

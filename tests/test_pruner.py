@@ -350,7 +350,7 @@ def test_event_without_data_is_deferred():
 def test_state_round_trips_bit_exactly(tmp_path):
     model = tiny_model("qwen2")
     settings = PruningSettings(
-        granularity="structured", structured_units="mlp", scorer="mama", compensate=True, end_step=4, every=2
+        granularity="structured", structured_units="mlp", scorer="mama", alpha=0.5, compensate=True, end_step=4, every=2
     )
     pruner = Pruner(model, settings)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -508,7 +508,7 @@ def test_prune_oneshot_report():
 
 def test_indicator_memory_matches_docstring():
     model = tiny_model()
-    pruner = Pruner(model, PruningSettings(scorer="mama", compensate=True))
+    pruner = Pruner(model, PruningSettings(scorer="mama", alpha=0.5, compensate=True))
     mem = pruner.memory_bytes()
     weights = [m.weight for m in pruner.targets.values()]
     n_weights = sum(w.numel() for w in weights)

@@ -123,7 +123,7 @@ class PruningSettings:
     granularity: str = "unstructured"
     n_m: str = "2:4"
     scorer: str = "mama"
-    alpha: float = 0.1
+    alpha: float = 0.0
     normalization: str = "rank"
     schedule: str = "cubic"
     initial_sparsity: float = 0.0
