@@ -39,9 +39,7 @@ import argparse
 import copy
 import json
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +48,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from grpo_prune.models import write_dir_atomically
 from grpo_prune.pruning.masks import expand_group_mask
 from grpo_prune.pruning.oneshot import PruneReport
 from grpo_prune.pruning.pruner import SETTINGS_FILE, STATE_FILE, Pruner, PruningSettings
@@ -426,29 +425,6 @@ def _check_output(output_dir: Path, source_dir: Path | None) -> None:
             )
 
 
-def _write_atomically(output_dir: Path, write: Any) -> None:
-    """``write(tmp)`` into a temporary sibling folder, then rename it to ``output_dir`` (replacing an old export)."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{output_dir.name}.tmp-"
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=output_dir.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the export private
-        write(tmp)
-        if output_dir.exists():
-            # os.replace cannot overwrite a non-empty folder: move the old export aside first.
-            trash = Path(tempfile.mkdtemp(prefix=prefix + "old-", dir=output_dir.parent))
-            os.replace(output_dir, trash / output_dir.name)
-            os.replace(tmp, output_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Public entry point
 # --------------------------------------------------------------------------------------------------------------------
@@ -620,7 +596,7 @@ def export_pruned(
         report["file_bytes"] = sum(p.stat().st_size for p in tmp.glob("*.safetensors") if p.name != sidecar_name)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
 
-    _write_atomically(output_dir, write)
+    write_dir_atomically(output_dir, write)
     return report
 
 

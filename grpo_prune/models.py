@@ -131,6 +131,37 @@ def converted_model_dir(name: str) -> Path:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def write_dir_atomically(target: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+    """``write(tmp)`` into a fresh temporary sibling of ``target``, then rename it to ``target``.
+
+    A rename within one filesystem is atomic, so readers see either the old folder or the complete new one, never a
+    half-written one; an existing ``target`` is replaced. On any failure (``KeyboardInterrupt`` included) the
+    temporary folder is removed and ``target`` is left as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{target.name}.tmp-"
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+    try:
+        # mkdtemp makes a private (0700) folder; the result should read like any folder made with mkdir.
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
+        write(tmp)
+        if target.exists():
+            # os.replace cannot overwrite a non-empty folder: move the old one aside first.
+            trash = Path(tempfile.mkdtemp(prefix=prefix + "old-", dir=target.parent))
+            os.replace(target, trash / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
 def build_dir_atomically(
     target: str | os.PathLike[str],
     build: Callable[[Path], None],
@@ -174,26 +205,13 @@ def build_dir_atomically(
         # Only lock holders create temporary folders, so any left here are from interrupted builds.
         for stale in target.parent.glob(prefix + "*"):
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
-        try:
-            # mkdtemp makes a private (0700) folder; a shared cache should read like any folder made with mkdir.
-            umask = os.umask(0)
-            os.umask(umask)
-            tmp.chmod(0o777 & ~umask)
+
+        def build_complete(tmp: Path) -> None:
             build(tmp)
             if not is_complete(tmp):
                 raise RuntimeError(f"building {target} produced an incomplete folder")
-            if target.exists():
-                # os.replace cannot overwrite a non-empty folder: move the stale one aside first.
-                trash = Path(tempfile.mkdtemp(prefix=prefix + "old-", dir=target.parent))
-                os.replace(target, trash / target.name)
-                os.replace(tmp, target)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
-        except BaseException:  # includes KeyboardInterrupt: never leave a half-written temporary folder around
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        write_dir_atomically(target, build_complete)
         return target
     finally:
         lock.release()

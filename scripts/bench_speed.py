@@ -47,28 +47,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from measure_mama_normalisation import text_windows  # same folder: run as `python scripts/bench_speed.py`
 from torch import nn
 
 from grpo_prune import export_pruned, prune_oneshot
 from grpo_prune.models import load_model, load_tokenizer, resolve_model_path
 
 MODEL = "smollm2-135m-instruct"
-
-
-def text_windows(tokenizer, seq: int, n_calib: int, n_eval: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token windows ``[n, seq]`` from the first (calibration) and second (prompts, perplexity) half of the text."""
-    import pydoc_data.topics
-
-    text = "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
-    half = len(text) // 2
-    out = []
-    for part, n in ((text[:half], n_calib), (text[half:], n_eval)):
-        ids = tokenizer(part, return_tensors="pt").input_ids[0]
-        if ids.numel() < n * seq:
-            raise SystemExit(f"not enough text for {n} windows of {seq} tokens ({ids.numel()} tokens)")
-        stride = ids.numel() // n  # spread windows over the whole half
-        out.append(torch.stack([ids[i * stride : i * stride + seq] for i in range(n)]))
-    return out[0], out[1]
 
 
 def flops_per_token(model: nn.Module, context: float) -> float:

@@ -350,7 +350,13 @@ def test_event_without_data_is_deferred():
 def test_state_round_trips_bit_exactly(tmp_path):
     model = tiny_model("qwen2")
     settings = PruningSettings(
-        granularity="structured", structured_units="mlp", scorer="mama", alpha=0.5, compensate=True, end_step=4, every=2
+        granularity="structured",
+        structured_units="mlp",
+        scorer="mama",
+        alpha=0.5,
+        compensate=True,
+        end_step=4,
+        every=2,
     )
     pruner = Pruner(model, settings)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
