@@ -29,7 +29,7 @@ import time
 VARIANTS = ("plain", "prune", "prune+distill")
 
 
-def run_variant(variant: str, steps: int, completions: int, tokens: int, out_json: str) -> None:
+def run_variant(variant: str, steps: int, completions: int, tokens: int, alpha: float, out_json: str) -> None:
     import torch
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -72,7 +72,7 @@ def run_variant(variant: str, steps: int, completions: int, tokens: int, out_jso
             **common,
             prune_target_sparsity=0.5,
             prune_scorer="mama",
-            mama_alpha=0.1,  # movement on: the worst case for the pruner's per-step cost
+            mama_alpha=alpha,  # > 0 turns movement on: the worst case for the pruner's per-step cost
             prune_start_step=0,
             prune_end_step=steps - 2,
             prune_every=2,
@@ -138,12 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--completions", type=int, default=4, help="completions per step (one prompt group)")
     parser.add_argument("--tokens", type=int, default=32, help="max completion length")
+    parser.add_argument("--alpha", type=float, default=0.0, help="mama_alpha (0: the default; 0.1: movement on)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # child process
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.variant:
-        run_variant(args.variant, args.steps, args.completions, args.tokens, args.out)
+        run_variant(args.variant, args.steps, args.completions, args.tokens, args.alpha, args.out)
         return 0
 
     results = {}

@@ -542,3 +542,35 @@ def test_oneshot_on_embedded_smollm2():
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert out.shape[1] > ids.shape[1]
+
+
+@pytest.mark.parametrize(
+    "granularity, extra", [("unstructured", {}), ("unstructured", {"comparison": "row"}), ("n:m", {"n_m": "2:4"})]
+)
+def test_mama_without_movement_prunes_exactly_what_wanda_prunes(granularity, extra):
+    # alpha 0 skips the rank normalisation (a monotone map within a layer): the masks must not change because of it.
+    masks = {}
+    for scorer, kw in (("wanda", {}), ("mama", {"alpha": 0.0})):
+        model = tiny_model()
+        report = prune_oneshot(model, 0.5, granularity=granularity, scorer=scorer, calibration=calib(), **kw, **extra)
+        masks[scorer] = report.masks
+    assert masks["wanda"].keys() == masks["mama"].keys()
+    for name in masks["wanda"]:
+        assert torch.equal(masks["wanda"][name], masks["mama"][name]), name
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_rank_normalisation_never_changes_a_layer_mask(per_row):
+    # Why alpha 0 may skip the normalisation: on scores with many exact ties (like dequantised 4-bit weights), the
+    # masks built from raw scores and from their ranks are identical, per layer, per row, and for N:M.
+    from grpo_prune.pruning.masks import n_m_mask, unstructured_mask
+    from grpo_prune.pruning.scores import normalize_scores
+
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randint(0, 7, (16, 32), generator=g).float() * 0.25
+    ranked = normalize_scores(raw, "rank")
+    for sparsity in (0.25, 0.5, 0.7):
+        assert torch.equal(
+            unstructured_mask(raw, sparsity, per_row=per_row), unstructured_mask(ranked, sparsity, per_row=per_row)
+        )
+    assert torch.equal(n_m_mask(raw, 2, 4), n_m_mask(ranked, 2, 4))

@@ -520,6 +520,11 @@ class Pruner:
             return self.movement[name].clone()
         if s.scorer == "random":
             return S.random_scores(tuple(mod.weight.shape), s.seed, name).to(mod.weight.device)
+        if s.alpha == 0.0 and s.comparison != "global" and not self.magnitude_normalized:
+            # One indicator ranked within one matrix: normalising it is a monotone map (ties keep their index
+            # order) that cannot change which entries are lowest, so its per-layer sort is skipped. Global ranking
+            # compares layers and keeps the normalisation.
+            return self._pretrained_weight_scores(name, acts)
         movement = self.movement.get(name)
         if movement is None:  # alpha == 0: movement is not tracked and has no weight in the score
             movement = torch.zeros_like(mod.weight, dtype=torch.float32)
