@@ -283,10 +283,10 @@ class MamaGRPOTrainer(GRPOTrainer):
         record = {
             "step": step,
             "schedule_step": self.prune_clock,
-            "target_sparsity": event.get("target"),
-            "sparsity": event.get("reached", self.pruner.sparsity()),
+            "target_sparsity": event["target"],
+            "sparsity": event["reached"],
             "reward_before": guard_event["reward_before"],
-            "layer_sparsity": event.get("layer_sparsity", self.pruner.layer_sparsity()),
+            "layer_sparsity": event["layer_sparsity"],
         }
         record.update(self._score_quantiles(event.get("score_sample")))
         self.prune_events.append(record)
@@ -323,7 +323,7 @@ class MamaGRPOTrainer(GRPOTrainer):
             },
         }
         if self.pruner is not None:
-            report.update(self.pruner.report() if hasattr(self.pruner, "report") else {})
+            report.update(self.pruner.report())
             report.update(
                 {
                     "global_sparsity": self.pruner.sparsity(),

@@ -5,22 +5,13 @@ import sys
 
 import torch.distributed as dist
 from safetensors.torch import save_file
-from tiny import char_tokenizer, prompt_dataset, tiny_args, tiny_model, varied_reward
-
-from grpo_prune import MamaGRPOTrainer
+from tiny import tiny_trainer
 
 
 def main(out: str) -> None:
-    args = tiny_args(
+    trainer = tiny_trainer(
         f"{out}/run", max_steps=3, prune_end_step=2, ddp_backend="gloo", prune_scorer="wanda"
     )  # wanda: activation statistics differ per rank and must be reduced
-    trainer = MamaGRPOTrainer(
-        model=tiny_model(),
-        reward_funcs=[varied_reward],
-        args=args,
-        train_dataset=prompt_dataset(),
-        processing_class=char_tokenizer(),
-    )
     trainer.train()
     rank = dist.get_rank()
     save_file({k: v.contiguous() for k, v in trainer.pruner.masks.items()}, f"{out}/masks_rank{rank}.safetensors")

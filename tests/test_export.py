@@ -13,10 +13,10 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import char_tokenizer, prompt_dataset, tiny_args, tiny_model, varied_reward
+from tiny import tiny_model, tiny_trainer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from grpo_prune import MamaGRPOTrainer, export_pruned, prune_oneshot
+from grpo_prune import export_pruned, prune_oneshot
 from grpo_prune.export import EXPORT_FORMAT, MASKS_FILE, REPORT_FILE, UNIT_MASKS_FILE
 
 ATOL = 1e-5
@@ -229,14 +229,7 @@ def test_lora_merge_keeps_sparsity(tmp_path, granularity):
     ids=["unstructured", "structured-compensated"],
 )
 def test_round_trip_from_a_trainer_checkpoint(tmp_path, overrides):
-    args = tiny_args(tmp_path / "run", max_steps=2, prune_end_step=1, **overrides)
-    trainer = MamaGRPOTrainer(
-        model=tiny_model(),
-        reward_funcs=[varied_reward],
-        args=args,
-        train_dataset=prompt_dataset(),
-        processing_class=char_tokenizer(),
-    )
+    trainer = tiny_trainer(tmp_path / "run", max_steps=2, prune_end_step=1, **overrides)
     trainer.train()
     assert trainer.pruner.sparsity() == pytest.approx(0.5)
     checkpoint = tmp_path / "checkpoint"

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import char_tokenizer, prompt_dataset, tiny_args, tiny_model, varied_reward
+from tiny import char_tokenizer, prompt_dataset, tiny_args, tiny_model, tiny_trainer, varied_reward
 from trl import GRPOConfig, GRPOTrainer
 
 from grpo_prune import MamaGRPOConfig, MamaGRPOTrainer
@@ -17,14 +17,7 @@ LINEAR_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 
 def make_trainer(tmp_path, model=None, **overrides):
-    args = tiny_args(tmp_path / "out", **overrides)
-    return MamaGRPOTrainer(
-        model=model if model is not None else tiny_model(),
-        reward_funcs=[varied_reward],
-        args=args,
-        train_dataset=prompt_dataset(),
-        processing_class=char_tokenizer(),
-    )
+    return tiny_trainer(tmp_path / "out", model=model, **overrides)
 
 
 def target_weights(model):
@@ -198,12 +191,13 @@ def test_reward_guard_holds_schedule(tmp_path):
         calls["n"] += 1
         return [-float(calls["n"]) + 0.01 * i for i in range(len(completions))]
 
-    trainer = MamaGRPOTrainer(
-        model=tiny_model(),
-        reward_funcs=[falling_reward],
-        args=tiny_args(tmp_path, reward_guard_tolerance=0.0, reward_window=1, prune_start_step=1, prune_end_step=3),
-        train_dataset=prompt_dataset(),
-        processing_class=char_tokenizer(),
+    trainer = tiny_trainer(
+        tmp_path,
+        reward=falling_reward,
+        reward_guard_tolerance=0.0,
+        reward_window=1,
+        prune_start_step=1,
+        prune_end_step=3,
     )
     trainer.train()
     assert trainer.reward_guard.holds > 0

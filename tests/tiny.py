@@ -89,3 +89,16 @@ def tiny_args(output_dir, **overrides):
     )
     kwargs.update(overrides)
     return MamaGRPOConfig(**kwargs)
+
+
+def tiny_trainer(output_dir, *, model=None, reward=varied_reward, **overrides):
+    """A `MamaGRPOTrainer` on a tiny model, the prompt dataset and a reward, with `tiny_args(output_dir, **overrides)`."""
+    from grpo_prune import MamaGRPOTrainer
+
+    return MamaGRPOTrainer(
+        model=model if model is not None else tiny_model(),
+        reward_funcs=[reward],
+        args=tiny_args(output_dir, **overrides),
+        train_dataset=prompt_dataset(),
+        processing_class=char_tokenizer(),
+    )
