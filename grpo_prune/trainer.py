@@ -4,8 +4,8 @@ The subclass is thin. The pruning engine (`grpo_prune.pruning`) does the math; t
 
 * gradients complete (`_clip_grad_norm`, or `on_pre_optimizer_step` when clipping is off): accumulate reward-weighted
   movement ``R += -(grad * W)`` and zero the gradients of pruned entries;
-* after `optimizer.step()` (`on_optimizer_step`): re-zero pruned weights and their Adam moments, so neither momentum
-  nor weight decay revives them;
+* after `optimizer.step()` (`on_optimizer_step`): re-zero the pruned weights, so no optimizer can revive them (with
+  masked gradients Adam and SGD keep them at zero anyway; their moments are zeroed once, when entries are pruned);
 * after each optimizer step (`on_step_end`): advance the schedule clock (unless the reward guard holds it) and run
   the prune event it calls for;
 * `_compute_loss`: add ``distill_coef * L_KD / gradient_accumulation_steps`` to TRL's GRPO loss, with the student's
@@ -245,8 +245,9 @@ class MamaGRPOTrainer(GRPOTrainer):
         if self.pruner is None:
             return
         self._grads_processed = False
+        # Weights only: the optimizer state of pruned entries was zeroed at their prune event (and on resume), and
+        # masked gradients keep it zero; re-zeroing it here every step cost as much as the rest of enforcement.
         self.pruner.apply_masks_()
-        self.pruner.mask_optimizer_state_(self.optimizer)
 
     def _resolve_end_step(self, max_steps: int) -> int:
         end = self.args.prune_end_step

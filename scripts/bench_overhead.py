@@ -6,12 +6,14 @@ Runs three variants on the same settings, each in its own process so that peak m
 * ``prune``: `MamaGRPOTrainer` with pruning (unstructured MAMA, cubic schedule), no distillation;
 * ``prune+distill``: the same plus distillation from the frozen dense teacher.
 
-For each it reports the median and mean wall time of an optimizer step (from `on_step_begin` to `on_step_end`, so
-generation, loss, optimizer and the prune events are all inside), the time spent inside the pruner's hooks (movement
-accumulation, gradient and weight masking, prune events), and the peak resident memory of the process; then ratios
-to ``plain``. Quote medians and ratios: this machine is shared and noisy.
+For each it reports the median wall time of an optimizer step (from `on_step_begin` to `on_step_end`, so
+generation, loss, optimizer and the prune events are all inside), over all steps and over the steps without a prune
+event; the time inside the pruner's seams on a step without an event (movement accumulation, gradient and weight
+masking, the schedule clock) and the time of one prune event, with the two amortised over the steps between events;
+and the peak resident memory of the process. Ratios are to ``plain``'s median step. Quote medians and ratios: this
+machine is shared and noisy.
 
-    OMP_NUM_THREADS=2 python scripts/bench_overhead.py [--steps 6] [--json out.json]
+    OMP_NUM_THREADS=2 python scripts/bench_overhead.py [--steps 9] [--alpha 0.1] [--json out.json]
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import tempfile
 import time
 
 VARIANTS = ("plain", "prune", "prune+distill")
+EVERY = 2  # optimizer steps between prune events: half the timed steps have one
 
 
 def run_variant(variant: str, steps: int, completions: int, tokens: int, alpha: float, out_json: str) -> None:
@@ -75,7 +78,7 @@ def run_variant(variant: str, steps: int, completions: int, tokens: int, alpha: 
             mama_alpha=alpha,  # > 0 turns movement on: the worst case for the pruner's per-step cost
             prune_start_step=0,
             prune_end_step=steps - 2,
-            prune_every=2,
+            prune_every=EVERY,
             distill_coef=1.0 if variant == "prune+distill" else 0.0,
         )
         trainer = MamaGRPOTrainer(
@@ -86,44 +89,62 @@ def run_variant(variant: str, steps: int, completions: int, tokens: int, alpha: 
             processing_class=tokenizer,
         )
 
-    pruner_time = [0.0]
+    # Time inside the pruner's seams, per step: gradient processing (movement, gradient masks), weight enforcement,
+    # and the step-end hook (schedule clock, reward guard, prune events). Activation-statistics hooks run inside
+    # the training forward and are only visible in the step time itself.
+    seam_time = {"step": 0.0, "event": 0.0}
     if variant != "plain":
-        for name in ("_process_gradients", "_enforce_masks", "_pruning_step_end", "_pruning_train_begin"):
+        for name in ("_process_gradients", "_enforce_masks", "_pruning_step_end"):
             original = getattr(trainer, name)
+            key = "event" if name == "_pruning_step_end" else "step"
 
-            def timed(*a, _original=original, **k):
+            def timed(*a, _original=original, _key=key, **k):
                 t0 = time.perf_counter()
                 try:
                     return _original(*a, **k)
                 finally:
-                    pruner_time[0] += time.perf_counter() - t0
+                    seam_time[_key] += time.perf_counter() - t0
 
             setattr(trainer, name, timed)
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.times: list[float] = []
+            self.steps: list[dict] = []
             self._t0 = 0.0
+            self._events = 0
 
         def on_step_begin(self, args, state, control, **kwargs):
+            seam_time.update(step=0.0, event=0.0)
+            self._events = len(getattr(trainer, "prune_events", []))
             self._t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter() - self._t0)
+            self.steps.append(
+                {
+                    "seconds": time.perf_counter() - self._t0,
+                    "event": len(getattr(trainer, "prune_events", [])) > self._events,
+                    "seam_s": seam_time["step"],
+                    "step_end_s": seam_time["event"],
+                }
+            )
 
     timer = StepTimer()
-    trainer.add_callback(timer)
-    # The first step pays one-off costs (allocations, lazy init); it is reported apart.
+    trainer.add_callback(timer)  # after the pruning callback: its on_step_end (prune events) is inside the step
     trainer.train()
-    times = timer.times[1:] or timer.times
+    # The first step pays one-off costs (allocations, lazy init); it is left out of every statistic.
+    steps = timer.steps[1:] or timer.steps
+    quiet = [s for s in steps if not s["event"]] or steps
+    events = [s for s in steps if s["event"]]
     result = {
         "variant": variant,
-        "steps": len(timer.times),
-        "first_step_s": timer.times[0],
-        "median_step_s": statistics.median(times),
-        "mean_step_s": statistics.fmean(times),
-        "pruner_s_total": pruner_time[0],
-        "pruner_share": pruner_time[0] / sum(timer.times),
+        "steps": len(timer.steps),
+        "first_step_s": timer.steps[0]["seconds"],
+        "median_step_s": statistics.median(s["seconds"] for s in steps),
+        "mean_step_s": statistics.fmean(s["seconds"] for s in steps),
+        "median_quiet_step_s": statistics.median(s["seconds"] for s in quiet),
+        "median_seam_s": statistics.median(s["seam_s"] + s["step_end_s"] for s in quiet),
+        "events_timed": len(events),
+        "median_event_s": statistics.median(s["step_end_s"] for s in events) if events else 0.0,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "rss_after_load_bytes": rss_loaded,
         "sparsity": trainer.pruner.sparsity() if getattr(trainer, "pruner", None) else 0.0,
@@ -135,7 +156,7 @@ def run_variant(variant: str, steps: int, completions: int, tokens: int, alpha: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=9)
     parser.add_argument("--completions", type=int, default=4, help="completions per step (one prompt group)")
     parser.add_argument("--tokens", type=int, default=32, help="max completion length")
     parser.add_argument("--alpha", type=float, default=0.0, help="mama_alpha (0: the default; 0.1: movement on)")
@@ -164,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             str(args.completions),
             "--tokens",
             str(args.tokens),
+            "--alpha",
+            str(args.alpha),
         ]
         print(f"running {variant} ...", file=sys.stderr, flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -172,23 +195,48 @@ def main(argv: list[str] | None = None) -> int:
         os.unlink(out)
 
     base = results["plain"]
+    plain = base["median_step_s"]
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     print(
         f"\nSmolLM2-135M-Instruct, {args.completions} completions x {args.tokens} tokens per step, {args.steps} steps "
-        f"(first excluded from median/mean), OMP_NUM_THREADS={threads}\n"
+        f"(the first left out), a prune event every {EVERY} steps, mama_alpha={args.alpha}, "
+        f"OMP_NUM_THREADS={threads}\n"
     )
     print(
-        "| variant | median step (s) | mean step (s) | x plain (median) | pruner share of step time "
-        "| peak RSS (MiB) | RSS over plain (MiB) | sparsity |"
+        "| variant | median step (s) | x plain | median step without event (s) | x plain | pruner per step (s) "
+        f"| per step, % of plain | prune event (s) | amortised, event every {EVERY} | event every 50 "
+        "| peak RSS (MiB) | RSS over plain (MiB) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for variant, r in results.items():
-        print(
-            f"| {variant} | {r['median_step_s']:.2f} | {r['mean_step_s']:.2f} | "
-            f"{r['median_step_s'] / base['median_step_s']:.3f} | {100 * r['pruner_share']:.1f}% | "
-            f"{r['peak_rss_bytes'] / 2**20:.0f} | {(r['peak_rss_bytes'] - base['peak_rss_bytes']) / 2**20:+.0f} | "
-            f"{r['sparsity']:.3f} |"
-        )
+        cells = [
+            variant,
+            f"{r['median_step_s']:.2f}",
+            f"{r['median_step_s'] / plain:.3f}",
+            f"{r['median_quiet_step_s']:.2f}",
+            f"{r['median_quiet_step_s'] / plain:.3f}",
+        ]
+        if variant == "plain":
+            cells += ["", "", "", "", ""]
+        else:
+            seam, event = r["median_seam_s"], r["median_event_s"]
+            cells += [
+                f"{seam:.3f}",
+                f"{100 * seam / plain:.1f}%",
+                f"{event:.2f}",
+                f"{100 * (seam + event / EVERY) / plain:.1f}%",
+                f"{100 * (seam + event / 50) / plain:.1f}%",
+            ]
+        cells += [
+            f"{r['peak_rss_bytes'] / 2**20:.0f}",
+            f"{(r['peak_rss_bytes'] - base['peak_rss_bytes']) / 2**20:+.0f}",
+        ]
+        print("| " + " | ".join(cells) + " |")
+    print(
+        "\n'pruner per step': median, over steps without a prune event, of the time inside the pruner's seams "
+        "(movement, gradient masks, weight enforcement, schedule). 'amortised': that plus one event's time spread "
+        "over the steps between events, as a share of the plain step."
+    )
     indicators = results["prune"]["indicator_bytes"]
     if indicators:
         print(

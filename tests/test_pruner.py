@@ -255,7 +255,9 @@ def test_ties_are_broken_by_index():
 
 
 # -------------------------------------------------------------------------------------------------- enforcement
-def _train_steps(model, pruner, opt, steps, enforce):
+def _train_steps(model, pruner, opt, steps, enforce, reapply=True):
+    """The trainer's per-step enforcement: masked gradients before the step, weights re-zeroed after it (optimizer
+    state is zeroed only at prune events)."""
     ids = calib(seed=5)
     for _ in range(steps):
         loss = model(ids, labels=ids).loss
@@ -264,9 +266,8 @@ def _train_steps(model, pruner, opt, steps, enforce):
             pruner.accumulate_movement_()
             pruner.mask_gradients_()
         opt.step()
-        if enforce:
+        if enforce and reapply:
             pruner.apply_masks_()
-            pruner.mask_optimizer_state_(opt)
         opt.zero_grad(set_to_none=True)
 
 
@@ -291,6 +292,35 @@ def test_pruned_weights_stay_zero_under_adamw_only_with_enforcement(enforce):
         assert revived == 0
     else:
         assert revived > 0  # momentum brings pruned weights back: the enforcement above is what prevents it
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+        lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, amsgrad=True),
+        lambda p: torch.optim.Adam(p, lr=1e-2, foreach=False),
+        lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, weight_decay=0.1),
+        lambda p: torch.optim.RMSprop(p, lr=1e-3, momentum=0.5),
+    ],
+    ids=["adamw", "adamw-amsgrad", "adam-loop", "sgd-momentum", "rmsprop"],
+)
+def test_masked_gradients_alone_keep_pruned_weights_and_state_zero(make_opt):
+    # Why the trainer zeroes optimizer state only at prune events: once a pruned entry's state is zero and its
+    # gradient is masked, these optimizers leave its weight exactly zero with no re-zeroing after the step.
+    model = tiny_model()
+    pruner = Pruner(model, PruningSettings(scorer="magnitude", schedule="oneshot"))
+    opt = make_opt(model.parameters())
+    _train_steps(model, pruner, opt, 2, enforce=False)  # state non-zero everywhere before pruning
+    pruner.prune_to(0.5)
+    pruner.mask_optimizer_state_(opt)
+    _train_steps(model, pruner, opt, 4, enforce=True, reapply=False)
+    for name, mod in pruner.targets.items():
+        pruned = ~pruner.masks[name]
+        assert torch.all(mod.weight[pruned] == 0), name
+        for value in opt.state[mod.weight].values():
+            if torch.is_tensor(value) and value.shape == mod.weight.shape:
+                assert torch.all(value[pruned] == 0), name
 
 
 # ----------------------------------------------------------------------------------------------------- schedule

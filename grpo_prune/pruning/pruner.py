@@ -348,7 +348,6 @@ class Pruner:
                     torch.zeros(mod.in_features, **kw), torch.zeros(mod.in_features, **kw), torch.zeros(1, **kw)
                 )
         self._count_cache: dict[str, tuple[Tensor, int, int]] = {}
-        self._inverse_cache: dict[str, tuple[Tensor, int, Tensor]] = {}
         self.step = 0
         self.movement_updates = 0  # optimizer steps whose gradients reached the movement buffers
         self.current_sparsity = 0.0  # the scheduled sparsity the masks were last grown to
@@ -458,50 +457,48 @@ class Pruner:
         self.movement_updates += int(seen)
 
     def _pruned_targets(self):
-        """``(name, module, pruned)`` for every target with at least one pruned entry; ``pruned = ~mask``.
-
-        Enforcement runs three times per optimizer step over every target weight: negating each mask every time
-        (and touching layers with nothing pruned) cost a large share of a CPU step on SmolLM2. The inverse is kept
-        (1 byte per weight) and rebuilt only when the mask object or its version changes.
-        """
+        """``(name, module, mask)`` for every target with at least one pruned entry (layers with nothing pruned
+        are skipped: there is nothing to enforce)."""
         for name, mod in self.targets.items():
-            if self._pruned_count(name) == 0:
-                continue
-            mask = self.masks[name]
-            cached = self._inverse_cache.get(name)
-            if cached is None or cached[0] is not mask or cached[1] != mask._version:
-                cached = (mask, mask._version, ~mask)
-                self._inverse_cache[name] = cached
-            yield name, mod, cached[2]
+            if self._pruned_count(name) > 0:
+                yield name, mod, self.masks[name]
+
+    # Enforcement multiplies by the bool keep-mask instead of ``masked_fill_(~mask, 0)``: on SmolLM2's 106M target
+    # weights (CPU, 2 threads) one pass takes 0.06 s against 0.28 s, and needs no inverted copy of the masks. A
+    # pruned entry becomes ``+0.0`` or ``-0.0``; both compare equal to zero.
 
     def mask_gradients_(self) -> None:
-        """``grad[~mask] = 0`` in place, so pruned entries neither move nor count in the gradient norm."""
-        for _, mod, pruned in self._pruned_targets():
+        """``grad *= mask`` in place, so pruned entries neither move nor count in the gradient norm."""
+        for _, mod, mask in self._pruned_targets():
             if mod.weight.grad is not None:
-                mod.weight.grad.masked_fill_(pruned, 0)
+                mod.weight.grad.mul_(mask)
 
     @torch.no_grad()
     def apply_masks_(self) -> None:
-        """``weight[~mask] = 0`` in place (same storage, so tied views and vLLM weight sync see the zeros)."""
-        for _, mod, pruned in self._pruned_targets():
-            mod.weight.masked_fill_(pruned, 0)
+        """``weight *= mask`` in place (same storage, so tied views and vLLM weight sync see the zeros)."""
+        for _, mod, mask in self._pruned_targets():
+            mod.weight.mul_(mask)
 
     @torch.no_grad()
     def mask_optimizer_state_(self, optimizer: Any) -> None:
         """Zero every optimizer state tensor shaped like a target weight at its pruned entries (Adam's
-        ``exp_avg``/``exp_avg_sq``, momentum buffers...). Accepts wrappers exposing ``.optimizer``."""
+        ``exp_avg``/``exp_avg_sq``, momentum buffers...). Accepts wrappers exposing ``.optimizer``.
+
+        Needed when entries are newly pruned (and after loading state): from then on their gradients are masked,
+        so Adam's and SGD's state stays zero there by itself.
+        """
         state = getattr(optimizer, "state", None)
         if state is None and hasattr(optimizer, "optimizer"):
             state = optimizer.optimizer.state
         if not state:
             return
-        for _, mod, pruned in self._pruned_targets():
+        for _, mod, mask in self._pruned_targets():
             param_state = state.get(mod.weight)
             if not param_state:
                 continue
             for value in param_state.values():
                 if torch.is_tensor(value) and value.shape == mod.weight.shape:
-                    value.masked_fill_(pruned.to(value.device), 0)
+                    value.mul_(mask.to(value.device))
 
     # -------------------------------------------------------------------------------------------------- scores
     def _pretrained_weight_scores(self, name: str, acts: _Reduced) -> Tensor:
