@@ -57,7 +57,7 @@ def run_variant(variant: str, steps: int, completions: int, tokens: int, alpha: 
         logging_steps=1,
         save_strategy="no",
         report_to="none",
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         bf16=False,
         seed=0,
         disable_tqdm=True,

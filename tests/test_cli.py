@@ -40,7 +40,7 @@ def write_config(tmp_path, model_dir, **overrides):
         "logging_steps": 1,
         "save_strategy": "no",
         "report_to": "none",
-        "gradient_checkpointing": False,
+        "activation_checkpointing": False,
         "prune_target_sparsity": 0.5,
         "prune_end_step": 2,
         "prune_every": 1,

@@ -360,7 +360,7 @@ def test_end_to_end_on_embedded_smollm2(tmp_path):
         logging_steps=1,
         save_strategy="no",
         report_to="none",
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         prune_target_sparsity=0.5,
         prune_end_step=1,
         prune_every=1,
