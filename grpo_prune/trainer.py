@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from contextlib import contextmanager
 from typing import Any
 
@@ -276,10 +277,12 @@ class MamaGRPOTrainer(GRPOTrainer):
         self._metrics["train"]["prune/target_sparsity"].append(self.pruner.target_sparsity_at(self.prune_clock))
 
     def _run_prune_event(self, step: int) -> None:
+        start = time.perf_counter()
         event = self.pruner.maybe_prune(self.prune_clock)
         if event is None:
             return
         self.pruner.mask_optimizer_state_(self.optimizer)
+        seconds = time.perf_counter() - start
         guard_event = self.reward_guard.record_event(step)
         record = {
             "step": step,
@@ -288,6 +291,7 @@ class MamaGRPOTrainer(GRPOTrainer):
             "sparsity": event["reached"],
             "reward_before": guard_event["reward_before"],
             "layer_sparsity": event["layer_sparsity"],
+            "seconds": seconds,
         }
         record.update(self._score_quantiles(event.get("score_sample")))
         self.prune_events.append(record)

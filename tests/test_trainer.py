@@ -131,6 +131,7 @@ def test_pruning_reaches_exact_target_and_stays_zero(tmp_path, overrides, expect
     assert all(a <= b + 1e-9 for a, b in zip(sparsity, sparsity[1:], strict=False))  # monotone
     assert logged(trainer, "prune/target_sparsity")[-1] == pytest.approx(expected)
     assert len(trainer.prune_events) >= 2 and "layer_sparsity" in trainer.prune_events[-1]
+    assert all(e["seconds"] > 0 for e in trainer.prune_events)
     assert logged(trainer, "prune/score_q50")
 
 
