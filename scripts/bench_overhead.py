@@ -41,6 +41,7 @@ def run_variant(variant: str, steps: int, completions: int, tokens: int, alpha: 
     from grpo_prune import MamaGRPOConfig, MamaGRPOTrainer
     from grpo_prune.data import load_prompt_dataset
     from grpo_prune.models import load_model, load_tokenizer
+    from grpo_prune.pruning.pruner import Pruner
 
     torch.manual_seed(0)
     model = load_model("smollm2-135m-instruct")
@@ -90,10 +91,23 @@ def run_variant(variant: str, steps: int, completions: int, tokens: int, alpha: 
         )
 
     # Time inside the pruner's seams, per step: gradient processing (movement, gradient masks), weight enforcement,
-    # and the step-end hook (schedule clock, reward guard, prune events). Activation-statistics hooks run inside
-    # the training forward and are only visible in the step time itself.
+    # the activation-statistics hooks in the training forward, and the step-end hook (schedule clock, reward guard,
+    # prune events).
     seam_time = {"step": 0.0, "event": 0.0}
     if variant != "plain":
+        make_hook = Pruner._make_hook
+
+        def timed_make_hook(stats):
+            hook = make_hook(stats)
+
+            def timed_hook(*a):
+                t0 = time.perf_counter()
+                hook(*a)
+                seam_time["step"] += time.perf_counter() - t0
+
+            return timed_hook
+
+        Pruner._make_hook = staticmethod(timed_make_hook)
         for name in ("_process_gradients", "_enforce_masks", "_pruning_step_end"):
             original = getattr(trainer, name)
             key = "event" if name == "_pruning_step_end" else "step"
@@ -234,8 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         print("| " + " | ".join(cells) + " |")
     print(
         "\n'pruner per step': median, over steps without a prune event, of the time inside the pruner's seams "
-        "(movement, gradient masks, weight enforcement, schedule). 'amortised': that plus one event's time spread "
-        "over the steps between events, as a share of the plain step."
+        "(movement, gradient masks, weight enforcement, activation-statistics hooks, schedule). 'amortised': that "
+        "plus one event's time spread over the steps between events, as a share of the plain step."
     )
     indicators = results["prune"]["indicator_bytes"]
     if indicators:
