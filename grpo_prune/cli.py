@@ -8,13 +8,14 @@ a run needs (fields, reward names, dataset, model availability) is validated bef
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from grpo_prune.fileio import write_json_atomic
 
 logger = logging.getLogger("grpo_prune")
 
@@ -153,8 +154,7 @@ def run_train(run: TrainRun) -> dict[str, Any]:
         "wall_time_s": round(time.time() - start, 1),
     }
     if trainer.accelerator.is_main_process:
-        with open(os.path.join(args.output_dir, "run_summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        write_json_atomic(os.path.join(args.output_dir, "run_summary.json"), summary)
         print(format_summary(summary))
     return summary
 

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from grpo_prune.data import DatasetNotAvailableError, gsm8k_data_dir, load_prompt_dataset
+from grpo_prune.fileio import write_json_atomic
 from grpo_prune.models import load_model, load_tokenizer, validate_model_name_or_path
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -1105,8 +1106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         table = format_results(payload)
     print(table)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        write_json_atomic(args.json, payload)
     return 0
 
 

@@ -28,6 +28,7 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from grpo_prune.config import MamaGRPOConfig
 from grpo_prune.distill import distillation_loss
+from grpo_prune.fileio import write_json_atomic
 from grpo_prune.pruning.pruner import Pruner
 from grpo_prune.pruning.reward_guard import RewardGuard
 from grpo_prune.tracking import WandbPruningCallback
@@ -362,8 +363,8 @@ class MamaGRPOTrainer(GRPOTrainer):
             "reward_guard": self.reward_guard.state_dict(),
             "prune_events": self.prune_events,
         }
-        _write_json_atomic(os.path.join(output_dir, TRAINER_STATE_NAME), state)
-        _write_json_atomic(os.path.join(output_dir, REPORT_NAME), self.pruning_report())
+        write_json_atomic(os.path.join(output_dir, TRAINER_STATE_NAME), state)
+        write_json_atomic(os.path.join(output_dir, REPORT_NAME), self.pruning_report())
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -383,10 +384,3 @@ class MamaGRPOTrainer(GRPOTrainer):
         self.prune_events = state["prune_events"]
         self.pruner.apply_masks_()
         self.pruner.mask_optimizer_state_(self.optimizer)
-
-
-def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)

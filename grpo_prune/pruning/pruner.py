@@ -49,7 +49,6 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,6 +58,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from grpo_prune.fileio import atomic_write, write_json_atomic
 from grpo_prune.pruning import masks as M
 from grpo_prune.pruning import scores as S
 from grpo_prune.pruning.schedule import SCHEDULES, sparsity_at
@@ -909,19 +909,14 @@ class Pruner:
         (temporary file, then ``os.replace``): an interrupted save never leaves a truncated state behind."""
         os.makedirs(path_dir, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        _atomic_write(os.path.join(path_dir, STATE_FILE), lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
+        atomic_write(os.path.join(path_dir, STATE_FILE), lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
         meta = {
             "settings": _clone_settings(self.settings),
             "step": self.step,
             "current_sparsity": self.current_sparsity,
             "added_biases": self.added_biases,
         }
-
-        def write_json(tmp: str) -> None:
-            with open(tmp, "w") as f:
-                json.dump(meta, f, indent=2)
-
-        _atomic_write(os.path.join(path_dir, SETTINGS_FILE), write_json)
+        write_json_atomic(os.path.join(path_dir, SETTINGS_FILE), meta)
 
     def load(self, path_dir: str | os.PathLike[str]) -> None:
         """Restore what :meth:`save` wrote. Structural settings (granularity, N:M, scorer, targets, units,
@@ -951,15 +946,3 @@ def _score_sample(scores: dict[str, Tensor]) -> Tensor:
     total = sum(t.numel() for t in scores.values())
     stride = max(1, total // SCORE_SAMPLE_SIZE)
     return torch.cat([t.detach().flatten()[::stride].float().cpu() for t in scores.values()])
-
-
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

