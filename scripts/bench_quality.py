@@ -105,14 +105,23 @@ DEFAULT_SCORERS = ("magnitude", "wanda", "movement", "mama")
 
 @dataclass(frozen=True)
 class Scorer:
-    """A scorer row: the library's scorer name and, for ``mama``, its movement weight ``alpha``."""
+    """A scorer row: the library's scorer name, for ``mama`` its movement weight ``alpha``, and whether pruned
+    inputs are compensated in the bias (``prune_compensate``)."""
 
     name: str
     alpha: float = 0.0
+    compensate: bool = False
 
     @property
     def label(self) -> str:
-        return f"mama(a={self.alpha:g})" if self.name == "mama" else self.name
+        label = f"mama(a={self.alpha:g})" if self.name == "mama" else self.name
+        return f"{label}+comp" if self.compensate else label
+
+    def fingerprint(self) -> dict[str, Any]:
+        out = asdict(self)
+        if not self.compensate:  # results cached before the option existed stay valid
+            del out["compensate"]
+        return out
 
 
 @dataclass(frozen=True)
@@ -179,7 +188,7 @@ class Plan:
         }
         if condition.mode != "dense":
             out["setting"] = asdict(condition.setting)
-            out["scorer"] = asdict(condition.scorer)
+            out["scorer"] = condition.scorer.fingerprint()
         if condition.mode == "oneshot":
             out["calibration"] = asdict(self.calibration)
         if condition.mode == "trained":
@@ -230,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), help=f"subset of {', '.join(SETTINGS)}")
     parser.add_argument(
         "--scorers", nargs="+", default=list(DEFAULT_SCORERS), help=f"subset of {', '.join(SCORER_NAMES)}"
+    )
+    parser.add_argument(
+        "--compensate",
+        action="store_true",
+        help="also run every scorer with bias compensation of the pruned inputs (prune_compensate), as '+comp' rows",
     )
     parser.add_argument(
         "--mama-alpha",
@@ -323,6 +337,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
     scorers = []
     for name in _unique(args.scorers):
         scorers += [Scorer("mama", a) for a in alphas] if name == "mama" else [Scorer(name)]
+    if args.compensate:
+        scorers += [Scorer(s.name, s.alpha, compensate=True) for s in scorers]
     settings = [SETTINGS[s] for s in _unique(args.settings)]
 
     q = args.quick
@@ -392,6 +408,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
                 structured_units=setting.structured_units,
                 scorer=scorer.name,
                 alpha=scorer.alpha,
+                compensate=scorer.compensate,
                 start_step=budget.prune_start,
                 end_step=budget.prune_end,
                 every=budget.prune_every,
@@ -416,7 +433,7 @@ def require_matplotlib() -> None:
     except ImportError:
         raise SystemExit(
             "bench_quality.py draws its plot with matplotlib, which is not installed (it is not a dependency of "
-            "grpo-prune): pip install matplotlib"
+            "grpo-prune): pip install matplotlib, or pip install -e '.[bench]'"
         ) from None
 
 
@@ -573,6 +590,8 @@ def run_oneshot(plan: Plan, setting: Setting, scorer: Scorer) -> dict[str, Any]:
     batches = calibration_batches(tokenizer, plan.calibration)
     t_load = time.perf_counter() - t0
     overrides: dict[str, Any] = {"alpha": scorer.alpha} if scorer.name == "mama" else {}
+    if scorer.compensate:
+        overrides["compensate"] = True
     if setting.granularity == "structured":
         overrides["structured_units"] = setting.structured_units
     t0 = time.perf_counter()
@@ -633,6 +652,7 @@ def run_trained(plan: Plan, setting: Setting, scorer: Scorer) -> dict[str, Any]:
             prune_structured_units=setting.structured_units,
             prune_scorer=scorer.name,
             mama_alpha=scorer.alpha,
+            prune_compensate=scorer.compensate,
             prune_schedule="cubic",
             prune_start_step=b.prune_start,
             prune_end_step=b.prune_end,

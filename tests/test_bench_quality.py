@@ -50,6 +50,15 @@ def test_mama_alpha_list_gives_one_row_each_and_quick_is_tiny(bq):
     assert str(plan.output_dir) == bq.QUICK_OUTPUT_DIR
 
 
+def test_compensate_adds_a_row_per_scorer_and_keeps_old_caches_valid(bq):
+    plan = plan_of(bq, "--scorers", "wanda", "mama", "--compensate")
+    assert [s.label for s in plan.scorers] == ["wanda", "mama(a=0.1)", "wanda+comp", "mama(a=0.1)+comp"]
+    plain, compensated = plan.scorers[0], plan.scorers[2]
+    assert "compensate" not in plain.fingerprint() and compensated.fingerprint()["compensate"] is True
+    keys = {c.key for c in plan.conditions}
+    assert "oneshot__unstructured-50__wanda-comp" in keys and "oneshot__unstructured-50__wanda" in keys
+
+
 @pytest.mark.parametrize(
     "argv, match",
     [
