@@ -139,15 +139,16 @@ def test_wandb_offline_run_has_pruning_metrics(tmp_path, tiny_model_dir, monkeyp
 
     run_train(run)
     wandb.finish()
-    files = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "*.wandb"))
-    assert len(files) == 1
-    # wandb-core writes the file in a separate process; the last records can land just after finish() returns.
+    # wandb-core writes the file in a separate process; the file and its last records can land just after
+    # finish() returns, so read it until the final summary is there (a chunk still being written is skipped).
     deadline = time.time() + 60
     while True:
-        history_keys, config_keys, summary_keys = scan_keys(files[0], wandb_internal_pb2)
+        files = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "*.wandb"))
+        history_keys, config_keys, summary_keys = scan_keys(files[0], wandb_internal_pb2) if files else (set(),) * 3
         if "prune/final_sparsity" in summary_keys or time.time() > deadline:
             break
         time.sleep(1)
+    assert len(files) == 1
     for key in (
         "train/prune/sparsity",
         "train/prune/target_sparsity",
@@ -186,6 +187,8 @@ def read_wandb_records(path):
     import zlib
 
     raw = Path(path).read_bytes()
+    if len(raw) < 7:  # the writer has not written the header yet
+        return
     assert raw[:4] == b":W&B", raw[:7]
     block, pos, pending = 32768, 7, b""
     while pos + 7 <= len(raw):
@@ -193,6 +196,8 @@ def read_wandb_records(path):
             pos += block - pos % block
             continue
         crc, length, kind = struct.unpack("<IHB", raw[pos : pos + 7])
+        if pos + 7 + length > len(raw):  # the writer is still appending this chunk
+            return
         payload = raw[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind == 0 and length == 0:
