@@ -28,6 +28,10 @@ import sys
 import tempfile
 import time
 
+from _short_run import short_run_fields
+
+from grpo_prune.fileio import write_json_atomic
+
 VARIANTS = ("plain", "prune", "prune+distill")
 EVERY = 2  # optimizer steps between prune events: half the timed steps have one
 
@@ -48,21 +52,8 @@ def run_variant(variant: str, steps: int, completions: int, tokens: int, alpha: 
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     dataset = load_prompt_dataset("arithmetic", "train", num_samples=64)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    common = dict(
-        output_dir=tempfile.mkdtemp(prefix=f"bench-{variant.replace('+', '-')}-"),
-        max_steps=steps,
-        per_device_train_batch_size=completions,
-        num_generations=completions,
-        max_completion_length=tokens,
-        learning_rate=1e-5,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        activation_checkpointing=False,
-        bf16=False,
-        seed=0,
-        disable_tqdm=True,
-    )
+    output_dir = tempfile.mkdtemp(prefix=f"bench-{variant.replace('+', '-')}-")
+    common = short_run_fields(output_dir, steps, completions, tokens)
     if variant == "plain":
         trainer = GRPOTrainer(
             model=model,
@@ -258,8 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(f"{k}: {v / 2**20:.0f} MiB" for k, v in indicators.items())
         )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json_atomic(args.json, results)
     return 0
 
 

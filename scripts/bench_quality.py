@@ -60,6 +60,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from _short_run import short_run_fields
+
 from grpo_prune import fileio
 
 MODEL = "smollm2-135m-instruct"
@@ -629,23 +631,7 @@ def run_trained(plan: Plan, setting: Setting, scorer: Scorer) -> dict[str, Any]:
     dataset = load_prompt_dataset("arithmetic", "train", num_samples=b.train_prompts)
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as output_dir:
         args = MamaGRPOConfig(
-            output_dir=output_dir,
-            max_steps=b.steps,
-            per_device_train_batch_size=b.completions,
-            num_generations=b.completions,
-            max_completion_length=b.tokens,
-            learning_rate=b.learning_rate,
-            temperature=b.temperature,
-            lr_scheduler_type="constant",
-            weight_decay=0.0,
-            beta=0.0,
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            activation_checkpointing=False,  # TRL's default is on; `gradient_checkpointing` is its deprecated alias
-            bf16=False,
-            seed=0,
-            disable_tqdm=True,
+            **short_run_fields(output_dir, b.steps, b.completions, b.tokens, b.learning_rate, b.temperature),
             prune_target_sparsity=setting.sparsity,
             prune_granularity=setting.granularity,
             prune_n_m=setting.n_m,

@@ -20,12 +20,14 @@ from a few sampled completions, they do not. Reported:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
 
 import torch
+from _short_run import short_run_fields
+
+from grpo_prune.fileio import write_json_atomic
 
 
 def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -68,23 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     half = args.steps // 2
     with tempfile.TemporaryDirectory(prefix="movement-signal-") as output_dir:
         config = MamaGRPOConfig(
-            output_dir=output_dir,
-            max_steps=args.steps,
-            per_device_train_batch_size=args.completions,
-            num_generations=args.completions,
-            max_completion_length=args.tokens,
-            temperature=args.temperature,
-            learning_rate=args.learning_rate,
-            lr_scheduler_type="constant",
-            weight_decay=0.0,
-            beta=0.0,
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            activation_checkpointing=False,
-            bf16=False,
-            seed=0,
-            disable_tqdm=True,
+            **short_run_fields(
+                output_dir, args.steps, args.completions, args.tokens, args.learning_rate, args.temperature
+            ),
             prune_target_sparsity=0.5,
             prune_scorer="mama",
             mama_alpha=0.5,  # any alpha > 0 tracks movement; no event happens before the last step
@@ -160,8 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| movement -(grad * W) | {_summary(movement_corr)} | {_summary(sign_agree)} |")
     print(f"| Wanda term abs(W0) * rms(x) | {_summary(wanda_corr)} | |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json_atomic(args.json, result)
     return 0
 
 

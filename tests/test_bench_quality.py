@@ -14,6 +14,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_quality.py"
 
 @pytest.fixture(scope="module")
 def bq():
+    sys.path.insert(0, str(SCRIPT.parent))  # as when run: the script imports its sibling `_short_run`
     spec = importlib.util.spec_from_file_location("bench_quality", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules["bench_quality"] = module  # dataclasses resolve their module by name
@@ -22,6 +23,7 @@ def bq():
         yield module
     finally:
         sys.modules.pop("bench_quality", None)
+        sys.path.remove(str(SCRIPT.parent))
 
 
 def plan_of(bq, *argv, tmp_path=None):
@@ -39,7 +41,8 @@ def test_default_plan_covers_every_condition(bq):
     keys = [c.key for c in plan.conditions]
     assert len(set(keys)) == len(keys) and "trained__2-4__mama-a-0.1" in keys
     b = plan.budget
-    assert 1 <= b.prune_start <= b.prune_end <= b.steps
+    # Two thirds of the steps prune (from step 2, an event every 2), the last third recovers.
+    assert (b.steps, b.prune_start, b.prune_end, b.prune_every) == (12, 2, 8, 2)
     assert str(plan.output_dir) == bq.DEFAULT_OUTPUT_DIR
 
 
