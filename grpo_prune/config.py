@@ -49,6 +49,15 @@ class MamaGRPOConfig(GRPOConfig):
             against 1.09x at alpha 0; in a GRPO run, alpha 0.1 took the distillation loss from 0.006 to 5.5 nats per
             token at the first prune event (24%), alpha 0 to 0.35 at 50%. Movement is still accumulated and used
             when alpha > 0.
+        mama_statistic (`str`, defaults to `"signed"`):
+            Form of the reward-driven statistic, accumulated from the gradient `g` of TRL's GRPO loss alone (never
+            the distillation term; steps whose advantages are all zero add nothing): `"signed"` sums `-(g * W)`
+            (movement, the paper's indicator), `"abs"` sums `|g * W|` (PLATON-like), `"squared"` sums `(g * W)^2`
+            (empirical Fisher). The magnitude-aggregated forms are far steadier over few steps.
+        mama_min_updates (`int`, defaults to `4`):
+            Optimizer steps with a reward signal needed before the statistic is mixed in. Below it, or while the
+            statistic is all zero, the pretrained term decides alone; the event records `statistic_mixed: false`
+            and logs `prune/statistic_mixed`.
         mama_normalization (`str`, defaults to `"rank"`):
             How indicators are made comparable within a layer: `"rank"` (percentile) or `"zscore"`.
         prune_compensate (`bool`, defaults to `False`):
@@ -124,6 +133,21 @@ class MamaGRPOConfig(GRPOConfig):
     mama_alpha: float = field(
         default=0.0, metadata={"help": "Weight of reward-weighted movement in the MAMA score, in [0, 1]."}
     )
+    mama_statistic: str = field(
+        default="signed",
+        metadata={
+            "help": "Reward-driven statistic, from the gradient g of the GRPO (reward) term only: 'signed' sums "
+            "-(g*W) (movement), 'abs' sums |g*W| (PLATON-like), 'squared' sums (g*W)^2 (empirical Fisher).",
+            "choices": ["signed", "abs", "squared"],
+        },
+    )
+    mama_min_updates: int = field(
+        default=4,
+        metadata={
+            "help": "Optimizer steps with a reward signal (a non-zero advantage) before the statistic is mixed into "
+            "the MAMA score; until then the pretrained term decides alone."
+        },
+    )
     mama_normalization: str = field(
         default="rank",
         metadata={"help": "Per-layer normalisation of the indicators.", "choices": ["rank", "zscore"]},
@@ -187,7 +211,7 @@ class MamaGRPOConfig(GRPOConfig):
             self.bf16 = False
         if self.prune_target_sparsity > 0:
             # An end step is resolved from max_steps at train time; validate with a placeholder meanwhile.
-            self.pruning_settings(end_step=self.prune_end_step or self.prune_start_step).validate()
+            self.pruning_settings().validate()
         elif not 0.0 <= self.prune_target_sparsity < 1.0:
             raise ValueError(f"`prune_target_sparsity` must be in [0, 1), got {self.prune_target_sparsity}.")
         super().__post_init__()
@@ -208,11 +232,16 @@ class MamaGRPOConfig(GRPOConfig):
             n_m=self.prune_n_m,
             scorer=self.prune_scorer,
             alpha=self.mama_alpha,
+            statistic=self.mama_statistic,
+            min_statistic_updates=self.mama_min_updates,
             normalization=self.mama_normalization,
             schedule=self.prune_schedule,
             initial_sparsity=self.prune_initial_sparsity,
             start_step=self.prune_start_step,
-            end_step=self.prune_end_step if end_step is None else end_step,
+            # Unset: a placeholder until the pruning callback resolves it from max_steps when training begins.
+            end_step=(self.prune_start_step if self.prune_end_step is None else self.prune_end_step)
+            if end_step is None
+            else end_step,
             every=self.prune_every,
             targets=list(self.prune_targets) if self.prune_targets else None,
             comparison=self.prune_comparison,

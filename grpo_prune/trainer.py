@@ -2,12 +2,15 @@
 
 The subclass is thin. The pruning engine (`grpo_prune.pruning`) does the math; this file wires it into TRL's seams:
 
-* gradients complete (`_clip_grad_norm`, or `on_pre_optimizer_step` when clipping is off): accumulate reward-weighted
-  movement ``R += -(grad * W)`` and zero the gradients of pruned entries;
+* `_compute_loss`: when other loss terms (distillation) share the backward pass, take the gradient of TRL's GRPO
+  loss alone w.r.t. the target weights for the reward-driven statistic (one extra backward, only on micro-batches
+  with a non-zero advantage and only when the scorer uses the statistic);
+* gradients complete (`_clip_grad_norm`, or `on_pre_optimizer_step` when clipping is off): when the GRPO loss is the
+  whole loss, feed the statistic from the gradients themselves (no extra cost); zero the gradients of pruned entries;
 * after `optimizer.step()` (`on_optimizer_step`): re-zero the pruned weights, so no optimizer can revive them (with
   masked gradients Adam and SGD keep them at zero anyway; their moments are zeroed once, when entries are pruned);
-* after each optimizer step (`on_step_end`): advance the schedule clock (unless the reward guard holds it) and run
-  the prune event it calls for;
+* after each optimizer step: the pruning callback (`grpo_prune.pruning_callback`) advances the schedule clock
+  (unless the reward guard holds it) and runs the prune event it calls for;
 * `_compute_loss`: add ``distill_coef * L_KD / gradient_accumulation_steps`` to TRL's GRPO loss, with the student's
   logits taken from the hidden states of the very forward pass TRL runs for the policy loss (no second student pass);
 * `save_model` (also used for every checkpoint) writes the pruner state and a JSON report; resuming restores it.
@@ -17,12 +20,11 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from contextlib import contextmanager
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel, TrainerCallback
+from transformers import AutoModelForCausalLM, PreTrainedModel
 from trl import GRPOTrainer
 from trl.trainer.utils import disable_dropout_in_model
 
@@ -31,31 +33,12 @@ from grpo_prune.distill import distillation_loss
 from grpo_prune.fileio import write_json_atomic
 from grpo_prune.pruning.pruner import Pruner
 from grpo_prune.pruning.reward_guard import RewardGuard
+from grpo_prune.pruning_callback import EVENTS_NAME, PruningCallback
 from grpo_prune.tracking import WandbPruningCallback
 
 TRAINER_STATE_NAME = "mama_trainer_state.json"
 REPORT_NAME = "pruning_report.json"
-EVENTS_NAME = "pruning_events.jsonl"
-SCORE_QUANTILES = (0.1, 0.5, 0.9)
-
-
-class _PruningCallback(TrainerCallback):
-    """Runs the pruner at the optimizer-step seams of `transformers.Trainer`."""
-
-    def __init__(self, trainer: MamaGRPOTrainer):
-        self.trainer = trainer
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer._pruning_train_begin(state)
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer._process_gradients()
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer._enforce_masks()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.trainer._pruning_step_end(state)
+__all__ = ["EVENTS_NAME", "REPORT_NAME", "TRAINER_STATE_NAME", "MamaGRPOTrainer"]
 
 
 class MamaGRPOTrainer(GRPOTrainer):
@@ -65,8 +48,8 @@ class MamaGRPOTrainer(GRPOTrainer):
     Attributes:
         pruner: the [`~grpo_prune.pruning.pruner.Pruner`] that owns masks and indicators (None when pruning is off).
         teacher: the frozen dense teacher (None when distillation is off); TRL's `ref_model` when `beta > 0`.
-        reward_guard: rolling reward around prune events.
-        prune_events: one record per prune event (step, target and reached sparsity, per-layer sparsity, rewards).
+        pruning_callback: the [`~grpo_prune.pruning_callback.PruningCallback`] that runs the schedule (None when
+            pruning is off); `reward_guard`, `prune_events`, `prune_clock` and `last_score_sample` are its.
     """
 
     _tag_names = ["trl", "grpo", "grpo-prune", "mama-pruning"]
@@ -99,19 +82,38 @@ class MamaGRPOTrainer(GRPOTrainer):
         self._captured_hidden: torch.Tensor | None = None
         self._capture_handle = None
 
-        self.reward_guard = RewardGuard(window=args.reward_window, tolerance=args.reward_guard_tolerance)
-        self.prune_events: list[dict[str, Any]] = []
-        self.prune_clock = 0  # schedule time: optimizer steps, minus those the reward guard held
         self._grads_processed = False
-        self.last_score_sample: torch.Tensor | None = None
+        self._step_has_reward_signal = False
         self.pruner: Pruner | None = None
+        self.pruning_callback: PruningCallback | None = None
         if args.pruning_enabled:
             self.pruner = Pruner(self.accelerator.unwrap_model(self.model), args.pruning_settings())
             if self.accelerator.num_processes > 1:
                 self.pruner.set_reduce_fn(lambda t: self.accelerator.reduce(t, reduction="sum"))
-            self.add_callback(_PruningCallback(self))
+            # With distillation in the loss, the statistic is taken from each process's own GRPO-loss gradients
+            # (not DDP-averaged), and summed across processes before scoring.
+            self.pruner.indicators.statistic_is_local = self._statistic_from_separate_grad
+            self.pruning_callback = PruningCallback(self)
+            self.add_callback(self.pruning_callback)
             if "wandb" in (args.report_to or []):
                 self.add_callback(WandbPruningCallback(self))
+
+    # ------------------------------------------------------------------------------- the pruning callback's state
+    @property
+    def reward_guard(self) -> RewardGuard | None:
+        return self.pruning_callback.reward_guard if self.pruning_callback else None
+
+    @property
+    def prune_events(self) -> list[dict[str, Any]]:
+        return self.pruning_callback.prune_events if self.pruning_callback else []
+
+    @property
+    def prune_clock(self) -> int:
+        return self.pruning_callback.prune_clock if self.pruning_callback else 0
+
+    @property
+    def last_score_sample(self) -> torch.Tensor | None:
+        return self.pruning_callback.last_score_sample if self.pruning_callback else None
 
     # ----------------------------------------------------------------------------------------------------- teacher
     @staticmethod
@@ -188,10 +190,13 @@ class MamaGRPOTrainer(GRPOTrainer):
     def _compute_loss(self, model, inputs):
         if self.teacher is None:
             with self._record_activations():
-                return super()._compute_loss(model, inputs)
+                loss = super()._compute_loss(model, inputs)
+            self._reward_statistic_seam(inputs, loss)
+            return loss
         self._captured_hidden = None
         with self._capture_student_hidden(), self._record_activations():
             loss = super()._compute_loss(model, inputs)
+        self._reward_statistic_seam(inputs, loss)
         hidden, self._captured_hidden = self._captured_hidden, None
         if hidden is None:
             raise RuntimeError("the student's hidden states were not captured; the model forward is not a decoder")
@@ -221,13 +226,56 @@ class MamaGRPOTrainer(GRPOTrainer):
         self._metrics[mode]["distill/loss"].append(self.accelerator.gather(kd.detach()).mean().item())
         return loss + self.args.distill_coef * kd / normalizer
 
+    # ------------------------------------------------------------------------------------ reward-driven statistic
+    @property
+    def _statistic_tracked(self) -> bool:
+        return self.pruner is not None and self.pruner.indicators.tracks_statistic
+
+    @property
+    def _statistic_from_separate_grad(self) -> bool:
+        """Whether other terms (distillation) share the backward pass, so that the GRPO loss's own gradient must be
+        taken apart for the reward statistic."""
+        return self.teacher is not None
+
+    def _reward_statistic_seam(self, inputs: dict[str, Any], grpo_loss: torch.Tensor) -> None:
+        """Note whether this micro-batch carries a reward signal (a non-zero advantage) and, when distillation
+        shares the backward pass, add the GRPO loss's own gradient w.r.t. the target weights to the statistic.
+
+        With every advantage zero the GRPO policy-gradient term has no gradient: nothing is computed. TRL's GRPO
+        loss includes its KL penalty when `beta > 0`; that term is counted as part of it.
+        """
+        if not (self.model.training and self._statistic_tracked):
+            return
+        if not bool((inputs["advantages"] != 0).any()):
+            return
+        self._step_has_reward_signal = True
+        if not self._statistic_from_separate_grad:
+            return  # the gradients at the optimizer step are the GRPO loss's own: read them there, for free
+        names = list(self.pruner.targets)
+        weights = [self.pruner.targets[n].weight for n in names]
+        grads = torch.autograd.grad(grpo_loss, weights, retain_graph=True, allow_unused=True)
+        self.pruner.indicators.add_statistic_({n: g for n, g in zip(names, grads, strict=True) if g is not None})
+
+    def _count_reward_signal_step(self) -> None:
+        """At the optimizer step: count it for the statistic if any process saw a reward signal."""
+        signal = self._step_has_reward_signal
+        self._step_has_reward_signal = False
+        if self.accelerator.num_processes > 1:  # every rank must count alike, or their masks could differ
+            flag = torch.tensor([float(signal)], device=self.accelerator.device)
+            signal = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+        if not signal:
+            return
+        if self._statistic_from_separate_grad:
+            self.pruner.indicators.count_statistic_step()
+        else:
+            self.pruner.accumulate_movement_()
+
     # --------------------------------------------------------------------------------------------------- rewards
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
-        if self.model.training and self._metrics["train"]["reward"]:
+        if self.pruning_callback and self.model.training and self._metrics["train"]["reward"]:
             # TRL's "reward" metric is already the mean over every process's batch, so all ranks agree.
-            for event in self.reward_guard.update(self._metrics["train"]["reward"][-1]):
-                self._metrics["train"]["prune/reward_after_event"].append(event["reward_after"])
+            self.pruning_callback.observe_reward(self._metrics["train"]["reward"][-1])
         return output
 
     # --------------------------------------------------------------------------------------------------- pruning
@@ -239,7 +287,8 @@ class MamaGRPOTrainer(GRPOTrainer):
     def _process_gradients(self) -> None:
         if self.pruner is None or self._grads_processed:
             return
-        self.pruner.accumulate_movement_()
+        if self._statistic_tracked:
+            self._count_reward_signal_step()
         self.pruner.mask_gradients_()
         self._grads_processed = True
 
@@ -250,70 +299,6 @@ class MamaGRPOTrainer(GRPOTrainer):
         # Weights only: the optimizer state of pruned entries was zeroed at their prune event (and on resume), and
         # masked gradients keep it zero; re-zeroing it here every step cost as much as the rest of enforcement.
         self.pruner.apply_masks_()
-
-    def _resolve_end_step(self, max_steps: int) -> int:
-        end = self.args.prune_end_step
-        if end is None:
-            end = max(self.args.prune_start_step, max_steps // 2)
-        if end > max_steps:
-            raise ValueError(
-                f"`prune_end_step` ({end}) is after the last training step ({max_steps}): the target sparsity "
-                f"{self.args.prune_target_sparsity} would never be reached. Lower it or train longer."
-            )
-        return end
-
-    def _pruning_train_begin(self, state) -> None:
-        self.pruner.settings.end_step = self._resolve_end_step(state.max_steps)
-        if state.global_step == 0 and self.pruner.step == 0 and not self.prune_events:
-            self._run_prune_event(step=0)
-
-    def _pruning_step_end(self, state) -> None:
-        if self.reward_guard.should_hold():
-            self.reward_guard.holds += 1
-            self._metrics["train"]["prune/guard_hold"].append(1.0)
-        else:
-            self.prune_clock += 1
-            self._run_prune_event(step=state.global_step)
-        self._metrics["train"]["prune/sparsity"].append(self.pruner.sparsity())
-        self._metrics["train"]["prune/target_sparsity"].append(self.pruner.target_sparsity_at(self.prune_clock))
-
-    def _run_prune_event(self, step: int) -> None:
-        start = time.perf_counter()
-        event = self.pruner.maybe_prune(self.prune_clock)
-        if event is None:
-            return
-        self.pruner.mask_optimizer_state_(self.optimizer)
-        seconds = time.perf_counter() - start
-        guard_event = self.reward_guard.record_event(step)
-        record = {
-            "step": step,
-            "schedule_step": self.prune_clock,
-            "target_sparsity": event["target"],
-            "sparsity": event["reached"],
-            "reward_before": guard_event["reward_before"],
-            "layer_sparsity": event["layer_sparsity"],
-            "seconds": seconds,
-        }
-        record.update(self._score_quantiles(event.get("score_sample")))
-        self.prune_events.append(record)
-        metrics = self._metrics["train"]
-        if guard_event["reward_before"] is not None:
-            metrics["prune/reward_before_event"].append(guard_event["reward_before"])
-        for key, value in record.items():
-            if key.startswith("score_q"):
-                metrics[f"prune/{key}"].append(value)
-        if self.accelerator.is_main_process:
-            os.makedirs(self.args.output_dir, exist_ok=True)
-            with open(os.path.join(self.args.output_dir, EVENTS_NAME), "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def _score_quantiles(self, sample: torch.Tensor | None) -> dict[str, float]:
-        """Quantiles of the event's scores, from the pruner's strided subsample of them."""
-        if sample is None or not sample.numel():
-            return {}
-        self.last_score_sample = sample
-        values = torch.quantile(sample.float(), torch.tensor(SCORE_QUANTILES))
-        return {f"score_q{int(q * 100)}": v.item() for q, v in zip(SCORE_QUANTILES, values, strict=True)}
 
     # ------------------------------------------------------------------------------------------ save and resume
     def pruning_report(self) -> dict[str, Any]:
@@ -337,6 +322,7 @@ class MamaGRPOTrainer(GRPOTrainer):
                     "params_pruned": self.pruner.num_pruned(),
                     "schedule_step": self.prune_clock,
                     "reward_guard_holds": self.reward_guard.holds,
+                    "statistic": self._statistic_report(),
                 }
             )
             if getattr(self.pruner, "added_biases", None):
@@ -346,11 +332,22 @@ class MamaGRPOTrainer(GRPOTrainer):
                     f"compensation added biases to {len(self.pruner.added_biases)} layers; load this checkpoint "
                     "through `grpo-prune export` (or resume training), not plain from_pretrained."
                 )
-            events = {e["step"]: e for e in self.reward_guard.public_events()}
-            report["events"] = [
-                {**e, "reward_after": events.get(e["step"], {}).get("reward_after")} for e in self.prune_events
-            ]
+            report["events"] = self.pruning_callback.events_with_rewards()
         return report
+
+    def _statistic_report(self) -> dict[str, Any]:
+        indicators = self.pruner.indicators
+        if not indicators.tracks_statistic:
+            return {"tracked": False}
+        usable, why = indicators.statistic_signal()
+        return {
+            "tracked": True,
+            "form": self.pruner.settings.statistic,
+            "source": "separate GRPO-loss gradient" if self._statistic_from_separate_grad else "GRPO gradient",
+            "reward_signal_steps": indicators.statistic_updates,
+            "usable": usable,
+            "why_not": why or None,
+        }
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
@@ -358,12 +355,7 @@ class MamaGRPOTrainer(GRPOTrainer):
         if self.pruner is None or not self.args.should_save:
             return
         self.pruner.save(output_dir)
-        state = {
-            "prune_clock": self.prune_clock,
-            "reward_guard": self.reward_guard.state_dict(),
-            "prune_events": self.prune_events,
-        }
-        write_json_atomic(os.path.join(output_dir, TRAINER_STATE_NAME), state)
+        write_json_atomic(os.path.join(output_dir, TRAINER_STATE_NAME), self.pruning_callback.state_dict())
         write_json_atomic(os.path.join(output_dir, REPORT_NAME), self.pruning_report())
 
     def _load_optimizer_and_scheduler(self, checkpoint):
@@ -378,9 +370,6 @@ class MamaGRPOTrainer(GRPOTrainer):
             )
         self.pruner.load(checkpoint)
         with open(state_path) as f:
-            state = json.load(f)
-        self.prune_clock = state["prune_clock"]
-        self.reward_guard.load_state_dict(state["reward_guard"])
-        self.prune_events = state["prune_events"]
+            self.pruning_callback.load_state_dict(json.load(f))
         self.pruner.apply_masks_()
         self.pruner.mask_optimizer_state_(self.optimizer)

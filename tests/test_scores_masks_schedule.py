@@ -100,15 +100,15 @@ def test_random_scores_reproducible_per_seed_and_salt():
     assert random_scores(5, seed=0, salt="x").shape == (5,)
 
 
-def test_rank_is_percentile_with_deterministic_distinct_ranks():
+def test_rank_is_percentile_with_average_ranks_for_ties():
     x = torch.tensor([[0.3, -1.0, 0.3], [2.0, 0.3, -1.0]])
     r = normalize_scores(x, "rank")
-    # ascending (score, flat index): -1.0@1, -1.0@5, 0.3@0, 0.3@2, 0.3@4, 2.0@3
-    expected = torch.tensor([[2.0, 0.0, 3.0], [5.0, 4.0, 1.0]]) / 5
+    # ascending: -1.0 x2 (ranks 0, 1 -> 0.5), 0.3 x3 (ranks 2, 3, 4 -> 3), 2.0 (rank 5); no order among equals
+    expected = torch.tensor([[3.0, 0.5, 3.0], [5.0, 3.0, 0.5]]) / 5
     assert r.dtype == torch.float32 and r.shape == x.shape
     assert torch.equal(r, expected)
     assert torch.equal(r, normalize_scores(x, "rank"))
-    assert torch.equal(normalize_scores(torch.ones(7), "rank"), torch.arange(7.0) / 6)
+    assert torch.equal(normalize_scores(torch.ones(7), "rank"), torch.full((7,), 0.5))  # constant: no position bias
     assert torch.equal(normalize_scores(torch.tensor([4.0]), "rank"), torch.tensor([0.0]))
 
 
@@ -478,7 +478,9 @@ def test_full_size_layer_is_fast_enough_and_exact():
     assert ((~unstructured_mask(scores, 0.5, per_row=True)).sum(dim=1) == 768).all()
     assert_n_m(n_m_mask(scores, 2, 4), 2, 4)
     assert int((~n_m_mask(scores, 2, 4, sparsity=0.3)).sum()) == round(0.3 * numel)
-    assert torch.unique(normalize_scores(scores, "rank")).numel() == numel
+    ranked = normalize_scores(scores, "rank")
+    assert torch.unique(ranked).numel() == torch.unique(scores).numel() == 16  # ties stay ties
+    assert torch.equal(unstructured_mask(ranked, 0.5), unstructured_mask(scores, 0.5))
 
 
 # ------------------------------------------------------------------------------------------------- schedule

@@ -1,40 +1,16 @@
-"""The stateful pruning engine: indicators, masks, schedule events, enforcement, save/resume.
+"""The slim pruning engine: masks over time, enforcement, compensation, save/resume.
 
-A :class:`Pruner` owns, for every target ``nn.Linear`` (see :mod:`grpo_prune.pruning.structure`):
-
-========================  ====================================================  =========================================
-state                     what                                                  memory
-========================  ====================================================  =========================================
-``masks``                 bool keep-mask, weight shape (True = keep)            1 byte per target weight
-``magnitude``             ``|W0|`` snapshot at construction, weight dtype       one weight copy (2 B/weight in bf16,
-                          (magnitude, wanda, mama with alpha < 1)               4 B in fp32)
-``bias_magnitude``        ``|b0|`` of the unit producers' biases (structured,   one bias copy; absent on bias-free
-                          where biases exist)                                   models (Llama, SmolLM2)
-``movement``              fp32 ``R = sum_t -(grad_t * W_t)`` (movement, mama)   4 bytes per target weight
-``activations``           per input feature: sum of squares, sum (fp64) and a   3 vectors per target layer input:
-                          token count (wanda, structured, compensate)           ``16 * in_features + 8`` bytes per layer
-========================  ====================================================  =========================================
-
-Unit masks (structured) add one bool per neuron/head. Nothing is allocated for an indicator the scorer does not use.
-:meth:`Pruner.memory_bytes` reports the actual figures.
+A :class:`Pruner` holds, for every target ``nn.Linear`` (see :mod:`grpo_prune.pruning.structure`), a bool keep-mask
+(weight shape, True = keep; 1 byte per target weight) and, for structured pruning, one bool per unit. What the
+scores are made of lives in :class:`~grpo_prune.pruning.indicators.Indicators` (``pruner.indicators``: ``|W0|``,
+``|b0|``, the reward-driven statistic, activation statistics and their hooks); how indicators become scores lives in
+:data:`~grpo_prune.pruning.scorers.SCORERS`; selection, ties and monotonicity in :mod:`grpo_prune.pruning.masks`;
+the sparsity schedule in :mod:`grpo_prune.pruning.schedule`. :meth:`Pruner.memory_bytes` reports the memory of
+every piece.
 
 Enforcement is in place, never by reparametrisation, so that vLLM weight sync and ``save_pretrained`` see the zeros:
 :meth:`~Pruner.mask_gradients_` before the optimizer step, :meth:`~Pruner.apply_masks_` and
 :meth:`~Pruner.mask_optimizer_state_` after it, so that neither momentum nor weight decay revives a pruned entry.
-
-Scores (higher = kept; selection, ties and monotonicity live in :mod:`grpo_prune.pruning.masks`):
-
-- unstructured / N:M, per weight: ``magnitude`` = ``|W0|``; ``wanda`` = ``|W0_ij| * a_j``; ``movement`` = ``R``;
-  ``random``; ``mama`` = ``(1 - alpha) * norm(P) + alpha * norm(R)`` where the pretrained term ``P`` is ``|W0|``,
-  or ``|W0_ij| * a_j`` when activations are tracked. ``a_j`` is the RMS of input feature ``j`` over every token
-  seen by the forward hooks (Wanda's L2 norm divided by sqrt(tokens): the same ranking within a layer, and
-  comparable across layers whatever the token count).
-- structured, per unit (always activation-aware: DESIGN.md measured weight-norm-only scores collapsing the model):
-  ``magnitude`` = ``(||W0_group||_2 + ||b0_group||_2) * a_unit``, where ``a_unit`` is the RMS of the unit's output
-  as seen by the consumer layer (``down_proj`` input feature ``i`` for a neuron; the L2 over the head's ``head_dim``
-  ``o_proj`` input features for a head) and ``b0_group`` the producers' biases of the unit (absent: 0);
-  ``wanda`` = L2 over the group of the per-weight Wanda scores; ``movement`` = sum of ``R`` over the group;
-  ``mama`` = ``(1 - alpha) * norm(||W0_group|| * a + ||b0_group|| * a) + alpha * norm(sum R)``.
 
 Compensation ("move"): when an entry ``W_ij`` is newly pruned, ``b_i += W_ij * mean(x_j)`` (computed before the
 zeroing, in fp32), so that the layer's output at the mean input is unchanged. Unstructured/N:M compensate every
@@ -48,10 +24,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -60,206 +34,49 @@ from torch import Tensor, nn
 
 from grpo_prune.fileio import atomic_write, write_json_atomic
 from grpo_prune.pruning import masks as M
-from grpo_prune.pruning import scores as S
-from grpo_prune.pruning.schedule import SCHEDULES, sparsity_at
+from grpo_prune.pruning.indicators import ActivationStats, Indicators, ReducedActivations
+from grpo_prune.pruning.schedule import sparsity_at
+from grpo_prune.pruning.scorers import SCORERS, GroupContext, ScoringContext, WeightContext
+from grpo_prune.pruning.settings import (
+    COMPARISONS,
+    GRANULARITIES,
+    NORMALIZATIONS,
+    STATISTICS,
+    STRUCTURED_UNITS,
+    PruningSettings,
+    _is_number,
+)
 from grpo_prune.pruning.structure import HeadGroup, MLPGroup, head_groups, mlp_groups, resolve_targets
 
-__all__ = ["GRANULARITIES", "NORMALIZATIONS", "COMPARISONS", "STRUCTURED_UNITS", "Pruner", "PruningSettings"]
-
-GRANULARITIES = ("unstructured", "n:m", "structured")
-NORMALIZATIONS = ("rank", "zscore")
-COMPARISONS = ("layer", "row", "global")
-STRUCTURED_UNITS = ("mlp", "heads", "mlp+heads")
+__all__ = [
+    "COMPARISONS",
+    "GRANULARITIES",
+    "NORMALIZATIONS",
+    "STATISTICS",
+    "STRUCTURED_UNITS",
+    "Pruner",
+    "PruningSettings",
+]
 
 STATE_FILE = "pruner_state.safetensors"
 SETTINGS_FILE = "pruner_state.json"
 # Settings that decide which tensors the state holds and what they mean: a checkpoint written under other values
 # cannot be resumed. The schedule fields may legitimately change on resume (e.g. training longer).
 _SCALARS = ("step", "movement_updates", "current_sparsity")
-_STRUCTURAL_FIELDS = ("granularity", "n_m", "scorer", "targets", "structured_units", "comparison", "uniform")
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-@dataclass
-class PruningSettings:
-    """What to prune, how to score it and when.
-
-    Parameters that control the target:
-        target_sparsity: final fraction pruned, in [0, 1): of the target weights (unstructured, N:M: must equal
-            ``1 - N/M``) or of the units of every layer (structured).
-        granularity: ``"unstructured"``, ``"n:m"`` or ``"structured"``.
-        n_m: N:M pattern (``"2:4"``: keep 2 of every 4 consecutive inputs), used with ``granularity="n:m"``.
-        targets: regexes (``re.search`` on module names) among the decoder-layer linears; None = all of them.
-        comparison: ``"layer"`` (exactly k pruned per matrix), ``"row"`` (per output row, as Wanda) or ``"global"``
-            (one ranking across all targets). Unstructured only.
-        structured_units: ``"mlp"`` (intermediate neurons), ``"heads"`` (query heads, equal numbers in every KV
-            group) or ``"mlp+heads"``.
-        uniform: structured: prune the same number of units in every layer (exportable as a vanilla config).
-            ``False`` ranks MLP neurons across layers (heads always stay uniform).
-
-    Parameters that control the scores:
-        scorer: one of ``SCORERS`` (``magnitude``, ``wanda``, ``movement``, ``random``, ``mama``).
-        alpha: MAMA weight of the movement indicator, in [0, 1].
-        normalization: MAMA per-layer normalisation, ``"rank"`` (percentile, the default) or ``"zscore"``. Rank
-            bounds each indicator's influence; z-scores let the heavy tails of movement override magnitude.
-            Measured (``scripts/measure_mama_normalisation.py``: SmolLM2-135M, one-shot 50% unstructured, LM-loss
-            movement, perplexity ratio to dense): alpha 0.1: rank 3.9e3x vs zscore 1.8e13x (with activations
-            511x vs 1.4e7x); alpha 0.25: rank 5.7e7x vs zscore 1.0e16x.
-        track_activations: forward hooks for activation statistics; None = when needed (wanda, structured
-            magnitude/wanda/mama, compensate). True also makes MAMA's unstructured pretrained term Wanda-like.
-        compensate: fold each pruned weight's mean contribution into the output bias.
-        seed: seed of the ``random`` scorer.
-
-    Parameters that control the schedule (see :mod:`grpo_prune.pruning.schedule`):
-        schedule: ``"cubic"``, ``"linear"`` or ``"oneshot"``.
-        initial_sparsity: sparsity of the first prune event, in [0, target_sparsity].
-        start_step, end_step, every: first and last prune event (optimizer steps) and the spacing of events.
-    """
-
-    target_sparsity: float = 0.5
-    granularity: str = "unstructured"
-    n_m: str = "2:4"
-    scorer: str = "mama"
-    alpha: float = 0.0
-    normalization: str = "rank"
-    schedule: str = "cubic"
-    initial_sparsity: float = 0.0
-    start_step: int = 0
-    end_step: int = 0
-    every: int = 1
-    targets: list[str] | None = None
-    comparison: str = "layer"
-    structured_units: str = "mlp"
-    uniform: bool = True
-    compensate: bool = False
-    track_activations: bool | None = None
-    seed: int = 0
-
-    # ------------------------------------------------------------------------------------------ derived flags
-    @property
-    def needs_magnitude(self) -> bool:
-        """Whether the |W0| snapshot is used by the scorer."""
-        return self.scorer in ("magnitude", "wanda") or (self.scorer == "mama" and self.alpha < 1.0)
-
-    @property
-    def needs_movement(self) -> bool:
-        """Whether the scorer reads the movement buffers."""
-        return self.scorer == "movement" or (self.scorer == "mama" and self.alpha > 0.0)
-
-    @property
-    def activations_required(self) -> bool:
-        """Whether some part of the configuration cannot work without activation statistics."""
-        structured_pretrained = self.granularity == "structured" and self.needs_magnitude
-        return self.scorer == "wanda" or self.compensate or structured_pretrained
-
-    @property
-    def tracks_activations(self) -> bool:
-        """Auto (``track_activations=None``): whenever something needs them, and for ``mama`` with a pretrained
-        term, whose magnitude is then activation-aware (|W0| * ||x||, the Wanda form): measured 5-8x lower one-shot
-        perplexity on SmolLM2-135M than |W0| alone, for 2.4 MB of statistics."""
-        if self.track_activations is not None:
-            return bool(self.track_activations)
-        return self.activations_required or (self.scorer == "mama" and self.alpha < 1.0)
-
-    @property
-    def final_sparsity(self) -> float:
-        return float(self.target_sparsity)
-
-    def validate(self) -> None:
-        """Check every field and every combination; ValueError naming the field and the allowed values."""
-        if not _is_number(self.target_sparsity) or not 0.0 <= self.target_sparsity < 1.0:
-            raise ValueError(f"`target_sparsity` must be a number in [0, 1), got {self.target_sparsity!r}.")
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"`granularity` must be one of {GRANULARITIES}, got {self.granularity!r}.")
-        n, m = M.parse_n_m(self.n_m)  # raises ValueError naming `n_m`
-        if self.scorer not in S.SCORERS:
-            raise ValueError(f"`scorer` must be one of {tuple(S.SCORERS)}, got {self.scorer!r}.")
-        if not _is_number(self.alpha) or not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"`alpha` must be a number in [0, 1], got {self.alpha!r}.")
-        if self.normalization not in NORMALIZATIONS:
-            raise ValueError(f"`normalization` must be one of {NORMALIZATIONS}, got {self.normalization!r}.")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"`schedule` must be one of {tuple(SCHEDULES)}, got {self.schedule!r}.")
-        if not _is_number(self.initial_sparsity) or not 0.0 <= self.initial_sparsity <= self.target_sparsity:
-            raise ValueError(
-                f"`initial_sparsity` must be in [0, target_sparsity={self.target_sparsity}], got "
-                f"{self.initial_sparsity!r}."
-            )
-        for name in ("start_step", "end_step", "every", "seed"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"`{name}` must be an int, got {value!r}.")
-        if self.start_step < 0:
-            raise ValueError(f"`start_step` must be >= 0, got {self.start_step}.")
-        if self.end_step < self.start_step:
-            raise ValueError(f"`end_step` ({self.end_step}) must be >= `start_step` ({self.start_step}).")
-        if self.every < 1:
-            raise ValueError(f"`every` must be >= 1, got {self.every}.")
-        if self.targets is not None:
-            if isinstance(self.targets, str) or not self.targets or not all(isinstance(t, str) for t in self.targets):
-                raise ValueError(f"`targets` must be None or a non-empty list of regex strings, got {self.targets!r}.")
-            for pattern in self.targets:
-                try:
-                    re.compile(pattern)
-                except re.error as err:
-                    raise ValueError(f"`targets` pattern {pattern!r} is not a valid regex: {err}") from err
-        if self.comparison not in COMPARISONS:
-            raise ValueError(f"`comparison` must be one of {COMPARISONS}, got {self.comparison!r}.")
-        if self.structured_units not in STRUCTURED_UNITS:
-            raise ValueError(f"`structured_units` must be one of {STRUCTURED_UNITS}, got {self.structured_units!r}.")
-        for name in ("uniform", "compensate"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
-        if self.track_activations not in (None, True, False):
-            raise ValueError(f"`track_activations` must be None, True or False, got {self.track_activations!r}.")
-        if self.track_activations is False and self.activations_required:
-            raise ValueError(
-                "`track_activations=False` but activation statistics are required by "
-                f"scorer={self.scorer!r}, granularity={self.granularity!r}, compensate={self.compensate}; "
-                "use None (auto) or True."
-            )
-        if self.granularity == "n:m":
-            full = 1.0 - n / m
-            if abs(self.target_sparsity - full) > 1e-6:
-                raise ValueError(
-                    f"`target_sparsity` ({self.target_sparsity}) must equal 1 - N/M = {full:g} for "
-                    f"granularity='n:m' with n_m={self.n_m!r}: the final pattern keeps exactly N of every M."
-                )
-        if self.granularity != "unstructured" and self.comparison != "layer":
-            raise ValueError(
-                f"`comparison` must be 'layer' for granularity={self.granularity!r} (N:M groups and structured "
-                f"units are selected within each layer; use uniform=False for a cross-layer MLP ranking), "
-                f"got {self.comparison!r}."
-            )
-        if self.granularity == "structured" and not self.uniform and "heads" in self.structured_units:
-            raise ValueError(
-                "`uniform=False` is only supported for structured_units='mlp': heads are pruned in equal numbers "
-                "in every KV group and layer so that the config stays a vanilla GQA one."
-            )
+_STRUCTURAL_FIELDS = (
+    "granularity",
+    "n_m",
+    "scorer",
+    "targets",
+    "structured_units",
+    "comparison",
+    "uniform",
+    "statistic",
+)
 
 
 def _clone_settings(settings: PruningSettings) -> dict[str, Any]:
     return dataclasses.asdict(settings)
-
-
-@dataclass
-class _ActStats:
-    """Running statistics of one layer's input: fp64 so that long runs do not lose small increments."""
-
-    sumsq: Tensor  # [in_features]
-    sum: Tensor  # [in_features]
-    count: Tensor  # [1], tokens seen
-
-
-@dataclass
-class _Reduced:
-    """Activation statistics summed across processes, as used by one scoring pass."""
-
-    rms: dict[str, Tensor] = field(default_factory=dict)  # fp32 [in_features]
-    mean: dict[str, Tensor] = field(default_factory=dict)  # fp32 [in_features]
 
 
 class Pruner:
@@ -313,47 +130,55 @@ class Pruner:
             g.prefix: torch.ones(g.num_units, dtype=torch.bool, device=self.targets[g.consumer].weight.device)
             for g in self.groups
         }
-        with torch.no_grad():
-            # Unstructured/N:M MAMA without activations only ever uses norm(|W0|), which never changes: store that
-            # (fp32) instead of |W0|, so a prune event normalises one indicator (movement), not two.
-            self.magnitude_normalized = (
-                settings.scorer == "mama"
-                and settings.needs_magnitude
-                and not self.groups
-                and not settings.tracks_activations
-            )
-            self.magnitude: dict[str, Tensor] = {}
-            if settings.needs_magnitude:
-                for n, mod in self.targets.items():
-                    w0 = mod.weight.detach().abs()
-                    self.magnitude[n] = (
-                        S.normalize_scores(w0, settings.normalization) if self.magnitude_normalized else w0
-                    )
-            self.bias_magnitude: dict[str, Tensor] = {}
-            if settings.needs_magnitude and self.groups:
-                for g in self.groups:
-                    for n in g.producers:
-                        if self.targets[n].bias is not None:
-                            self.bias_magnitude[n] = self.targets[n].bias.detach().abs()
-        self.movement: dict[str, Tensor] = (
-            {n: torch.zeros_like(mod.weight, dtype=torch.float32) for n, mod in self.targets.items()}
-            if settings.needs_movement
-            else {}
-        )
-        self.activations: dict[str, _ActStats] = {}
-        if settings.tracks_activations:
-            for n, mod in self.targets.items():
-                kw = {"dtype": torch.float64, "device": mod.weight.device}
-                self.activations[n] = _ActStats(
-                    torch.zeros(mod.in_features, **kw), torch.zeros(mod.in_features, **kw), torch.zeros(1, **kw)
-                )
+        bias_producers = [n for g in self.groups for n in g.producers]
+        self.indicators = Indicators(model, self.targets, settings, bias_producers)
         self._count_cache: dict[str, tuple[Tensor, int, int]] = {}
         self.step = 0
-        self.movement_updates = 0  # optimizer steps whose gradients reached the movement buffers
         self.current_sparsity = 0.0  # the scheduled sparsity the masks were last grown to
         self.added_biases: list[str] = []
-        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
-        self._reduce_fn: Callable[[Tensor], Tensor] | None = None
+
+    # ------------------------------------------------------------------------------------- indicators (views)
+    @property
+    def magnitude(self) -> dict[str, Tensor]:
+        """``|W0|`` per target (empty when the scorer does not use it)."""
+        return self.indicators.magnitude
+
+    @property
+    def bias_magnitude(self) -> dict[str, Tensor]:
+        return self.indicators.bias_magnitude
+
+    @property
+    def movement(self) -> dict[str, Tensor]:
+        """The reward-driven statistic per target (its form is ``settings.statistic``; empty when unused)."""
+        return self.indicators.statistic
+
+    @property
+    def movement_updates(self) -> int:
+        return self.indicators.statistic_updates
+
+    @property
+    def activations(self) -> dict[str, ActivationStats]:
+        return self.indicators.activations
+
+    def attach_hooks(self) -> None:
+        """Start recording activation statistics over real tokens (see :meth:`Indicators.attach_hooks`)."""
+        self.indicators.attach_hooks()
+
+    def remove_hooks(self) -> None:
+        self.indicators.remove_hooks()
+
+    def reset_activation_stats(self) -> None:
+        """Forget the activation statistics (e.g. to score on the current model's activations only)."""
+        self.indicators.reset_activation_stats()
+
+    def set_reduce_fn(self, fn: Callable[[Tensor], Tensor] | None) -> None:
+        """``fn(t) -> t`` summing ``t`` over processes (DDP); see :meth:`Indicators.set_reduce_fn`."""
+        self.indicators.set_reduce_fn(fn)
+
+    def accumulate_movement_(self, grads: dict[str, Tensor] | None = None) -> None:
+        """One step of the reward-driven statistic (see :meth:`Indicators.accumulate_statistic_`): from ``grads``
+        (the policy-gradient term's gradients) or, by default, from each target's ``weight.grad``."""
+        self.indicators.accumulate_statistic_(grads)
 
     # ---------------------------------------------------------------------------------------------- structure
     @property
@@ -372,90 +197,7 @@ class Pruner:
                 f"number of them; reachable head sparsities: {reachable} (or use structured_units='mlp')."
             )
 
-    # -------------------------------------------------------------------------------------------- activations
-    def attach_hooks(self) -> None:
-        """Register forward hooks that accumulate per-input-feature statistics (no-op if not tracked/attached).
-
-        Every forward pass counts, rollouts' generation included; padded positions count too (a ``nn.Linear``
-        hook cannot see the attention mask), which shifts the statistics slightly on heavily padded batches.
-        """
-        if self._hooks or not self.activations:
-            return
-        for name, mod in self.targets.items():
-            self._hooks.append(mod.register_forward_hook(self._make_hook(self.activations[name])))
-
-    def remove_hooks(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
-
-    @staticmethod
-    def _make_hook(stats: _ActStats) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            with torch.no_grad():
-                x = args[0].detach()
-                x = x.reshape(-1, x.shape[-1]).float()
-                # Per batch in fp32 (fast), accumulated in fp64 (exact enough over a whole run).
-                stats.sumsq += x.square().sum(0).to(stats.sumsq.device)
-                stats.sum += x.sum(0).to(stats.sum.device)
-                stats.count += x.shape[0]
-
-        return hook
-
-    def reset_activation_stats(self) -> None:
-        """Forget the activation statistics (e.g. to score on the current model's activations only)."""
-        for stats in self.activations.values():
-            stats.sumsq.zero_()
-            stats.sum.zero_()
-            stats.count.zero_()
-
-    def set_reduce_fn(self, fn: Callable[[Tensor], Tensor] | None) -> None:
-        """``fn(t) -> t`` summing ``t`` over processes (DDP); applied to activation statistics before scoring.
-
-        Movement needs no reduction: it is accumulated from gradients that DDP has already averaged.
-        """
-        self._reduce_fn = fn
-
-    def _reduced_activations(self) -> _Reduced:
-        out = _Reduced()
-        if not self.activations:
-            return out
-        names = list(self.activations)
-        parts = [t for n in names for t in (self.activations[n].sumsq, self.activations[n].sum)]
-        parts += [self.activations[n].count for n in names]
-        flat = torch.cat([p.to(parts[0].device) for p in parts])
-        if self._reduce_fn is not None:  # one collective for everything: same statistics, hence masks, on all ranks
-            flat = self._reduce_fn(flat.clone())
-        counts = flat[-len(names) :]
-        offset = 0
-        for i, name in enumerate(names):
-            size = self.activations[name].sumsq.numel()
-            sumsq, total = flat[offset : offset + size], flat[offset + size : offset + 2 * size]
-            offset += 2 * size
-            count = counts[i]
-            if count <= 0:
-                raise RuntimeError(
-                    f"No activations recorded for {name}: call attach_hooks() and run forward passes (calibration "
-                    "batches or rollouts) before scoring."
-                )
-            device = self.targets[name].weight.device
-            out.rms[name] = (sumsq / count).sqrt().float().to(device)
-            out.mean[name] = (total / count).float().to(device)
-        return out
-
     # ------------------------------------------------------------------------------------------- enforcement
-    def accumulate_movement_(self) -> None:
-        """``R += -(grad * W)`` for each target whose ``weight.grad`` is set; call once per optimizer step, when
-        gradients are complete (after accumulation / DDP all-reduce, before masking and clipping)."""
-        if not self.movement:
-            return
-        seen = False
-        for name, mod in self.targets.items():
-            if mod.weight.grad is not None:
-                S.movement_update_(self.movement[name], mod.weight.detach(), mod.weight.grad)
-                seen = True
-        self.movement_updates += int(seen)
-
     def _pruned_targets(self):
         """``(name, module, mask)`` for every target with at least one pruned entry (layers with nothing pruned
         are skipped: there is nothing to enforce)."""
@@ -501,99 +243,23 @@ class Pruner:
                     value.mul_(mask.to(value.device))
 
     # -------------------------------------------------------------------------------------------------- scores
-    def _pretrained_weight_scores(self, name: str, acts: _Reduced) -> Tensor:
-        """fp32 ``|W0|``, times the input RMS when activations are tracked (Wanda form)."""
-        if name in acts.rms:
-            return S.wanda_scores(self.magnitude[name], acts.rms[name])
-        return S.magnitude_scores(self.magnitude[name])
+    def _context(self, acts: ReducedActivations) -> ScoringContext:
+        if self.groups:
+            return GroupContext(self.indicators, self.settings, acts, self.targets, self.groups)
+        return WeightContext(self.indicators, self.settings, acts, self.targets)
 
-    def _weight_scores(self, name: str, acts: _Reduced) -> Tensor:
-        s, mod = self.settings, self.targets[name]
-        if s.scorer == "magnitude":
-            return S.magnitude_scores(self.magnitude[name])
-        if s.scorer == "wanda":
-            return S.wanda_scores(self.magnitude[name], acts.rms[name])
-        if s.scorer == "movement":
-            return self.movement[name].clone()
-        if s.scorer == "random":
-            return S.random_scores(tuple(mod.weight.shape), s.seed, name).to(mod.weight.device)
-        if s.alpha == 0.0 and s.comparison != "global" and not self.magnitude_normalized:
-            # One indicator ranked within one matrix: normalising it is a monotone map (ties keep their index
-            # order) that cannot change which entries are lowest, so its per-layer sort is skipped. Global ranking
-            # compares layers and keeps the normalisation.
-            return self._pretrained_weight_scores(name, acts)
-        movement = self.movement.get(name)
-        if movement is None:  # alpha == 0: movement is not tracked and has no weight in the score
-            movement = torch.zeros_like(mod.weight, dtype=torch.float32)
-        if s.alpha >= 1.0:  # the pretrained term has no weight: no snapshot was taken
-            magnitude = torch.zeros_like(movement)
-        elif self.magnitude_normalized:
-            return S.mama_scores(self.magnitude[name], movement, s.alpha, s.normalization, pretrained_normalized=True)
-        else:
-            magnitude = self._pretrained_weight_scores(name, acts)
-        return S.mama_scores(magnitude, movement, s.alpha, s.normalization)
-
-    def _group_layout(self, g: MLPGroup | HeadGroup) -> list[tuple[str, int, int]]:
-        """(module name, dim, group_size) per member: producers' rows (dim 0), the consumer's columns (dim 1);
-        a head spans ``head_dim`` consecutive rows/columns."""
-        size = 1 if isinstance(g, MLPGroup) else g.head_dim
-        return [*((n, 0, size) for n in g.producers), (g.consumer, 1, size)]
-
-    def _unit_activation(self, g: MLPGroup | HeadGroup, acts: _Reduced) -> Tensor:
-        """RMS of each unit's output as the consumer sees it: fp32 ``[num_units]``."""
-        rms = acts.rms[g.consumer]
-        if isinstance(g, HeadGroup):
-            rms = rms.reshape(g.num_heads, g.head_dim).norm(dim=1)
-        return rms
-
-    def _bias_norm(self, g: MLPGroup | HeadGroup) -> Tensor | None:
-        parts = [self.bias_magnitude[n].float() for n in g.producers if n in self.bias_magnitude]
-        if not parts:
-            return None
-        per_unit = [p.reshape(g.num_units, -1) for p in parts]  # heads: head_dim bias entries per unit
-        return torch.cat(per_unit, dim=1).norm(dim=1)
-
-    def _group_scores(self, g: MLPGroup | HeadGroup, acts: _Reduced) -> Tensor:
-        s = self.settings
-        layout = self._group_layout(g)
-        device = self.targets[g.consumer].weight.device
-        if s.scorer == "random":
-            return S.random_scores((g.num_units,), s.seed, g.prefix).to(device)
-        movement = None
-        if self.movement:
-            movement = S.group_sum([(self.movement[n], d, size) for n, d, size in layout])
-        if s.scorer == "movement":
-            return movement
-        if s.scorer == "wanda":
-            return S.group_l2([(S.wanda_scores(self.magnitude[n], acts.rms[n]), d, size) for n, d, size in layout])
-        pretrained = bias = None
-        if s.needs_magnitude:
-            act = self._unit_activation(g, acts)
-            pretrained = S.group_l2([(self.magnitude[n], d, size) for n, d, size in layout]) * act
-            bias_norm = self._bias_norm(g)
-            bias = None if bias_norm is None else bias_norm * act
-        if s.scorer == "magnitude":
-            return pretrained if bias is None else pretrained + bias
-        # mama
-        if movement is None:
-            movement = torch.zeros(g.num_units, dtype=torch.float32, device=device)
-        if pretrained is None:
-            pretrained = torch.zeros_like(movement)
-        return S.mama_scores(pretrained, movement, s.alpha, s.normalization, bias=bias)
+    def _score(self) -> tuple[dict[str, Tensor], ScoringContext]:
+        acts = self.indicators.reduced_activations() if self._scores_need_activations() else ReducedActivations()
+        ctx = self._context(acts)
+        return SCORERS[self.settings.scorer](ctx), ctx
 
     def score_tensors(self) -> dict[str, Tensor]:
         """Current fp32 scores (higher = kept): per target weight (unstructured, N:M), or per unit ``[num_units]``
         keyed by the group prefix (structured). Already-pruned entries keep their raw score here."""
-        acts = self._reduced_activations() if self._scores_need_activations() else _Reduced()
-        if self.groups:
-            return {g.prefix: self._group_scores(g, acts) for g in self.groups}
-        return {n: self._weight_scores(n, acts) for n in self.targets}
+        return self._score()[0]
 
     def _scores_need_activations(self) -> bool:
-        s = self.settings
-        if s.scorer in ("random", "movement") or not self.activations:
-            return False
-        return True
+        return self.settings.scorer not in ("random", "movement") and bool(self.indicators.activations)
 
     # ------------------------------------------------------------------------------------------------- pruning
     def target_sparsity_at(self, step: int) -> float:
@@ -630,13 +296,18 @@ class Pruner:
         return self._prune(target)
 
     def missing_indicators(self) -> list[str]:
-        """Indicators the scorer needs that hold no data yet (``"activations"``, ``"movement"``)."""
+        """Indicators the scorer cannot do without that hold no data yet (``"activations"``, ``"movement"``).
+
+        ``mama`` never waits for its reward statistic: without signal the pretrained term decides alone (see
+        :func:`~grpo_prune.pruning.scorers.mama`); ``movement`` has nothing else to rank by and waits.
+        """
         missing = []
-        if (self._scores_need_activations() or self.settings.compensate) and not any(
-            st.count.item() > 0 for st in self.activations.values()
-        ):
+        if (self._scores_need_activations() or self.settings.compensate) and not self.indicators.has_activations():
             missing.append("activations")
-        if self.movement and self.movement_updates == 0:
+        needs_statistic = self.settings.scorer == "movement" or (
+            self.settings.scorer == "mama" and self.settings.alpha >= 1.0
+        )
+        if needs_statistic and not self.indicators.statistic_signal()[0]:
             missing.append("movement")
         return missing
 
@@ -701,7 +372,7 @@ class Pruner:
             units[g.prefix] = torch.cat([M.group_mask(per_kv[i], n_prune, prev[i]) for i in range(k)])
         new = {}
         for g in self.groups:
-            for name, dim, size in self._group_layout(g):
+            for name, dim, size in GroupContext.layout(g):
                 shape = tuple(self.targets[name].weight.shape)
                 new[name] = M.expand_group_mask(units[g.prefix], shape, dim, group_size=size) & self.masks[name]
         return new, units
@@ -730,7 +401,7 @@ class Pruner:
         return added
 
     @torch.no_grad()
-    def _compensate_(self, new_masks: dict[str, Tensor], acts: _Reduced) -> None:
+    def _compensate_(self, new_masks: dict[str, Tensor], acts: ReducedActivations) -> None:
         """``b_i += sum_j W_ij * mean(x_j)`` over newly pruned ``j``, before the weights are zeroed."""
         self.add_compensation_biases_()
         for name in self._compensated_layers():
@@ -743,11 +414,9 @@ class Pruner:
 
     def _prune(self, sparsity: float) -> dict[str, Any]:
         need_acts = self._scores_need_activations() or self.settings.compensate
-        acts = self._reduced_activations() if need_acts else _Reduced()
-        if self.groups:
-            scores = {g.prefix: self._group_scores(g, acts) for g in self.groups}
-        else:
-            scores = {n: self._weight_scores(n, acts) for n in self.targets}
+        acts = self.indicators.reduced_activations() if need_acts else ReducedActivations()
+        ctx = self._context(acts)
+        scores = SCORERS[self.settings.scorer](ctx)
         new_masks, new_units = self._new_masks(sparsity, scores)
         before = self.num_pruned()
         if self.settings.compensate:
@@ -767,6 +436,7 @@ class Pruner:
         }
         if self.unit_masks:
             record["unit_sparsity"] = self.unit_sparsity()
+        record.update(ctx.notes)
         record["score_sample"] = _score_sample(scores)
         return record
 
@@ -799,25 +469,21 @@ class Pruner:
         return cached[1]
 
     def memory_bytes(self) -> dict[str, int]:
-        """Bytes held by each indicator (``masks``, ``magnitude``, ``bias_magnitude``, ``movement``,
-        ``activations``, ``unit_masks``)."""
+        """Bytes held by each piece (``masks``, ``unit_masks``, and the indicators' ``magnitude``,
+        ``bias_magnitude``, ``movement`` (the reward statistic), ``activations``)."""
 
         def size(tensors: Any) -> int:
             return int(sum(t.numel() * t.element_size() for t in tensors))
 
-        acts = [t for st in self.activations.values() for t in (st.sumsq, st.sum, st.count)]
         return {
             "masks": size(self.masks.values()),
             "unit_masks": size(self.unit_masks.values()),
-            "magnitude": size(self.magnitude.values()),
-            "bias_magnitude": size(self.bias_magnitude.values()),
-            "movement": size(self.movement.values()),
-            "activations": size(acts),
+            **self.indicators.memory_bytes(),
         }
 
     def report(self) -> dict[str, Any]:
         """JSON-able summary: settings, targets, bias indicator presence, added biases, memory, sparsity."""
-        biases_present = bool(self.bias_magnitude) or any(
+        biases_present = bool(self.indicators.bias_magnitude) or any(
             self.targets[n].bias is not None and n not in self.added_biases for g in self.groups for n in g.producers
         )
         return {
@@ -837,23 +503,16 @@ class Pruner:
 
     # ---------------------------------------------------------------------------------------------- save/load
     def state_dict(self) -> dict[str, Tensor]:
-        """Every tensor needed to resume exactly: masks, unit masks, |W0|/|b0| snapshots, movement, activation
-        statistics, biases added by compensation, step and current sparsity. Values are the live tensors."""
+        """Every tensor needed to resume exactly: masks, unit masks, the indicators (|W0|/|b0| snapshots, reward
+        statistic, activation statistics), biases added by compensation, step and current sparsity. Values are the
+        live tensors."""
         sd: dict[str, Tensor] = {
             "step": torch.tensor([self.step], dtype=torch.int64),
-            "movement_updates": torch.tensor([self.movement_updates], dtype=torch.int64),
             "current_sparsity": torch.tensor([self.current_sparsity], dtype=torch.float64),
         }
-        for prefix, store in (
-            ("mask", self.masks),
-            ("unit_mask", self.unit_masks),
-            ("magnitude", self.magnitude),
-            ("bias_magnitude", self.bias_magnitude),
-            ("movement", self.movement),
-        ):
-            sd.update({f"{prefix}/{n}": t for n, t in store.items()})
-        for n, st in self.activations.items():
-            sd.update({f"act_sumsq/{n}": st.sumsq, f"act_sum/{n}": st.sum, f"act_count/{n}": st.count})
+        sd.update({f"mask/{n}": t for n, t in self.masks.items()})
+        sd.update({f"unit_mask/{n}": t for n, t in self.unit_masks.items()})
+        sd.update(self.indicators.state_dict())
         for n in self.added_biases:
             sd[f"added_bias/{n}"] = self.targets[n].bias.detach()
         return sd
@@ -886,7 +545,7 @@ class Pruner:
             if key not in _SCALARS:
                 own[key].copy_(state_dict[key])
         self.step = int(state_dict["step"].item())
-        self.movement_updates = int(state_dict["movement_updates"].item())
+        self.indicators.load_scalars(state_dict)
         self.current_sparsity = float(state_dict["current_sparsity"].item())
         for key, value in state_dict.items():
             if not key.startswith("added_bias/"):

@@ -9,7 +9,8 @@ Indicators (DESIGN.md section 1):
 
 - magnitude ``|W0|`` of the pretrained weight (:func:`magnitude_scores`), optionally plus ``|b0|`` for group units;
 - Wanda ``|W_ij| * ||X_j||_2`` (:func:`wanda_scores`);
-- reward-weighted movement ``R += -(grad * W)`` accumulated every optimizer step (:func:`movement_update_`);
+- the reward-driven statistic accumulated every optimizer step from the policy-gradient term's gradient
+  (:func:`statistic_update_`): signed movement ``R += -(grad * W)``, ``|grad * W|`` or ``(grad * W)^2``;
 - a seeded random baseline (:func:`random_scores`);
 - MAMA ``S = (1 - alpha) * norm(magnitude [+ bias]) + alpha * norm(movement)`` (:func:`mama_scores`).
 """
@@ -32,11 +33,16 @@ __all__ = [
     "movement_update_",
     "normalize_scores",
     "random_scores",
+    "statistic_update_",
     "wanda_scores",
 ]
 
 SCORERS = ("magnitude", "wanda", "movement", "random", "mama")
-"""Scorer names accepted by the pruner (``PruningSettings.scorer``)."""
+"""Scorer names accepted by the pruner (``PruningSettings.scorer``); the functions are in
+:mod:`grpo_prune.pruning.scorers`."""
+
+STATISTICS = ("signed", "abs", "squared")
+"""Forms of the reward-driven statistic (:func:`statistic_update_`)."""
 
 NORMALIZATIONS = ("rank", "zscore")
 """Normalisations accepted by :func:`normalize_scores` and :func:`mama_scores`."""
@@ -97,6 +103,38 @@ def movement_update_(movement: Tensor, weight: Tensor, grad: Tensor) -> None:
         movement.addcmul_(grad.to(torch.float32), weight.to(torch.float32), value=-1.0)
 
 
+def statistic_update_(statistic: Tensor, weight: Tensor, grad: Tensor, form: str = "signed") -> None:
+    """Accumulate one step of the reward-driven statistic in place, from the first-order saliency ``-(g * W)``.
+
+    Forms (higher = more important, like every score here):
+
+    - ``"signed"``: ``R += -(g * W)``, movement (Sanh et al. 2020). Signs cancel over noisy steps, so it needs many.
+    - ``"abs"``: ``R += |g * W|``, the magnitude-aggregated form (PLATON's sensitivity average, up to scale).
+    - ``"squared"``: ``R += (g * W)^2``, the empirical Fisher / OBD saliency (diagonal), up to scale.
+
+    Args:
+        statistic: float32 accumulator, same shape as ``weight``; updated in place.
+        weight: current weight, any float dtype.
+        grad: gradient of the reward (policy-gradient) term w.r.t. ``weight``, same shape, any float dtype.
+        form: one of :data:`STATISTICS`.
+    """
+    if form == "signed":
+        movement_update_(statistic, weight, grad)
+        return
+    if form not in STATISTICS:
+        raise ValueError(f"form must be one of {STATISTICS}; got {form!r}")
+    if statistic.dtype != torch.float32:
+        raise ValueError(f"statistic must be a float32 accumulator; got {statistic.dtype}")
+    if statistic.shape != weight.shape or grad.shape != weight.shape:
+        raise ValueError(
+            f"statistic, weight and grad must have the same shape; got {tuple(statistic.shape)}, "
+            f"{tuple(weight.shape)}, {tuple(grad.shape)}"
+        )
+    with torch.no_grad():
+        saliency = grad.to(torch.float32) * weight.to(torch.float32)
+        statistic.add_(saliency.abs_() if form == "abs" else saliency.square_())
+
+
 def _seed_from(seed: int, salt: str) -> int:
     # hashlib, not hash(): Python's str hash is salted per process, and every rank / resume must agree.
     digest = hashlib.sha256(f"{int(seed)}\x00{salt}".encode()).digest()
@@ -131,8 +169,8 @@ def normalize_scores(scores: Tensor, method: str) -> Tensor:
     Args:
         scores: any shape (one layer's scores).
         method: ``"rank"``: the percentile ``rank / (numel - 1)`` in ``[0, 1]``, lowest score -> 0, highest -> 1.
-            Ties get distinct consecutive ranks in flat-index order (lower index -> lower rank, so pruned first),
-            which makes the result deterministic on tie-heavy (dequantised 4-bit) weights. A single element -> 0.
+            Equal scores share their average rank, so ties never turn into an order over positions (an all-zero
+            indicator becomes a constant and cannot favour any entry). A single element -> 0.
             ``"zscore"``: ``(x - mean) / std`` with the population std; a constant input gives zeros (never NaN).
 
     Returns:
@@ -147,9 +185,13 @@ def normalize_scores(scores: Tensor, method: str) -> Tensor:
         ranks = torch.empty(n, dtype=torch.float32, device=flat.device)
         if n == 0:
             return ranks.reshape(scores.shape)
-        # stable sort: equal scores keep flat-index order, so ties get consecutive ranks deterministically.
-        order = torch.sort(flat, stable=True).indices
-        ranks[order] = torch.arange(n, dtype=torch.float32, device=flat.device)
+        values, order = torch.sort(flat)
+        # Average rank of each run of equal values: runs are consecutive in sorted order.
+        _, counts = torch.unique_consecutive(values, return_counts=True)
+        # fp64 arithmetic: global rankings span more entries than fp32 counts exactly.
+        ends = counts.cumsum(0).to(torch.float64)
+        run_rank = ends - (counts.to(torch.float64) + 1.0) / 2.0
+        ranks[order] = torch.repeat_interleave(run_rank.to(torch.float32), counts)
         if n > 1:
             ranks /= n - 1
         return ranks.reshape(scores.shape)

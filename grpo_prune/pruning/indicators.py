@@ -1,0 +1,288 @@
+"""Indicators: what the scorers read, gathered over training (pure torch, no TRL).
+
+:class:`Indicators` owns, for every target ``nn.Linear``:
+
+========================  ====================================================  =========================================
+state                     what                                                  memory
+========================  ====================================================  =========================================
+``magnitude``             ``|W0|`` snapshot at construction, weight dtype       one weight copy (2 B/weight in bf16,
+                          (magnitude, wanda, mama with alpha < 1)               4 B in fp32)
+``bias_magnitude``        ``|b0|`` of the unit producers' biases (structured,   one bias copy; absent on bias-free
+                          where biases exist)                                   models (Llama, SmolLM2)
+``statistic``             fp32 reward-driven statistic ``R`` (movement, mama    4 bytes per target weight
+                          with alpha > 0), in the form ``settings.statistic``
+``activations``           per input feature: sum of squares, sum (fp64) and a   3 vectors per target layer input:
+                          token count over real (non-padding) tokens            ``16 * in_features + 8`` bytes per layer
+========================  ====================================================  =========================================
+
+Nothing is allocated for an indicator the scorer does not use.
+
+The reward-driven statistic is fed the gradient of the policy-gradient (reward) term only: the trainer either
+passes it explicitly (:meth:`Indicators.accumulate_statistic_` with ``grads``, when other loss terms such as
+distillation share the backward pass) or lets it read ``weight.grad`` when the GRPO loss is the whole loss. A step
+whose advantages are all zero carries no reward signal and is not counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from grpo_prune.pruning import scores as S
+from grpo_prune.pruning.settings import PruningSettings
+
+__all__ = ["ActivationStats", "Indicators", "ReducedActivations"]
+
+
+@dataclass
+class ActivationStats:
+    """Running statistics of one layer's input over real tokens: fp64 so long runs do not lose small increments."""
+
+    sumsq: Tensor  # [in_features]
+    sum: Tensor  # [in_features]
+    count: Tensor  # [1], tokens seen
+
+
+@dataclass
+class ReducedActivations:
+    """Activation statistics summed across processes, as used by one scoring pass."""
+
+    rms: dict[str, Tensor] = field(default_factory=dict)  # fp32 [in_features]
+    mean: dict[str, Tensor] = field(default_factory=dict)  # fp32 [in_features]
+
+
+class _TokenMask:
+    """The attention mask of the forward pass in flight, so that linear-layer hooks can drop padded positions.
+
+    A pre-forward hook on the model stores ``attention_mask`` (``[batch, seq]``, 1 = real token); a linear hook
+    whose input is ``[batch, t, features]`` keeps the rows whose mask is set, aligning the last ``t`` mask columns
+    with its ``t`` positions (left- or right-padded prompts, and a KV-cached step, which sees only the newest ones).
+    """
+
+    def __init__(self) -> None:
+        self.mask: Tensor | None = None
+
+    def capture(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1 and torch.is_tensor(args[1]):
+            mask = args[1]  # model(input_ids, attention_mask) positionally
+        self.mask = mask.detach() if torch.is_tensor(mask) and mask.dim() == 2 else None
+
+    def real_rows(self, x: Tensor) -> Tensor:
+        """``x`` ``[..., features]`` flattened to ``[tokens, features]`` with padded positions removed."""
+        mask = self.mask
+        if mask is not None and x.dim() == 3 and mask.shape[0] == x.shape[0] and mask.shape[1] >= x.shape[1]:
+            keep = mask[:, mask.shape[1] - x.shape[1] :].to(device=x.device).bool()
+            return x[keep]
+        return x.reshape(-1, x.shape[-1])
+
+
+class Indicators:
+    """The indicators of one model's target layers (see the module docstring).
+
+    Args:
+        model: the unwrapped causal LM; its forward is hooked (pre-hook) to see the attention mask.
+        targets: module name -> target ``nn.Linear``.
+        settings: validated :class:`PruningSettings`.
+        bias_producers: names of the targets whose ``|b0|`` is a bias indicator (structured unit producers).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        targets: Mapping[str, nn.Linear],
+        settings: PruningSettings,
+        bias_producers: list[str] | tuple[str, ...] = (),
+    ):
+        self.model = model
+        self.targets = dict(targets)
+        self.settings = settings
+        with torch.no_grad():
+            self.magnitude: dict[str, Tensor] = (
+                {n: mod.weight.detach().abs() for n, mod in self.targets.items()} if settings.needs_magnitude else {}
+            )
+            self.bias_magnitude: dict[str, Tensor] = {}
+            if settings.needs_magnitude:
+                for n in bias_producers:
+                    if self.targets[n].bias is not None:
+                        self.bias_magnitude[n] = self.targets[n].bias.detach().abs()
+        self.statistic: dict[str, Tensor] = (
+            {n: torch.zeros_like(mod.weight, dtype=torch.float32) for n, mod in self.targets.items()}
+            if settings.needs_movement
+            else {}
+        )
+        self.statistic_updates = 0  # optimizer steps whose reward-term gradients reached the statistic
+        # True when the statistic is accumulated from each process's own gradients (not DDP-averaged ones): it is
+        # then summed across processes before scoring. Set by whoever feeds it (the trainer).
+        self.statistic_is_local = False
+        self.activations: dict[str, ActivationStats] = {}
+        if settings.tracks_activations:
+            for n, mod in self.targets.items():
+                kw = {"dtype": torch.float64, "device": mod.weight.device}
+                self.activations[n] = ActivationStats(
+                    torch.zeros(mod.in_features, **kw), torch.zeros(mod.in_features, **kw), torch.zeros(1, **kw)
+                )
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._tokens = _TokenMask()
+        self._reduce_fn: Callable[[Tensor], Tensor] | None = None
+
+    # ------------------------------------------------------------------------------------------ reward statistic
+    @property
+    def tracks_statistic(self) -> bool:
+        return bool(self.statistic)
+
+    @torch.no_grad()
+    def add_statistic_(self, grads: Mapping[str, Tensor] | None = None) -> bool:
+        """Add ``f(g * W)`` of the reward-term gradient ``g`` to the statistic (no step is counted).
+
+        Args:
+            grads: target name -> gradient of the policy-gradient term alone. None: read each target's
+                ``weight.grad`` (right only when the GRPO loss is the whole loss: after accumulation and the DDP
+                all-reduce, before masking and clipping).
+
+        Returns:
+            whether any target received a gradient.
+        """
+        if not self.statistic:
+            return False
+        seen = False
+        for name, mod in self.targets.items():
+            g = mod.weight.grad if grads is None else grads.get(name)
+            if g is None:
+                continue
+            S.statistic_update_(self.statistic[name], mod.weight.detach(), g, self.settings.statistic)
+            seen = True
+        return seen
+
+    def count_statistic_step(self) -> None:
+        """Count one optimizer step with a reward signal (see ``min_statistic_updates``)."""
+        if self.statistic:
+            self.statistic_updates += 1
+
+    def accumulate_statistic_(self, grads: Mapping[str, Tensor] | None = None) -> None:
+        """One optimizer step: :meth:`add_statistic_`, counted when a gradient was seen."""
+        if self.add_statistic_(grads):
+            self.count_statistic_step()
+
+    def statistic_signal(self) -> tuple[bool, str]:
+        """``(usable, why not)``: the statistic carries a signal only with enough updates and a non-zero entry."""
+        if not self.statistic:
+            return False, "not tracked"
+        need = self.settings.min_statistic_updates
+        if self.statistic_updates < need:
+            return False, f"{self.statistic_updates} reward-signal steps, fewer than min_statistic_updates={need}"
+        if not any(bool(t.any()) for t in self.statistic.values()):
+            return False, "all zero (every advantage was zero)"
+        return True, ""
+
+    def reduced_statistic(self, name: str) -> Tensor:
+        """The statistic of ``name`` as the scorers must see it (summed across processes when accumulated
+        locally)."""
+        t = self.statistic[name]
+        if self.statistic_is_local and self._reduce_fn is not None:
+            return self._reduce_fn(t.clone())
+        return t
+
+    # ----------------------------------------------------------------------------------------------- activations
+    def attach_hooks(self) -> None:
+        """Register forward hooks that accumulate per-input-feature statistics over real tokens (no-op if not
+        tracked or already attached). Padded positions are left out using the forward's ``attention_mask``."""
+        if self._hooks or not self.activations:
+            return
+        self._hooks.append(self.model.register_forward_pre_hook(self._tokens.capture, with_kwargs=True))
+        for name, mod in self.targets.items():
+            self._hooks.append(mod.register_forward_hook(self._make_hook(self.activations[name])))
+
+    def remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        self._tokens.mask = None
+
+    def _make_hook(self, stats: ActivationStats) -> Callable:
+        tokens = self._tokens
+
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            with torch.no_grad():
+                x = tokens.real_rows(args[0].detach()).float()
+                # Per batch in fp32 (fast), accumulated in fp64 (exact enough over a whole run).
+                stats.sumsq += x.square().sum(0).to(stats.sumsq.device)
+                stats.sum += x.sum(0).to(stats.sum.device)
+                stats.count += x.shape[0]
+
+        return hook
+
+    def reset_activation_stats(self) -> None:
+        for stats in self.activations.values():
+            stats.sumsq.zero_()
+            stats.sum.zero_()
+            stats.count.zero_()
+
+    def has_activations(self) -> bool:
+        return any(st.count.item() > 0 for st in self.activations.values())
+
+    def set_reduce_fn(self, fn: Callable[[Tensor], Tensor] | None) -> None:
+        """``fn(t) -> t`` summing ``t`` over processes; applied to activation statistics (and to a locally
+        accumulated statistic) before scoring, so every rank builds the same masks."""
+        self._reduce_fn = fn
+
+    def reduced_activations(self) -> ReducedActivations:
+        out = ReducedActivations()
+        if not self.activations:
+            return out
+        names = list(self.activations)
+        parts = [t for n in names for t in (self.activations[n].sumsq, self.activations[n].sum)]
+        parts += [self.activations[n].count for n in names]
+        flat = torch.cat([p.to(parts[0].device) for p in parts])
+        if self._reduce_fn is not None:  # one collective for everything
+            flat = self._reduce_fn(flat.clone())
+        counts = flat[-len(names) :]
+        offset = 0
+        for i, name in enumerate(names):
+            size = self.activations[name].sumsq.numel()
+            sumsq, total = flat[offset : offset + size], flat[offset + size : offset + 2 * size]
+            offset += 2 * size
+            count = counts[i]
+            if count <= 0:
+                raise RuntimeError(
+                    f"No activations recorded for {name}: call attach_hooks() and run forward passes (calibration "
+                    "batches or rollouts) before scoring."
+                )
+            device = self.targets[name].weight.device
+            out.rms[name] = (sumsq / count).sqrt().float().to(device)
+            out.mean[name] = (total / count).float().to(device)
+        return out
+
+    # ---------------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Tensor]:
+        """Live tensors under the checkpoint keys of the pruner (``magnitude/``, ``bias_magnitude/``,
+        ``movement/`` for the statistic, ``act_*/``) plus ``movement_updates``."""
+        sd: dict[str, Tensor] = {"movement_updates": torch.tensor([self.statistic_updates], dtype=torch.int64)}
+        for prefix, store in (
+            ("magnitude", self.magnitude),
+            ("bias_magnitude", self.bias_magnitude),
+            ("movement", self.statistic),
+        ):
+            sd.update({f"{prefix}/{n}": t for n, t in store.items()})
+        for n, st in self.activations.items():
+            sd.update({f"act_sumsq/{n}": st.sumsq, f"act_sum/{n}": st.sum, f"act_count/{n}": st.count})
+        return sd
+
+    def load_scalars(self, state_dict: Mapping[str, Tensor]) -> None:
+        self.statistic_updates = int(state_dict["movement_updates"].item())
+
+    def memory_bytes(self) -> dict[str, int]:
+        def size(tensors: Any) -> int:
+            return int(sum(t.numel() * t.element_size() for t in tensors))
+
+        acts = [t for st in self.activations.values() for t in (st.sumsq, st.sum, st.count)]
+        return {
+            "magnitude": size(self.magnitude.values()),
+            "bias_magnitude": size(self.bias_magnitude.values()),
+            "movement": size(self.statistic.values()),
+            "activations": size(acts),
+        }

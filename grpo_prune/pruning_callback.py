@@ -1,0 +1,153 @@
+"""`PruningCallback`: the pruner's clock inside `transformers.Trainer`.
+
+It owns what happens *between* optimizer steps: the schedule clock (optimizer steps, minus those the reward guard
+held), the reward guard, prune events and their records (``pruning_events.jsonl``), and their save/resume state.
+The trainer keeps the loss and gradient seams (where the reward statistic is taken and gradients are masked).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import TrainerCallback
+
+from grpo_prune.pruning.reward_guard import RewardGuard
+
+if TYPE_CHECKING:  # pragma: no cover
+    from grpo_prune.trainer import MamaGRPOTrainer
+
+EVENTS_NAME = "pruning_events.jsonl"
+SCORE_QUANTILES = (0.1, 0.5, 0.9)
+
+
+class PruningCallback(TrainerCallback):
+    """Runs the pruner at the optimizer-step seams of `transformers.Trainer`.
+
+    Attributes:
+        reward_guard: rolling reward around prune events (and the optional hold).
+        prune_events: one record per prune event (step, target and reached sparsity, per-layer sparsity, rewards,
+            whether the reward statistic was mixed in, seconds).
+        prune_clock: schedule time.
+        last_score_sample: strided sample of the last event's scores (for histograms).
+    """
+
+    def __init__(self, trainer: MamaGRPOTrainer):
+        self.trainer = trainer
+        args = trainer.args
+        self.reward_guard = RewardGuard(window=args.reward_window, tolerance=args.reward_guard_tolerance)
+        self.prune_events: list[dict[str, Any]] = []
+        self.prune_clock = 0
+        self.last_score_sample: torch.Tensor | None = None
+
+    @property
+    def pruner(self):
+        return self.trainer.pruner
+
+    # ------------------------------------------------------------------------------------------- trainer events
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.pruner.settings.end_step = self.resolve_end_step(state.max_steps)
+        if state.global_step == 0 and self.pruner.step == 0 and not self.prune_events:
+            self.run_prune_event(step=0)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._process_gradients()  # already done inside gradient clipping when that is on
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._enforce_masks()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        metrics = self.trainer._metrics["train"]
+        if self.reward_guard.should_hold():
+            self.reward_guard.holds += 1
+            metrics["prune/guard_hold"].append(1.0)
+        else:
+            self.prune_clock += 1
+            self.run_prune_event(step=state.global_step)
+        metrics["prune/sparsity"].append(self.pruner.sparsity())
+        metrics["prune/target_sparsity"].append(self.pruner.target_sparsity_at(self.prune_clock))
+
+    # --------------------------------------------------------------------------------------------------- rewards
+    def observe_reward(self, reward: float) -> None:
+        """Feed one generation batch's mean reward (identical on every rank) to the guard."""
+        for event in self.reward_guard.update(reward):
+            self.trainer._metrics["train"]["prune/reward_after_event"].append(event["reward_after"])
+
+    # ---------------------------------------------------------------------------------------------------- events
+    def resolve_end_step(self, max_steps: int) -> int:
+        """``prune_end_step``, or half of ``max_steps`` when left unset; refused when after the last step."""
+        args = self.trainer.args
+        end = args.prune_end_step
+        if end is None:
+            end = max(args.prune_start_step, max_steps // 2)
+        if end > max_steps:
+            raise ValueError(
+                f"`prune_end_step` ({end}) is after the last training step ({max_steps}): the target sparsity "
+                f"{args.prune_target_sparsity} would never be reached. Lower it or train longer."
+            )
+        return end
+
+    def run_prune_event(self, step: int) -> None:
+        """Prune if the schedule calls for it at the current clock; record and log the event."""
+        trainer = self.trainer
+        start = time.perf_counter()
+        event = self.pruner.maybe_prune(self.prune_clock)
+        if event is None:
+            return
+        self.pruner.mask_optimizer_state_(trainer.optimizer)
+        seconds = time.perf_counter() - start
+        guard_event = self.reward_guard.record_event(step)
+        record = {
+            "step": step,
+            "schedule_step": self.prune_clock,
+            "target_sparsity": event["target"],
+            "sparsity": event["reached"],
+            "reward_before": guard_event["reward_before"],
+            "layer_sparsity": event["layer_sparsity"],
+            "seconds": seconds,
+        }
+        if "statistic_mixed" in event:
+            record["statistic_mixed"] = event["statistic_mixed"]
+        record.update(self._score_quantiles(event.get("score_sample")))
+        self.prune_events.append(record)
+        metrics = trainer._metrics["train"]
+        if guard_event["reward_before"] is not None:
+            metrics["prune/reward_before_event"].append(guard_event["reward_before"])
+        if "statistic_mixed" in record:
+            metrics["prune/statistic_mixed"].append(float(record["statistic_mixed"]))
+        for key, value in record.items():
+            if key.startswith("score_q"):
+                metrics[f"prune/{key}"].append(value)
+        if trainer.accelerator.is_main_process:
+            os.makedirs(trainer.args.output_dir, exist_ok=True)
+            with open(os.path.join(trainer.args.output_dir, EVENTS_NAME), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _score_quantiles(self, sample: torch.Tensor | None) -> dict[str, float]:
+        """Quantiles of the event's scores, from the pruner's strided subsample of them."""
+        if sample is None or not sample.numel():
+            return {}
+        self.last_score_sample = sample
+        values = torch.quantile(sample.float(), torch.tensor(SCORE_QUANTILES))
+        return {f"score_q{int(q * 100)}": v.item() for q, v in zip(SCORE_QUANTILES, values, strict=True)}
+
+    def events_with_rewards(self) -> list[dict[str, Any]]:
+        """The event records, each with the rolling reward after it (None until it is known)."""
+        after = {e["step"]: e for e in self.reward_guard.public_events()}
+        return [{**e, "reward_after": after.get(e["step"], {}).get("reward_after")} for e in self.prune_events]
+
+    # ------------------------------------------------------------------------------------------ save and resume
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "prune_clock": self.prune_clock,
+            "reward_guard": self.reward_guard.state_dict(),
+            "prune_events": self.prune_events,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.prune_clock = state["prune_clock"]
+        self.reward_guard.load_state_dict(state["reward_guard"])
+        self.prune_events = state["prune_events"]
