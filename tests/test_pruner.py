@@ -604,3 +604,101 @@ def test_rank_normalisation_never_changes_a_layer_mask(per_row):
             unstructured_mask(raw, sparsity, per_row=per_row), unstructured_mask(ranked, sparsity, per_row=per_row)
         )
     assert torch.equal(n_m_mask(raw, 2, 4), n_m_mask(ranked, 2, 4))
+
+
+# ------------------------------------------------------------------------------ reward statistic and ties
+def _halves_pruned(mask: torch.Tensor) -> tuple[int, int]:
+    flat = (~mask).reshape(-1)
+    half = flat.numel() // 2
+    return int(flat[:half].sum()), int(flat[half:].sum())
+
+
+@pytest.mark.parametrize("statistic_value", [0.0, 3.0])
+def test_zero_or_tied_statistic_creates_no_positional_bias(statistic_value):
+    # A constant statistic (all zero: no signal; or all tied) must not rank entries by their position.
+    model = tiny_model()
+    pruner = Pruner(model, PruningSettings(scorer="mama", alpha=0.5, min_statistic_updates=1))
+    feed(pruner, model, calib(), movement=False)
+    for t in pruner.movement.values():
+        t.fill_(statistic_value)
+    pruner.indicators.statistic_updates = 10
+    event = pruner.prune_to(0.5)
+    assert event["statistic_mixed"] is (statistic_value != 0.0)
+    for name, mask in pruner.masks.items():
+        first, second = _halves_pruned(mask)
+        assert abs(first - second) <= 0.1 * (first + second), (name, first, second)
+
+
+def test_statistic_without_enough_updates_is_not_mixed_in():
+    model = tiny_model()
+    ids = calib()
+    pruner = Pruner(model, PruningSettings(scorer="mama", alpha=0.5, min_statistic_updates=3))
+    feed(pruner, model, ids)  # one update with a real gradient
+    with pytest.warns(UserWarning, match="not mixed in"):
+        event = pruner.prune_to(0.5)
+    assert event["statistic_mixed"] is False
+    wanda_model = tiny_model()
+    wanda = prune_oneshot(wanda_model, 0.5, scorer="wanda", calibration=ids)
+    for name, mask in pruner.masks.items():
+        assert torch.equal(mask, wanda.masks[name]), name  # the pretrained term alone decided
+
+
+@pytest.mark.parametrize("form", ["signed", "abs", "squared"])
+def test_statistic_forms_follow_their_definition(form):
+    model = tiny_model()
+    pruner = Pruner(model, PruningSettings(scorer="movement", statistic=form))
+    ids = calib()
+    model(ids, labels=ids).loss.backward()
+    expected = {}
+    for name, mod in pruner.targets.items():
+        saliency = -(mod.weight.grad * mod.weight.detach())
+        expected[name] = {"signed": saliency, "abs": saliency.abs(), "squared": saliency.square()}[form]
+    pruner.accumulate_movement_()
+    pruner.accumulate_movement_()  # a second step adds the same amount again
+    assert pruner.movement_updates == 2
+    for name, t in pruner.movement.items():
+        torch.testing.assert_close(t, 2 * expected[name])
+        if form != "signed":
+            assert (t >= 0).all()
+
+
+def test_padding_does_not_change_activation_statistics():
+    model = tiny_model()
+    model.eval()
+    ids = calib(batch=2, length=12)
+    plain = Pruner(model, PruningSettings(scorer="wanda"))
+    plain.attach_hooks()
+    with torch.no_grad():
+        model(ids[:1, :7])  # sequence 0: 7 real tokens
+        model(ids[1:, :12])  # sequence 1: 12 real tokens
+    plain.remove_hooks()
+
+    padded = Pruner(model, PruningSettings(scorer="wanda"))
+    batch = ids.clone()
+    batch[0, 7:] = 0
+    mask = torch.ones_like(batch)
+    mask[0, 7:] = 0  # right padding: real tokens see exactly what they saw unpadded
+    padded.attach_hooks()
+    with torch.no_grad():
+        model(input_ids=batch, attention_mask=mask)
+    padded.remove_hooks()
+    for name in plain.activations:
+        a, b = plain.activations[name], padded.activations[name]
+        assert a.count.item() == b.count.item() == 19
+        torch.testing.assert_close(a.sumsq, b.sumsq, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.sum, b.sum, rtol=1e-5, atol=1e-6)
+
+
+def test_global_mama_normalises_all_layers_together():
+    model = tiny_model()
+    settings = PruningSettings(scorer="mama", alpha=0.5, comparison="global", min_statistic_updates=1)
+    pruner = Pruner(model, settings)
+    feed(pruner, model, calib())
+    scores = pruner.score_tensors()
+    flat = torch.cat([s.reshape(-1) for s in scores.values()])
+    # One population: the combined score spans [0, 1] across layers, not within every layer alike.
+    assert flat.min() >= 0 and flat.max() <= 1
+    pruner.prune_to(0.5)
+    per_layer = pruner.layer_sparsity()
+    assert pruner.sparsity() == pytest.approx(0.5, abs=1e-9)
+    assert max(per_layer.values()) - min(per_layer.values()) > 0.05  # layers are not all cut alike

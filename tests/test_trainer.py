@@ -160,6 +160,61 @@ def test_prune_end_after_training_is_an_error(tmp_path):
         trainer.train()
 
 
+def test_unset_prune_end_step_trains_and_reaches_the_target(tmp_path):
+    trainer = make_trainer(tmp_path, prune_end_step=None, max_steps=4)
+    trainer.train()
+    assert trainer.pruner.settings.end_step == 2  # half of max_steps, as documented
+    assert trainer.pruner.sparsity() == pytest.approx(0.5)
+
+
+def constant_reward(completions, **kwargs) -> list[float]:
+    return [1.0] * len(completions)
+
+
+@pytest.mark.parametrize("distill_coef", [0.0, 1.0])
+def test_reward_statistic_is_zero_when_every_advantage_is_zero(tmp_path, distill_coef):
+    # Distillation shares the backward pass; its gradient must never reach the reward statistic.
+    trainer = make_trainer(
+        tmp_path,
+        reward=constant_reward,
+        distill_coef=distill_coef,
+        mama_alpha=0.5,
+        prune_start_step=3,
+        prune_end_step=3,
+        max_steps=3,
+    )
+    trainer.train()
+    assert logged(trainer, "frac_reward_zero_std") and all(v == 1.0 for v in logged(trainer, "frac_reward_zero_std"))
+    assert trainer.pruner.movement_updates == 0
+    assert all(not t.any() for t in trainer.pruner.movement.values())
+
+
+@pytest.mark.parametrize("form", ["signed", "abs", "squared"])
+@pytest.mark.parametrize("distill_coef", [0.0, 1.0])
+def test_reward_statistic_accumulates_with_a_varying_reward(tmp_path, form, distill_coef):
+    trainer = make_trainer(
+        tmp_path,
+        distill_coef=distill_coef,
+        mama_alpha=0.5,
+        mama_statistic=form,
+        mama_min_updates=1,
+        prune_start_step=2,
+        prune_end_step=3,
+        max_steps=4,
+    )
+    trainer.train()
+    assert trainer.pruner.movement_updates >= 2
+    assert any(t.any() for t in trainer.pruner.movement.values())
+    if form != "signed":
+        assert all((t >= 0).all() for t in trainer.pruner.movement.values())
+    assert trainer.pruner.sparsity() == pytest.approx(0.5)
+    mixed = [e["statistic_mixed"] for e in trainer.prune_events]
+    assert mixed and all(mixed)
+    report = trainer.pruning_report()["statistic"]
+    assert report["form"] == form and report["usable"]
+    assert report["source"] == ("separate GRPO-loss gradient" if distill_coef else "GRPO gradient")
+
+
 def test_lora_with_pruning_is_refused(tmp_path):
     from peft import LoraConfig
 
