@@ -36,7 +36,9 @@ VARIANTS = ("plain", "prune", "prune+distill")
 EVERY = 2  # optimizer steps between prune events: half the timed steps have one
 
 
-def run_variant(variant: str, steps: int, completions: int, tokens: int, alpha: float, out_json: str) -> None:
+def run_variant(
+    variant: str, steps: int, completions: int, tokens: int, alpha: float, statistic: str, out_json: str
+) -> None:
     import torch
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -45,7 +47,7 @@ def run_variant(variant: str, steps: int, completions: int, tokens: int, alpha: 
     from grpo_prune import MamaGRPOConfig, MamaGRPOTrainer
     from grpo_prune.data import load_prompt_dataset
     from grpo_prune.models import load_model, load_tokenizer
-    from grpo_prune.pruning.pruner import Pruner
+    from grpo_prune.pruning.indicators import Indicators
 
     torch.manual_seed(0)
     model = load_model("smollm2-135m-instruct")
@@ -67,7 +69,9 @@ def run_variant(variant: str, steps: int, completions: int, tokens: int, alpha: 
             **common,
             prune_target_sparsity=0.5,
             prune_scorer="mama",
-            mama_alpha=alpha,  # > 0 turns movement on: the worst case for the pruner's per-step cost
+            mama_alpha=alpha,  # > 0 turns the reward statistic on: the worst case for the pruner's per-step cost
+            mama_statistic=statistic,
+            mama_min_updates=1,
             prune_start_step=0,
             prune_end_step=steps - 2,
             prune_every=EVERY,
@@ -86,10 +90,10 @@ def run_variant(variant: str, steps: int, completions: int, tokens: int, alpha: 
     # prune events).
     seam_time = {"step": 0.0, "event": 0.0}
     if variant != "plain":
-        make_hook = Pruner._make_hook
+        make_hook = Indicators._make_hook
 
-        def timed_make_hook(stats):
-            hook = make_hook(stats)
+        def timed_make_hook(self, stats):
+            hook = make_hook(self, stats)
 
             def timed_hook(*a):
                 t0 = time.perf_counter()
@@ -98,10 +102,11 @@ def run_variant(variant: str, steps: int, completions: int, tokens: int, alpha: 
 
             return timed_hook
 
-        Pruner._make_hook = staticmethod(timed_make_hook)
-        for name in ("_process_gradients", "_enforce_masks", "_pruning_step_end"):
-            original = getattr(trainer, name)
-            key = "event" if name == "_pruning_step_end" else "step"
+        Indicators._make_hook = timed_make_hook
+        seams = [(trainer, n, "step") for n in ("_process_gradients", "_enforce_masks", "_reward_statistic_seam")]
+        seams.append((trainer.pruning_callback, "on_step_end", "event"))
+        for owner, name, key in seams:
+            original = getattr(owner, name)
 
             def timed(*a, _original=original, _key=key, **k):
                 t0 = time.perf_counter()
@@ -110,7 +115,7 @@ def run_variant(variant: str, steps: int, completions: int, tokens: int, alpha: 
                 finally:
                     seam_time[_key] += time.perf_counter() - t0
 
-            setattr(trainer, name, timed)
+            setattr(owner, name, timed)
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -165,12 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--completions", type=int, default=4, help="completions per step (one prompt group)")
     parser.add_argument("--tokens", type=int, default=32, help="max completion length")
     parser.add_argument("--alpha", type=float, default=0.0, help="mama_alpha (0: the default; 0.1: movement on)")
+    parser.add_argument("--statistic", default="signed", choices=("signed", "abs", "squared"))
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # child process
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.variant:
-        run_variant(args.variant, args.steps, args.completions, args.tokens, args.alpha, args.out)
+        run_variant(args.variant, args.steps, args.completions, args.tokens, args.alpha, args.statistic, args.out)
         return 0
 
     results = {}
@@ -192,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             str(args.tokens),
             "--alpha",
             str(args.alpha),
+            "--statistic",
+            args.statistic,
         ]
         print(f"running {variant} ...", file=sys.stderr, flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)

@@ -657,7 +657,6 @@ def run_trained(plan: Plan, setting: Setting, scorer: Scorer) -> dict[str, Any]:
         t_setup = time.perf_counter() - t0
 
         step_times: list[float] = []
-        event_times: list[float] = []
 
         class StepTimer(TrainerCallback):
             # Added after the pruning callback, so a step's time includes its prune event.
@@ -667,15 +666,6 @@ def run_trained(plan: Plan, setting: Setting, scorer: Scorer) -> dict[str, Any]:
             def on_step_end(self, args, state, control, **kwargs):
                 step_times.append(time.perf_counter() - self.t0)
 
-        run_event, records = trainer._run_prune_event, trainer.prune_events  # the trainer appends to `records`
-
-        def timed_event(step: int) -> None:
-            t, n_events = time.perf_counter(), len(records)
-            run_event(step)
-            if len(records) > n_events:  # the schedule called for an event (most steps call for none)
-                event_times.append(time.perf_counter() - t)
-
-        trainer._run_prune_event = timed_event
         trainer.add_callback(StepTimer())
         t0 = time.perf_counter()
         trainer.train()
@@ -699,7 +689,7 @@ def run_trained(plan: Plan, setting: Setting, scorer: Scorer) -> dict[str, Any]:
         "eval": evaluation,
         "train": {
             "step_seconds": step_times,
-            "prune_event_seconds": event_times,
+            "prune_event_seconds": [e["seconds"] for e in events],  # timed by the pruning callback
             "events": events,
             "log": log,
             "mean_reward_after_last_event": statistics.fmean(tail) if tail else None,

@@ -1,20 +1,18 @@
-"""How much signal does GRPO's reward-weighted movement carry in a short run? (Why ``mama_alpha`` defaults to 0.)
+"""How reliable is each form of the reward-driven statistic over a short GRPO run? (Chooses `mama_statistic`.)
 
-Trains the embedded SmolLM2-135M-Instruct with `MamaGRPOTrainer` for ``--steps`` steps on the ``arithmetic``
-prompts (reward ``math_answer``), tracking movement ``R += -(grad * W)`` without pruning (the one prune event is
-scheduled after the last step) and without distillation (before the first event the teacher equals the student, so
-its gradient is zero anyway). Movement is split at the middle step into the first half's sum ``R1`` and the second
-half's ``R2``. If movement measured a property of the weights, the two halves would agree; if it is mostly noise
-from a few sampled completions, they do not. Reported:
+Trains the embedded SmolLM2-135M-Instruct with `MamaGRPOTrainer` on the ``arithmetic`` prompts (reward
+``math_answer``), without distillation, so that the gradient at every optimizer step is the GRPO loss's own. From
+those same gradients it accumulates all three forms of the statistic at once: ``signed`` ``-(g * W)`` (movement),
+``abs`` ``|g * W|`` and ``squared`` ``(g * W)^2``. The run is split at its middle step into two disjoint halves of
+rollouts; a statistic that measures the weights ranks them alike in both halves. Reported per form: the per-layer
+Spearman correlation of the two halves (over the kept weights, up to 200k per layer), median and p10 over the 210
+pruned matrices, next to TRL's ``frac_reward_zero_std`` (median over steps: 1 means no group taught anything) and
+the Wanda term ``|W0| * rms(x)`` of the two halves, for scale.
 
-* how many steps had a non-zero advantage (a group whose rewards were not all equal): the others give GRPO a zero
-  gradient, so they add nothing to movement;
-* per layer, the correlation of ``R1`` and ``R2`` (Pearson), and the fraction of weights on which their signs agree
-  (0.5 = chance), as median and range over the 210 pruned matrices;
-* the same split-half correlation of the Wanda term ``|W0| * ||x||`` (activation statistics of the two halves), for
-  scale: an indicator that measures the weights.
+Conditions: ``dense`` (no pruning) and ``sparse-<s>`` (the first event prunes to ``s`` by the pretrained term alone,
+Wanda's, after one step; the halves start after it).
 
-    OMP_NUM_THREADS=2 python scripts/measure_movement_signal.py [--steps 12] [--temperature 1.0] [--json out.json]
+    OMP_NUM_THREADS=2 python scripts/measure_movement_signal.py [--steps 12] [--sparsities 0 0.5] [--json out.json]
 """
 
 from __future__ import annotations
@@ -23,132 +21,177 @@ import argparse
 import statistics
 import sys
 import tempfile
+import time
 
 import torch
 from _short_run import short_run_fields
 
 from grpo_prune.fileio import write_json_atomic
 
-
-def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.flatten().double(), b.flatten().double()
-    a, b = a - a.mean(), b - b.mean()
-    denom = a.norm() * b.norm()
-    return float((a @ b) / denom) if denom > 0 else float("nan")
+FORMS = ("signed", "abs", "squared")
+MAX_ENTRIES = 200_000  # per layer, strided: Spearman over 884k entries per matrix x 210 matrices is slow on 2 cores
 
 
-def _summary(values: list[float]) -> str:
-    finite = [v for v in values if v == v]
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    from grpo_prune.pruning.scores import normalize_scores
+
+    stride = max(1, a.numel() // MAX_ENTRIES)
+    ra = normalize_scores(a.flatten()[::stride], "rank").double()
+    rb = normalize_scores(b.flatten()[::stride], "rank").double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = ra.norm() * rb.norm()
+    return float((ra @ rb) / denom) if denom > 0 else float("nan")
+
+
+def _median_p10(values: list[float]) -> tuple[float | None, float | None]:
+    finite = sorted(v for v in values if v == v)
     if not finite:
-        return "n/a (all zero)"
-    q = statistics.quantiles(finite, n=10) if len(finite) > 1 else [finite[0]] * 9
-    return f"{statistics.median(finite):.3f} (p10 {q[0]:.3f}, p90 {q[-1]:.3f})"
+        return None, None
+    return statistics.median(finite), finite[max(0, int(0.1 * len(finite)) - 1)] if len(finite) >= 10 else finite[0]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=12, help="GRPO steps (even; split in two halves)")
-    parser.add_argument("--completions", type=int, default=4, help="completions per step (one prompt group)")
-    parser.add_argument("--tokens", type=int, default=32, help="max completion length")
-    parser.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
-    parser.add_argument("--learning-rate", type=float, default=1e-5)
-    parser.add_argument("--json", help="also write the figures here")
-    args = parser.parse_args(argv)
-    if args.steps < 2 or args.steps % 2:
-        parser.error("--steps must be an even number >= 2")
-
+def run_condition(sparsity: float, args: argparse.Namespace) -> dict:
     from transformers import PrinterCallback, TrainerCallback
 
     import reward_fns
     from grpo_prune import MamaGRPOConfig, MamaGRPOTrainer
     from grpo_prune.data import load_prompt_dataset
     from grpo_prune.models import load_model, load_tokenizer
+    from grpo_prune.pruning import scores as S
 
     torch.manual_seed(0)
     model = load_model("smollm2-135m-instruct")
     tokenizer = load_tokenizer("smollm2-135m-instruct")
-    half = args.steps // 2
-    with tempfile.TemporaryDirectory(prefix="movement-signal-") as output_dir:
+    warm = 1 if sparsity > 0 else 0  # the pruned condition's event happens at the end of step 1
+    total = warm + args.steps
+    half_end = warm + args.steps // 2
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="statistic-signal-") as output_dir:
         config = MamaGRPOConfig(
-            **short_run_fields(
-                output_dir, args.steps, args.completions, args.tokens, args.learning_rate, args.temperature
-            ),
-            prune_target_sparsity=0.5,
+            **short_run_fields(output_dir, total, args.completions, args.tokens, args.learning_rate),
+            prune_target_sparsity=sparsity if sparsity > 0 else 0.5,
             prune_scorer="mama",
-            mama_alpha=0.5,  # any alpha > 0 tracks movement; no event happens before the last step
+            mama_alpha=0.5,  # tracks the statistic; it is never mixed in (min updates above the run's length)
+            mama_min_updates=10_000,
             prune_schedule="oneshot",
-            prune_start_step=args.steps,
-            prune_end_step=args.steps,
+            prune_start_step=0 if sparsity > 0 else total,
+            prune_end_step=0 if sparsity > 0 else total,
             distill_coef=0.0,
         )
         trainer = MamaGRPOTrainer(
             model=model,
             reward_funcs=[reward_fns.get("math_answer")],
             args=config,
-            train_dataset=load_prompt_dataset("arithmetic", "train", num_samples=64),
+            train_dataset=load_prompt_dataset(args.dataset, "train", num_samples=256),
             processing_class=tokenizer,
         )
         trainer.remove_callback(PrinterCallback)
         pruner = trainer.pruner
-        snapshots: dict[str, dict] = {}
+        targets = pruner.targets
+        sums = {f: {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in targets.items()} for f in FORMS}
 
-        def activation_sums() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-            return {n: (st.sumsq.clone(), st.count.clone()) for n, st in pruner.activations.items()}
+        def add_all_forms(grads=None) -> bool:  # replaces the indicator's update: the same gradients, three forms
+            for name, mod in targets.items():
+                g = mod.weight.grad if grads is None else grads.get(name)
+                if g is not None:
+                    for form in FORMS:
+                        S.statistic_update_(sums[form][name], mod.weight.detach(), g, form)
+            return True
+
+        pruner.indicators.add_statistic_ = add_all_forms
+        snaps: dict[int, dict] = {}
+
+        def snapshot() -> dict:
+            acts = {n: (st.sumsq.clone(), st.count.clone()) for n, st in pruner.activations.items()}
+            return {"stat": {f: {n: t.clone() for n, t in sums[f].items()} for f in FORMS}, "acts": acts}
 
         class Split(TrainerCallback):
             def on_step_end(self, args_, state, control, **kwargs):
-                if state.global_step == half:
-                    snapshots["movement"] = {n: t.clone() for n, t in pruner.movement.items()}
-                    snapshots["acts"] = activation_sums()
+                if state.global_step in (warm, half_end):
+                    snaps[state.global_step] = snapshot()
 
+        if warm == 0:
+            snaps[0] = snapshot()
         trainer.add_callback(Split())
         trainer.train()
-        # The last step's prune event uses the movement and activations; read them before anything else changes.
-        final_movement = pruner.movement
-        final_acts = activation_sums()
+        snaps[total] = snapshot()
         log = [e for e in trainer.state.log_history if "reward" in e]
+        # Dense: every weight counts (the run ends with the never-used event the schedule needs).
+        masks = {n: m.clone() if sparsity > 0 else torch.ones_like(m) for n, m in pruner.masks.items()}
+        magnitude = {n: t.float() for n, t in pruner.magnitude.items()}
+    seconds = time.perf_counter() - started
 
-    movement_corr, sign_agree, wanda_corr = [], [], []
-    zero_layers = 0
-    for name, total in final_movement.items():
-        first = snapshots["movement"][name]
-        second = total - first
-        if not first.any() or not second.any():
-            zero_layers += 1
-        movement_corr.append(_corr(first, second))
-        both = (first != 0) & (second != 0)
-        sign_agree.append(float(((first > 0) == (second > 0))[both].float().mean()) if both.any() else float("nan"))
-        sumsq1, n1 = snapshots["acts"][name]
-        sumsq2, n2 = final_acts[name][0] - sumsq1, final_acts[name][1] - n1
-        w0 = pruner.magnitude[name].float()
-        rms1, rms2 = (sumsq1 / n1).sqrt().float(), (sumsq2 / n2).sqrt().float()
-        wanda_corr.append(_corr(w0 * rms1, w0 * rms2))
+    def half(key_a: int, key_b: int, form: str, name: str) -> torch.Tensor:
+        return snaps[key_b]["stat"][form][name] - snaps[key_a]["stat"][form][name]
 
-    informative = [e for e in log if e.get("reward_std", 0.0) > 0]
-    result = {
+    rows = {}
+    for form in FORMS:
+        corr = []
+        for name, keep in masks.items():
+            a, b = half(warm, half_end, form, name)[keep], half(half_end, total, form, name)[keep]
+            corr.append(_spearman(a, b))
+        rows[form] = corr
+    wanda = []
+    for name, keep in masks.items():
+        rms = []
+        for k_a, k_b in ((warm, half_end), (half_end, total)):
+            sumsq = snaps[k_b]["acts"][name][0] - snaps[k_a]["acts"][name][0]
+            count = snaps[k_b]["acts"][name][1] - snaps[k_a]["acts"][name][1]
+            rms.append((sumsq / count).sqrt().float())
+        wanda.append(_spearman((magnitude[name] * rms[0])[keep], (magnitude[name] * rms[1])[keep]))
+    rows["wanda term"] = wanda
+    zero_std = [e["frac_reward_zero_std"] for e in log if "frac_reward_zero_std" in e]
+    clipped = [e["completions/clipped_ratio"] for e in log if "completions/clipped_ratio" in e]
+    return {
+        "sparsity": sparsity,
         "steps": args.steps,
-        "completions": args.completions,
-        "tokens": args.tokens,
-        "temperature": args.temperature,
+        "seconds": seconds,
         "rewards": [e["reward"] for e in log],
-        "steps_with_nonzero_advantage": len(informative),
-        "movement_split_half_corr": movement_corr,
-        "movement_sign_agreement": sign_agree,
-        "wanda_split_half_corr": wanda_corr,
-        "layers_with_zero_movement_in_a_half": zero_layers,
+        "frac_reward_zero_std": zero_std,
+        "clipped_ratio": clipped,
+        "spearman": rows,
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=12, help="GRPO steps measured (even; split in two halves)")
+    parser.add_argument("--completions", type=int, default=8, help="completions per step (one prompt group)")
+    parser.add_argument("--tokens", type=int, default=48, help="max completion length")
+    parser.add_argument("--learning-rate", type=float, default=1e-5)
+    parser.add_argument("--dataset", default="arithmetic", help="built-in prompt set")
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.0, 0.5])
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args(argv)
+    if args.steps < 2 or args.steps % 2:
+        parser.error("--steps must be an even number >= 2")
+
+    results = [run_condition(s, args) for s in args.sparsities]
     print(
-        f"\nSmolLM2-135M-Instruct, {args.steps} GRPO steps x {args.completions} completions x {args.tokens} tokens, "
-        f"temperature {args.temperature}, lr {args.learning_rate}; halves: steps 1-{half} and {half + 1}-{args.steps}\n"
+        f"\nSmolLM2-135M-Instruct, {args.dataset}, {args.steps} GRPO steps x {args.completions} completions x "
+        f"{args.tokens} tokens, lr {args.learning_rate}, no distillation; split-half Spearman per layer over kept "
+        "weights\n"
     )
-    print(f"rewards per step: {', '.join(f'{r:.2f}' for r in result['rewards'])}")
-    print(f"steps with a non-zero advantage: {len(informative)} of {len(log)}\n")
-    print("| indicator | split-half correlation per layer, median (p10, p90) | sign agreement (0.5 = chance) |")
-    print("|---|---|---|")
-    print(f"| movement -(grad * W) | {_summary(movement_corr)} | {_summary(sign_agree)} |")
-    print(f"| Wanda term abs(W0) * rms(x) | {_summary(wanda_corr)} | |")
+    print(
+        "| condition | statistic | Spearman median | Spearman p10 | median frac_reward_zero_std | steps with signal "
+        "| median clipped_ratio | run (s) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        zs = r["frac_reward_zero_std"]
+        with_signal = sum(1 for v in zs if v < 1.0)
+        for form, corr in r["spearman"].items():
+            med, p10 = _median_p10(corr)
+            cond = "dense" if r["sparsity"] == 0 else f"sparse-{r['sparsity']:g}"
+            fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+            print(
+                f"| {cond} | {form} | {fmt(med)} | {fmt(p10)} | {statistics.median(zs) if zs else float('nan'):.3f} "
+                f"| {with_signal}/{len(zs)} | "
+                f"{statistics.median(r['clipped_ratio']) if r['clipped_ratio'] else float('nan'):.3f} "
+                f"| {r['seconds']:.0f} |"
+            )
     if args.json:
-        write_json_atomic(args.json, result)
+        write_json_atomic(args.json, {"args": vars(args), "results": results})
     return 0
 
 
