@@ -87,7 +87,14 @@ class MamaGRPOTrainer(GRPOTrainer):
         self.pruner: Pruner | None = None
         self.pruning_callback: PruningCallback | None = None
         if args.pruning_enabled:
-            self.pruner = Pruner(self.accelerator.unwrap_model(self.model), args.pruning_settings())
+            # |W0| is read from the teacher when it is this model's own dense copy (built from the same weights, or
+            # TRL's reference model), instead of being stored again.
+            frozen_dense = None
+            if self.teacher is not None and args.teacher_model_name_or_path is None:
+                frozen_dense = self.accelerator.unwrap_model(self.teacher)
+            self.pruner = Pruner(
+                self.accelerator.unwrap_model(self.model), args.pruning_settings(), frozen_dense=frozen_dense
+            )
             if self.accelerator.num_processes > 1:
                 self.pruner.set_reduce_fn(lambda t: self.accelerator.reduce(t, reduction="sum"))
             # With distillation in the loss, the statistic is taken from each process's own GRPO-loss gradients

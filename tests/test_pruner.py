@@ -549,10 +549,32 @@ def test_indicator_memory_matches_docstring():
     weights = [m.weight for m in pruner.targets.values()]
     n_weights = sum(w.numel() for w in weights)
     assert mem["masks"] == n_weights
-    assert mem["magnitude"] == n_weights * weights[0].element_size()
+    assert mem["magnitude"] == n_weights * 2  # bf16 snapshot of fp32 weights
     assert mem["movement"] == 4 * n_weights
     assert mem["activations"] == sum(16 * m.in_features + 8 for m in pruner.targets.values())
     assert Pruner(model, PruningSettings(scorer="random")).memory_bytes()["movement"] == 0
+    teacher = copy.deepcopy(model)
+    frozen = Pruner(model, PruningSettings(scorer="mama", alpha=0.5), frozen_dense=teacher)
+    assert frozen.memory_bytes()["magnitude"] == 0 and "magnitude/" not in " ".join(frozen.state_dict())
+
+
+def test_magnitude_read_from_a_frozen_dense_copy_gives_the_same_masks():
+    ids = calib()
+    masks = []
+    for use_copy in (False, True):
+        model = tiny_model()
+        teacher = copy.deepcopy(model) if use_copy else None
+        pruner = Pruner(model, PruningSettings(scorer="wanda"), frozen_dense=teacher)
+        feed(pruner, model, ids, movement=False)
+        pruner.prune_to(0.3)
+        pruner.prune_to(0.6)  # the second event still ranks by |W0|, not by the zeroed student
+        masks.append({n: m.clone() for n, m in pruner.masks.items()})
+        if use_copy:
+            assert pruner.indicators.magnitude_source == "frozen dense copy"
+    for name in masks[0]:
+        # bf16 snapshot vs exact fp32 copy: the same masks but for rare near-ties
+        agree = (masks[0][name] == masks[1][name]).float().mean().item()
+        assert agree > 0.99, (name, agree)
 
 
 # ------------------------------------------------------------------------------------------------- real model

@@ -86,6 +86,8 @@ class Pruner:
         model: the unwrapped causal LM (not a DDP/Accelerate wrapper: module names are those of the bare model).
         settings: validated here; ``settings.end_step`` etc. are read at every call, so the trainer may resolve
             them after construction.
+        frozen_dense: a frozen unpruned copy of ``model`` (e.g. the distillation teacher): ``|W0|`` is read from it
+            rather than stored (see :class:`~grpo_prune.pruning.indicators.Indicators`).
 
     Raises:
         ValueError: bad settings, a ``targets`` pattern that matches nothing, an N:M pattern that does not divide
@@ -93,7 +95,9 @@ class Pruner:
             Raised before anything is allocated; the model is never modified by the constructor.
     """
 
-    def __init__(self, model: nn.Module, settings: PruningSettings | None = None):
+    def __init__(
+        self, model: nn.Module, settings: PruningSettings | None = None, frozen_dense: nn.Module | None = None
+    ):
         settings = PruningSettings() if settings is None else settings
         settings.validate()
         self.model = model
@@ -131,7 +135,7 @@ class Pruner:
             for g in self.groups
         }
         bias_producers = [n for g in self.groups for n in g.producers]
-        self.indicators = Indicators(model, self.targets, settings, bias_producers)
+        self.indicators = Indicators(model, self.targets, settings, bias_producers, frozen_dense=frozen_dense)
         self._count_cache: dict[str, tuple[Tensor, int, int]] = {}
         self.step = 0
         self.current_sparsity = 0.0  # the scheduled sparsity the masks were last grown to
