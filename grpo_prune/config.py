@@ -76,7 +76,8 @@ class MamaGRPOConfig(GRPOConfig):
         > Parameters that control distillation from the dense teacher
 
         distill_coef (`float`, defaults to `1.0`):
-            Weight of the distillation term added to the GRPO loss. `0` disables it (and the teacher).
+            Weight of the logit divergence on the rollouts' completion tokens, added to the GRPO loss. `0` disables it
+            (and the teacher, unless the hidden-state or text term needs it).
         distill_loss (`str`, defaults to `"forward_kl"`):
             Per-token divergence: `"forward_kl"` (KL(teacher || student)), `"reverse_kl"` (KL(student || teacher)) or
             `"jsd"` (generalised Jensen-Shannon with `distill_jsd_beta`).
@@ -167,7 +168,9 @@ class MamaGRPOConfig(GRPOConfig):
         default=None,
         metadata={"help": "Hold the schedule while the reward is this fraction below its pre-event level. None: off."},
     )
-    distill_coef: float = field(default=1.0, metadata={"help": "Weight of the distillation loss. 0 disables it."})
+    distill_coef: float = field(
+        default=1.0, metadata={"help": "Weight of the logit distillation loss on the rollouts. 0 disables it."}
+    )
     distill_loss: str = field(
         default="forward_kl",
         metadata={"help": "Per-token divergence teacher/student.", "choices": list(DIVERGENCES)},
