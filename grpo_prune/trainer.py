@@ -111,8 +111,12 @@ class MamaGRPOTrainer(GRPOTrainer):
         self.text_sampler: TextWindowSampler | None = None
         if self.teacher is not None and args.text_distillation_enabled:
             stream = text_token_stream(self.processing_class, args.distill_dataset)
+            # One seed per process, so that data-parallel ranks distil different windows.
             self.text_sampler = TextWindowSampler(
-                stream, args.distill_text_length, args.distill_text_batch_size, seed=args.seed
+                stream,
+                args.distill_text_length,
+                args.distill_text_batch_size,
+                seed=args.seed + self.accelerator.process_index,
             )
 
         self.reward_guard = RewardGuard(window=args.reward_window, tolerance=args.reward_guard_tolerance)

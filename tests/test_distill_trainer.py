@@ -192,3 +192,43 @@ def test_peft_model_with_pruning_is_refused(tmp_path):
             train_dataset=prompt_dataset(),
             processing_class=char_tokenizer(),
         )
+
+
+def test_kd_and_hidden_term_are_exactly_zero_on_a_softcapped_gemma2_student_equal_to_its_teacher(tmp_path):
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        final_logit_softcapping=1.0,  # strong: raw logits of this size would give very different distributions
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    trainer = tiny_trainer(
+        tmp_path / "out",
+        model=model,
+        prune_target_sparsity=0.0,
+        learning_rate=0.0,
+        max_steps=2,
+        distill_coef=1.0,
+        distill_hidden_coef=1.0,
+        distill_dataset=str(text_file(tmp_path)),
+        distill_text_length=16,
+    )
+    trainer.train()
+    for key in ("distill/loss", "distill/hidden_loss", "distill/text_loss", "distill/text_hidden_loss"):
+        assert logged(trainer, key) == [0.0, 0.0], key
+    ids = torch.randint(3, 40, (2, 8))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        expected = trainer.model(input_ids=ids, attention_mask=mask).logits[:, -5:-1]
+    torch.testing.assert_close(trainer.teacher_logits(ids, mask, n_tokens=4), expected)
