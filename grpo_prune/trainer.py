@@ -216,7 +216,7 @@ class MamaGRPOTrainer(GRPOTrainer):
             backbone = self._backbone(teacher)
             captured: dict[int, torch.Tensor] = {}
             with _capture_layer_outputs(backbone, captured) if layers else nullcontext():
-                out = backbone(input_ids=input_ids, attention_mask=attention_mask)
+                out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state, [captured[i] for i in sorted(captured)] if layers else None
 
     @torch.no_grad()
@@ -349,9 +349,8 @@ class MamaGRPOTrainer(GRPOTrainer):
         captured: dict[int, torch.Tensor] = {}
         # The backbone only: the student's full [B, T, V] logits are never needed, only chunks of them.
         with _capture_layer_outputs(self._student_backbone, captured) if want_layers else nullcontext():
-            student_hidden = self._student_backbone(
-                input_ids=input_ids, attention_mask=attention_mask
-            ).last_hidden_state
+            out = self._student_backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        student_hidden = out.last_hidden_state
         student_layers = [captured[i] for i in sorted(captured)]
         kd, hidden_term = self._distillation_terms(
             input_ids, attention_mask, attention_mask, slice(None), student_hidden, student_layers, True
