@@ -40,8 +40,8 @@ def peaked_teacher(path):
         (dict(distill_dataset="no/such/file.txt"), "distill_dataset"),
         (dict(distill_dataset="python_docs", distill_text_batch_size=0), "distill_text_batch_size"),
         (dict(distill_dataset="python_docs", distill_text_length=1), "distill_text_length"),
-        (dict(distill_coef=1.0, beta=0.1, sync_ref_model=True), "sync_ref_model"),
-        (dict(fp16=True), "fp16"),
+        (dict(distill_coef=1.0, beta=0.1, sync_ref_model=True), "sync_ref_model.*teacher.*drift"),
+        (dict(fp16=True), "fp16.*cannot be combined with pruning.*bf16"),
     ],
 )
 def test_config_refuses(tmp_path, overrides, match):
