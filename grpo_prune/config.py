@@ -85,7 +85,8 @@ class MamaGRPOConfig(GRPOConfig):
         > Parameters that control distillation from the dense teacher
 
         distill_coef (`float`, defaults to `1.0`):
-            Weight of the distillation term added to the GRPO loss. `0` disables it (and the teacher).
+            Weight of the logit divergence on the rollouts' completion tokens, added to the GRPO loss. `0` disables it
+            (and the teacher, unless the hidden-state or text term needs it).
         distill_loss (`str`, defaults to `"forward_kl"`):
             Per-token divergence: `"forward_kl"` (KL(teacher || student)), `"reverse_kl"` (KL(student || teacher)) or
             `"jsd"` (generalised Jensen-Shannon with `distill_jsd_beta`).
@@ -95,7 +96,26 @@ class MamaGRPOConfig(GRPOConfig):
             Mixing weight of the generalised JSD.
         teacher_model_name_or_path (`str`, *optional*):
             Teacher model. Default: the student's own dense weights at the start of training (TRL's reference model
-            is reused when `beta > 0`).
+            is reused when `beta > 0`; under LoRA, the base model with the adapters disabled, which costs no memory).
+            `sync_ref_model` cannot be combined with a reference-model teacher (it would drift toward the student):
+            name a teacher here, or leave `sync_ref_model` off.
+        distill_hidden_coef (`float`, defaults to `0.0`):
+            Weight of the hidden-state term (SquareHead, Kurtic et al. 2023): per decoder layer, the MSE between
+            student and teacher layer outputs divided by the teacher's mean square, averaged over layers, on the same
+            tokens as the logit divergence (rollout completions, and the text windows when `distill_dataset` is
+            set). `0` disables it.
+        distill_chunk_size (`int`, defaults to `128`):
+            Tokens per chunk of the logit divergence: only one chunk's `[tokens, vocabulary]` logits exist at a time.
+        distill_dataset (`str`, *optional*):
+            Plain text distilled beside the rollouts, so general ability is kept while GRPO trains the task: a local
+            `.txt` file, a `.jsonl` file with a `"text"` field, or a built-in offline text (`"python_docs"`: the
+            stdlib's Python documentation; not an evaluation set). `None` disables text distillation.
+        distill_text_coef (`float`, defaults to `1.0`):
+            Weight of the text distillation term (logit divergence on every position of the windows).
+        distill_text_batch_size (`int`, defaults to `2`):
+            Text windows distilled per loss computation (per micro-batch, scaled by gradient accumulation).
+        distill_text_length (`int`, defaults to `128`):
+            Tokens per text window.
     """
 
     prune_target_sparsity: float = field(
@@ -172,7 +192,9 @@ class MamaGRPOConfig(GRPOConfig):
         default=None,
         metadata={"help": "Hold the schedule while the reward is this fraction below its pre-event level. None: off."},
     )
-    distill_coef: float = field(default=1.0, metadata={"help": "Weight of the distillation loss. 0 disables it."})
+    distill_coef: float = field(
+        default=1.0, metadata={"help": "Weight of the logit distillation loss on the rollouts. 0 disables it."}
+    )
     distill_loss: str = field(
         default="forward_kl",
         metadata={"help": "Per-token divergence teacher/student.", "choices": list(DIVERGENCES)},
@@ -182,6 +204,23 @@ class MamaGRPOConfig(GRPOConfig):
     teacher_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Teacher model. Default: the student's dense weights at the start."}
     )
+    distill_hidden_coef: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the per-layer hidden-state term (SquareHead, normalised MSE). 0 disables it."},
+    )
+    distill_chunk_size: int = field(
+        default=128, metadata={"help": "Tokens per chunk of the logit divergence (bounds the logits' memory)."}
+    )
+    distill_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Plain text distilled each step: a .txt file, a .jsonl file with a 'text' field, or "
+            "'python_docs' (built in). None: off."
+        },
+    )
+    distill_text_coef: float = field(default=1.0, metadata={"help": "Weight of the text distillation term."})
+    distill_text_batch_size: int = field(default=2, metadata={"help": "Text windows distilled per step."})
+    distill_text_length: int = field(default=128, metadata={"help": "Tokens per text window."})
 
     def __post_init__(self):
         # Cheap checks first, so a bad config never waits for TrainingArguments' device set-up.
@@ -201,6 +240,33 @@ class MamaGRPOConfig(GRPOConfig):
             raise ValueError(f"`distill_temperature` must be > 0, got {self.distill_temperature}.")
         if not 0.0 < self.distill_jsd_beta < 1.0:
             raise ValueError(f"`distill_jsd_beta` must be in (0, 1), got {self.distill_jsd_beta}.")
+        for name in ("distill_hidden_coef", "distill_text_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        if self.distill_chunk_size < 1:
+            raise ValueError(f"`distill_chunk_size` must be >= 1, got {self.distill_chunk_size}.")
+        if self.distill_dataset is not None:
+            from grpo_prune.data import validate_text_source
+
+            validate_text_source(self.distill_dataset)
+            if self.distill_text_batch_size < 1:
+                raise ValueError(f"`distill_text_batch_size` must be >= 1, got {self.distill_text_batch_size}.")
+            if self.distill_text_length < 2:
+                raise ValueError(f"`distill_text_length` must be >= 2 tokens, got {self.distill_text_length}.")
+        if self.sync_ref_model and self.distillation_enabled and self.beta > 0 and not self.teacher_model_name_or_path:
+            # The teacher is TRL's reference model here, and syncing would pull it toward the pruned student.
+            raise ValueError(
+                "`sync_ref_model: true` with distillation and `beta` > 0 would make the teacher (TRL's reference "
+                "model, reused as teacher) drift toward the pruned student. Set `teacher_model_name_or_path` (e.g. to "
+                "the starting model) for a separate frozen teacher, or set `sync_ref_model: false`."
+            )
+        if self.fp16 and self.prune_target_sparsity > 0:
+            # The pruner reads gradients before accelerate unscales them (inside clipping): loss-scaled and inf
+            # values would enter its statistics.
+            raise ValueError(
+                "`fp16: true` cannot be combined with pruning (`prune_target_sparsity` > 0): the pruner reads the "
+                "gradients before the fp16 loss scale is removed. Use `bf16: true` (no loss scaling) or fp32."
+            )
         if isinstance(self.prune_targets, str):  # a single pattern from the command line
             self.prune_targets = [self.prune_targets]
         if not self.use_cpu and not _accelerator_available():
@@ -222,7 +288,12 @@ class MamaGRPOConfig(GRPOConfig):
 
     @property
     def distillation_enabled(self) -> bool:
-        return self.distill_coef > 0
+        """A teacher is needed: rollout KD, the hidden-state term or text distillation is on."""
+        return self.distill_coef > 0 or self.distill_hidden_coef > 0 or self.text_distillation_enabled
+
+    @property
+    def text_distillation_enabled(self) -> bool:
+        return self.distill_dataset is not None and self.distill_text_coef > 0
 
     def pruning_settings(self, end_step: int | None = None) -> PruningSettings:
         """The engine's settings for this run; `end_step` overrides `prune_end_step` (resolved from max_steps)."""

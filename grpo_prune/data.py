@@ -392,3 +392,95 @@ def load_prompt_dataset(
             raise ValueError(f"num_samples must be in [1, {len(ds)}] for {name_or_path!r} {split}, got {num_samples}")
         ds = ds.select(range(num_samples)) if prefix else ds.shuffle(seed=seed).select(range(num_samples))
     return ds
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Plain text (distillation on text, calibration)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def python_docs_text() -> str:
+    """The stdlib's Python documentation topics (``pydoc_data.topics``: English prose with code), as one string.
+
+    Offline (it ships with CPython) and not one of the evaluation sets (LAMBADA, PIQA, HellaSwag, ARC), so it can be
+    calibrated and distilled on without leaking into the scores. About 465k characters; topics in sorted order,
+    separated by blank lines.
+    """
+    import pydoc_data.topics
+
+    topics = pydoc_data.topics.topics
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+#: Built-in plain-text sources by name: ``name -> () -> text``.
+BUILTIN_TEXTS: dict[str, Callable[[], str]] = {"python_docs": python_docs_text}
+TEXT_FILE_SUFFIXES = (".txt", ".jsonl")
+
+
+def validate_text_source(name_or_path: str | os.PathLike[str]) -> str:
+    """Cheap check for config validation (no text is read): ``"builtin"`` or ``"local"``, else ``ValueError``."""
+    text = os.fspath(name_or_path)
+    if text in BUILTIN_TEXTS:
+        return "builtin"
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise ValueError(
+            f"`distill_dataset` {text!r} is neither a built-in text ({', '.join(BUILTIN_TEXTS)}) nor an existing file"
+        )
+    if path.suffix not in TEXT_FILE_SUFFIXES:
+        raise ValueError(
+            f"`distill_dataset` {text!r} must be a .txt file or a .jsonl file with a 'text' field, got {path.suffix!r}"
+        )
+    return "local"
+
+
+def load_text_documents(name_or_path: str | os.PathLike[str]) -> list[str]:
+    """Documents of a plain-text source: a built-in name, a ``.txt`` file (one document) or a ``.jsonl`` file (the
+    ``"text"`` field of every row)."""
+    kind = validate_text_source(name_or_path)
+    if kind == "builtin":
+        return [BUILTIN_TEXTS[os.fspath(name_or_path)]()]
+    path = Path(os.fspath(name_or_path)).expanduser()
+    if path.suffix == ".txt":
+        return [path.read_text(encoding="utf-8")]
+    rows = _read_jsonl(path)
+    missing = [i for i, row in enumerate(rows) if not isinstance(row.get("text"), str)]
+    if missing:
+        raise ValueError(f"{path}: rows {missing[:5]} have no 'text' string field")
+    return [row["text"] for row in rows]
+
+
+def text_token_stream(tokenizer: Any, name_or_path: str | os.PathLike[str] = "python_docs") -> list[int]:
+    """Token ids of a plain-text source, its documents joined by blank lines, without special tokens."""
+    text = "\n\n".join(load_text_documents(name_or_path))
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+class TextWindowSampler:
+    """Batches of token windows ``[batch_size, length]`` drawn from a token stream, seeded and cycling.
+
+    The stream is cut into non-overlapping windows of ``length`` tokens; their order is shuffled once with ``seed``,
+    and consecutive batches take consecutive windows of that order, wrapping around at the end (an epoch). Same
+    stream and arguments, same sequence of batches.
+    """
+
+    def __init__(self, stream: Sequence[int], length: int, batch_size: int, seed: int = 0):
+        if length < 2 or batch_size < 1:
+            raise ValueError(f"need length >= 2 and batch_size >= 1, got {length} and {batch_size}")
+        self.num_windows = len(stream) // length
+        if self.num_windows < 1:
+            raise ValueError(f"the text gives {len(stream)} tokens, fewer than one window of {length}")
+        import torch
+
+        self.windows = torch.tensor(list(stream[: self.num_windows * length]), dtype=torch.long).view(-1, length)
+        self.order = torch.randperm(self.num_windows, generator=torch.Generator().manual_seed(seed))
+        self.batch_size = batch_size
+        self.position = 0  # windows drawn so far
+
+    def next_batch(self) -> Any:
+        """The next ``[batch_size, length]`` long tensor of token ids."""
+        import torch
+
+        index = torch.arange(self.position, self.position + self.batch_size) % self.num_windows
+        self.position += self.batch_size
+        return self.windows[self.order[index]]

@@ -11,8 +11,11 @@ The subclass is thin. The pruning engine (`grpo_prune.pruning`) does the math; t
   masked gradients Adam and SGD keep them at zero anyway; their moments are zeroed once, when entries are pruned);
 * after each optimizer step: the pruning callback (`grpo_prune.pruning_callback`) advances the schedule clock
   (unless the reward guard holds it) and runs the prune event it calls for;
-* `_compute_loss`: add ``distill_coef * L_KD / gradient_accumulation_steps`` to TRL's GRPO loss, with the student's
-  logits taken from the hidden states of the very forward pass TRL runs for the policy loss (no second student pass);
+* `_compute_loss`: add the distillation terms, each divided by `gradient_accumulation_steps`, to TRL's GRPO loss:
+  ``distill_coef * L_KD + distill_hidden_coef * L_hidden`` on the completions, from the hidden states of the very
+  forward pass TRL runs for the policy loss (no second student pass), plus, with `distill_dataset`,
+  ``distill_text_coef * L_KD + distill_hidden_coef * L_hidden`` on a batch of plain-text windows (one more student
+  forward). Logits are computed from hidden states in chunks (`chunked_distillation_loss`);
 * `save_model` (also used for every checkpoint) writes the pruner state and a JSON report; resuming restores it.
 """
 
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -29,7 +32,8 @@ from trl import GRPOTrainer
 from trl.trainer.utils import disable_dropout_in_model
 
 from grpo_prune.config import MamaGRPOConfig
-from grpo_prune.distill import distillation_loss
+from grpo_prune.data import TextWindowSampler, text_token_stream
+from grpo_prune.distill import chunked_distillation_loss, hidden_state_loss, postprocess_logits
 from grpo_prune.fileio import write_json_atomic
 from grpo_prune.pruning.pruner import Pruner
 from grpo_prune.pruning.reward_guard import RewardGuard
@@ -47,7 +51,9 @@ class MamaGRPOTrainer(GRPOTrainer):
 
     Attributes:
         pruner: the [`~grpo_prune.pruning.pruner.Pruner`] that owns masks and indicators (None when pruning is off).
-        teacher: the frozen dense teacher (None when distillation is off); TRL's `ref_model` when `beta > 0`.
+        teacher: the frozen dense teacher (None when distillation is off); TRL's `ref_model` when `beta > 0`; under
+            LoRA with no `teacher_model_name_or_path`, the policy itself, run with its adapters disabled (use
+            `teacher_logits`, which disables them).
         pruning_callback: the [`~grpo_prune.pruning_callback.PruningCallback`] that runs the schedule (None when
             pruning is off); `reward_guard`, `prune_events`, `prune_clock` and `last_score_sample` are its.
     """
@@ -63,12 +69,15 @@ class MamaGRPOTrainer(GRPOTrainer):
                 f"`args` must be a MamaGRPOConfig (it extends GRPOConfig with the pruning fields), got "
                 f"{type(args).__name__}. Build it with MamaGRPOConfig(**grpo_config.to_dict())."
             )
-        if kwargs.get("peft_config") is not None and args.pruning_enabled:
+        if args.pruning_enabled and (kwargs.get("peft_config") is not None or _has_adapters(model)):
+            # A model that already carries adapters would otherwise slip through: the pruner would mask the frozen
+            # base weights and the lora_A / lora_B matrices alike.
             raise ValueError(
-                "`peft_config` (LoRA) cannot be combined with pruning (`prune_target_sparsity` > 0): LoRA freezes the "
-                "weights being pruned, so they get no gradient for the movement indicator, and merging the adapter "
-                "(W + BA) would write non-zeros into every pruned entry. Train the full model with pruning, or set "
-                "`prune_target_sparsity: 0` to use LoRA with distillation only."
+                "LoRA (`peft_config`, or a `model` that already carries PEFT adapters) cannot be combined with pruning "
+                "(`prune_target_sparsity` > 0): LoRA freezes the weights being pruned, so they get no gradient for "
+                "the movement indicator, and merging the adapter (W + BA) would write non-zeros into every pruned "
+                "entry. Train the full model with pruning, or set `prune_target_sparsity: 0` to use LoRA with "
+                "distillation only."
             )
         super().__init__(model, reward_funcs, args, *pargs, **kwargs)
         if args.pruning_enabled and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
@@ -77,10 +86,21 @@ class MamaGRPOTrainer(GRPOTrainer):
                 "Pruning under DeepSpeed or FSDP is not supported yet; use DDP (torchrun / accelerate multi-GPU)."
             )
 
+        self._teacher_is_disabled_adapters = False
         self.teacher = self._build_teacher() if args.distillation_enabled else None
         self._student_backbone = self._backbone(self.accelerator.unwrap_model(self.model))
         self._captured_hidden: torch.Tensor | None = None
-        self._capture_handle = None
+        self._captured_layers: dict[int, torch.Tensor] = {}
+        self.text_sampler: TextWindowSampler | None = None
+        if self.teacher is not None and args.text_distillation_enabled:
+            stream = text_token_stream(self.processing_class, args.distill_dataset)
+            # One seed per process, so that data-parallel ranks distil different windows.
+            self.text_sampler = TextWindowSampler(
+                stream,
+                args.distill_text_length,
+                args.distill_text_batch_size,
+                seed=args.seed + self.accelerator.process_index,
+            )
 
         self._grads_processed = False
         self._step_has_reward_signal = False
@@ -92,6 +112,8 @@ class MamaGRPOTrainer(GRPOTrainer):
             frozen_dense = None
             if self.teacher is not None and args.teacher_model_name_or_path is None:
                 frozen_dense = self.accelerator.unwrap_model(self.teacher)
+                if frozen_dense is self.accelerator.unwrap_model(self.model):  # LoRA's adapter-free view: not frozen
+                    frozen_dense = None
             self.pruner = Pruner(
                 self.accelerator.unwrap_model(self.model), args.pruning_settings(), frozen_dense=frozen_dense
             )
@@ -131,8 +153,13 @@ class MamaGRPOTrainer(GRPOTrainer):
         return model.base_model
 
     def _build_teacher(self) -> PreTrainedModel:
-        """One frozen dense copy. Reuses TRL's reference model when `beta > 0` rather than holding two."""
+        """One frozen dense copy. Reuses TRL's reference model when `beta > 0` rather than holding two; under LoRA,
+        the policy with its adapters disabled is the base model, so no copy at all."""
         args = self.args
+        if args.teacher_model_name_or_path is None and _has_adapters(self.accelerator.unwrap_model(self.model)):
+            # Pruning is refused with adapters, so the frozen base weights are exactly the dense start.
+            self._teacher_is_disabled_adapters = True
+            return self.accelerator.unwrap_model(self.model)
         if self.ref_model is not None and args.teacher_model_name_or_path is None:
             return self.ref_model
         if args.teacher_model_name_or_path is not None:
@@ -160,22 +187,69 @@ class MamaGRPOTrainer(GRPOTrainer):
             return prepare_fsdp(teacher, self.accelerator)
         return self.accelerator.prepare_model(teacher.to(self.accelerator.device), evaluation_mode=True)
 
+    @contextmanager
+    def _teacher_module(self):
+        """The teacher, ready for a no-grad forward: under LoRA, the policy with adapters disabled and in eval mode
+        (no dropout, no gradient checkpointing), restored afterwards."""
+        if not self._teacher_is_disabled_adapters:
+            yield self.accelerator.unwrap_model(self.teacher)
+            return
+        model = self.teacher
+        was_training = model.training
+        model.eval()
+        try:
+            with model.disable_adapter():
+                yield model
+        finally:
+            model.train(was_training)
+
+    def _logits_head(self, teacher: bool = False):
+        """``[n, H] -> [n, V]``: the LM head of the student (or teacher) then that model's own logit post-processing
+        (soft-capping, scaling). The teacher's head under LoRA is the head's frozen base layer, so it stays
+        adapter-free outside `_teacher_module` too (the head runs again in backward, under activation checkpointing)."""
+        model = self.accelerator.unwrap_model(self.teacher if teacher else self.model)
+        head = model.get_output_embeddings()
+        if teacher and self._teacher_is_disabled_adapters and hasattr(head, "get_base_layer"):
+            head = head.get_base_layer()
+        config = model.config
+
+        def logits(hidden: torch.Tensor) -> torch.Tensor:
+            return postprocess_logits(config, head(hidden.to(head.weight.dtype)))
+
+        return logits
+
+    @torch.no_grad()
+    def _teacher_hidden(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """The teacher's final hidden states ``[B, L, H]`` and, if ``layers``, every decoder layer's output."""
+        with self._teacher_module() as teacher:
+            backbone = self._backbone(teacher)
+            captured: dict[int, torch.Tensor] = {}
+            with _capture_layer_outputs(backbone, captured) if layers else nullcontext():
+                out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state, [captured[i] for i in sorted(captured)] if layers else None
+
     @torch.no_grad()
     def teacher_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_tokens: int) -> torch.Tensor:
-        """Teacher logits ``[B, n_tokens, V]`` predicting the last ``n_tokens`` tokens of ``input_ids``."""
-        out = self.teacher(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=n_tokens + 1)
-        return out.logits[:, :-1]
+        """Teacher logits ``[B, n_tokens, V]`` predicting the last ``n_tokens`` tokens of ``input_ids`` (post-processed
+        as the teacher's forward does). Materialises the logits: for inspection; the loss uses chunks."""
+        hidden, _ = self._teacher_hidden(input_ids, attention_mask, layers=False)
+        return self._logits_head(teacher=True)(hidden[:, -n_tokens - 1 : -1])
 
     @contextmanager
-    def _capture_student_hidden(self):
-        """Keep the student's final hidden states from the policy forward that TRL runs inside `_compute_loss`."""
+    def _capture_student_hidden(self, layers: bool = False):
+        """Keep the student's final hidden states (and, if ``layers``, each decoder layer's output) from the policy
+        forward that TRL runs inside `_compute_loss`."""
 
         def hook(module, args, output):
             self._captured_hidden = output.last_hidden_state
 
+        self._captured_layers = {}
         handle = self._student_backbone.register_forward_hook(hook)
         try:
-            yield
+            with _capture_layer_outputs(self._student_backbone, self._captured_layers) if layers else nullcontext():
+                yield
         finally:
             handle.remove()
 
@@ -200,38 +274,110 @@ class MamaGRPOTrainer(GRPOTrainer):
                 loss = super()._compute_loss(model, inputs)
             self._reward_statistic_seam(inputs, loss)
             return loss
+        args = self.args
         self._captured_hidden = None
-        with self._capture_student_hidden(), self._record_activations():
+        with self._capture_student_hidden(layers=args.distill_hidden_coef > 0), self._record_activations():
             loss = super()._compute_loss(model, inputs)
         self._reward_statistic_seam(inputs, loss)
         hidden, self._captured_hidden = self._captured_hidden, None
+        student_layers = [self._captured_layers[i] for i in sorted(self._captured_layers)]
+        self._captured_layers = {}
         if hidden is None:
             raise RuntimeError("the student's hidden states were not captured; the model forward is not a decoder")
 
-        completion_ids = inputs["completion_ids"]
-        n_tokens = completion_ids.size(1)
-        mask = inputs["completion_mask"]
-        if "tool_mask" in inputs:
-            mask = mask * inputs["tool_mask"]
-        lm_head = self.accelerator.unwrap_model(model).get_output_embeddings()
-        # Position t predicts token t + 1: the completion is predicted from the positions just before it.
-        student_logits = lm_head(hidden[:, -n_tokens - 1 : -1].to(lm_head.weight.dtype))
-        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
-        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        teacher_logits = self.teacher_logits(input_ids, attention_mask, n_tokens)
-        kd = distillation_loss(
-            student_logits,
-            teacher_logits,
-            mask,
-            divergence=self.args.distill_loss,
-            temperature=self.args.distill_temperature,
-            jsd_beta=self.args.distill_jsd_beta,
-        )
         mode = "train" if self.model.training else "eval"
         # Scaled for gradient accumulation like TRL's own auxiliary losses (HF's loss scaling is off in GRPO).
         normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        self._metrics[mode]["distill/loss"].append(self.accelerator.gather(kd.detach()).mean().item())
-        return loss + self.args.distill_coef * kd / normalizer
+        if args.distill_coef > 0 or args.distill_hidden_coef > 0:
+            completion_ids = inputs["completion_ids"]
+            n_tokens = completion_ids.size(1)
+            mask = inputs["completion_mask"]
+            if "tool_mask" in inputs:
+                mask = mask * inputs["tool_mask"]
+            input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+            attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+            # Position t predicts token t + 1: the completion is predicted from the positions just before it, and
+            # the hidden-state term is taken at the same positions.
+            positions = slice(-n_tokens - 1, -1)
+            kd, hidden_term = self._distillation_terms(
+                input_ids, attention_mask, mask, positions, hidden, student_layers, args.distill_coef > 0
+            )
+            if kd is not None:
+                self._log_metric(mode, "distill/loss", kd)
+                loss = loss + args.distill_coef * kd / normalizer
+            if hidden_term is not None:
+                self._log_metric(mode, "distill/hidden_loss", hidden_term)
+                loss = loss + args.distill_hidden_coef * hidden_term / normalizer
+        if self.text_sampler is not None and mode == "train":
+            loss = loss + self._text_distillation_loss() / normalizer
+        return loss
+
+    def _distillation_terms(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        mask: torch.Tensor,
+        positions: slice,
+        student_hidden: torch.Tensor,
+        student_layers: list[torch.Tensor],
+        logits_term: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Logit KD and the hidden-state term (each None when off) between the student's captured forward over
+        ``input_ids`` ``[B, L]`` and the teacher's, at ``positions`` of the sequence, over the tokens ``mask``
+        (``[B, len(positions)]``) keeps."""
+        args = self.args
+        want_layers = args.distill_hidden_coef > 0
+        teacher_hidden, teacher_layers = self._teacher_hidden(input_ids, attention_mask, layers=want_layers)
+        kd = None
+        if logits_term:
+            kd = chunked_distillation_loss(
+                student_hidden[:, positions],
+                teacher_hidden[:, positions],
+                self._logits_head(),
+                self._logits_head(teacher=True),
+                mask,
+                divergence=args.distill_loss,
+                temperature=args.distill_temperature,
+                jsd_beta=args.distill_jsd_beta,
+                chunk_size=args.distill_chunk_size,
+            )
+        hidden_term = None
+        if want_layers:
+            if len(student_layers) != len(teacher_layers):
+                raise RuntimeError(
+                    f"the hidden-state term needs the student's and teacher's decoder layers paired; captured "
+                    f"{len(student_layers)} and {len(teacher_layers)}"
+                )
+            hidden_term = hidden_state_loss(
+                [h[:, positions] for h in student_layers], [h[:, positions] for h in teacher_layers], mask
+            )
+        return kd, hidden_term
+
+    def _text_distillation_loss(self) -> torch.Tensor:
+        """``distill_text_coef * KD + distill_hidden_coef * L_hidden`` on the next batch of text windows, every
+        position scored. One extra student forward (with gradient) and one teacher forward."""
+        args = self.args
+        input_ids = self.text_sampler.next_batch().to(self.accelerator.device)
+        attention_mask = torch.ones_like(input_ids)
+        want_layers = args.distill_hidden_coef > 0
+        captured: dict[int, torch.Tensor] = {}
+        # The backbone only: the student's full [B, T, V] logits are never needed, only chunks of them.
+        with _capture_layer_outputs(self._student_backbone, captured) if want_layers else nullcontext():
+            out = self._student_backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        student_hidden = out.last_hidden_state
+        student_layers = [captured[i] for i in sorted(captured)]
+        kd, hidden_term = self._distillation_terms(
+            input_ids, attention_mask, attention_mask, slice(None), student_hidden, student_layers, True
+        )
+        self._log_metric("train", "distill/text_loss", kd)
+        loss = args.distill_text_coef * kd
+        if hidden_term is not None:
+            self._log_metric("train", "distill/text_hidden_loss", hidden_term)
+            loss = loss + args.distill_hidden_coef * hidden_term
+        return loss
+
+    def _log_metric(self, mode: str, key: str, value: torch.Tensor) -> None:
+        self._metrics[mode][key].append(self.accelerator.gather(value.detach()).mean().item())
 
     # ------------------------------------------------------------------------------------ reward-driven statistic
     @property
@@ -317,7 +463,15 @@ class MamaGRPOTrainer(GRPOTrainer):
                 "coef": self.args.distill_coef,
                 "loss": self.args.distill_loss,
                 "temperature": self.args.distill_temperature,
-                "teacher": self.args.teacher_model_name_or_path or "initial dense weights of the student",
+                "hidden_coef": self.args.distill_hidden_coef,
+                "text_dataset": self.args.distill_dataset,
+                "text_coef": self.args.distill_text_coef if self.args.distill_dataset else 0.0,
+                "teacher": self.args.teacher_model_name_or_path
+                or (
+                    "the base model (LoRA adapters disabled)"
+                    if self._teacher_is_disabled_adapters
+                    else "initial dense weights of the student"
+                ),
             },
         }
         if self.pruner is not None:
@@ -380,3 +534,45 @@ class MamaGRPOTrainer(GRPOTrainer):
             self.pruning_callback.load_state_dict(json.load(f))
         self.pruner.apply_masks_()
         self.pruner.mask_optimizer_state_(self.optimizer)
+
+
+def _has_adapters(model: Any) -> bool:
+    """True for a PEFT model, or a transformers model with adapters loaded through its PEFT integration."""
+    if isinstance(model, str):
+        return False
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        PeftModel = ()
+    return isinstance(model, PeftModel) or bool(getattr(model, "_hf_peft_config_loaded", False))
+
+
+def _decoder_layers(backbone: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder stack's list of layers (``layers`` in Llama-like models, ``h`` in GPT-2-like ones)."""
+    n_layers = getattr(backbone.config, "num_hidden_layers", None)
+    for module in backbone.children():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
+            return module
+    raise RuntimeError(
+        f"no list of {n_layers} decoder layers found in {type(backbone).__name__}; the hidden-state distillation "
+        "term (`distill_hidden_coef`) needs one"
+    )
+
+
+@contextmanager
+def _capture_layer_outputs(backbone: torch.nn.Module, into: dict[int, torch.Tensor]):
+    """Store each decoder layer's output hidden states ``[B, L, H]`` in ``into[layer_index]`` during the forwards
+    run inside the context (forward hooks; a later forward overwrites an earlier one)."""
+
+    def hook_for(index: int):
+        def hook(module, args, output):
+            into[index] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    handles = [layer.register_forward_hook(hook_for(i)) for i, layer in enumerate(_decoder_layers(backbone))]
+    try:
+        yield into
+    finally:
+        for handle in handles:
+            handle.remove()

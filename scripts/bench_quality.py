@@ -493,11 +493,9 @@ def _windows(stream: list[int], n: int, length: int, what: str) -> list[list[int
 
 
 def _text_stream(tokenizer: Any) -> list[int]:
-    import pydoc_data.topics
+    from grpo_prune.data import text_token_stream
 
-    topics = pydoc_data.topics.topics
-    text = "\n\n".join(topics[k] for k in sorted(topics))
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return text_token_stream(tokenizer, "python_docs")
 
 
 _QUESTION = re.compile(r"What is (.+?)\?\s*$")

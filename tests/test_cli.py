@@ -98,6 +98,7 @@ def test_train_cli_end_to_end(tmp_path, tiny_model_dir):
         ({"prune_n_m": "3:2"}, "n_m"),
         ({"model_name_or_path": "./no/such/model"}, "does not exist"),
         ({"use_peft": True}, "LoRA"),
+        ({"distill_dataset": "no/such/text.txt"}, "distill_dataset"),
     ],
 )
 def test_bad_config_fails_before_loading(tmp_path, tiny_model_dir, override, message, monkeypatch):
@@ -221,3 +222,25 @@ def test_shipped_accelerate_configs_load(path):
     config = load_config_from_file(path)
     assert config.distributed_type in ("MULTI_GPU", "DEEPSPEED", "FSDP")
     assert config.num_processes >= 2
+
+
+def test_lora_with_distillation_and_text_runs_from_yaml(tmp_path, tiny_model_dir):
+    """LoRA + distillation with no teacher path (the base with adapters disabled is the teacher) + text KD."""
+    from grpo_prune.cli import run_train
+
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps({"text": f"{i} + {i} = {2 * i}."}) + "\n" for i in range(100)))
+    config = write_config(
+        tmp_path,
+        tiny_model_dir,
+        max_steps=2,
+        prune_target_sparsity=0.0,
+        use_peft=True,
+        lora_r=4,
+        lora_target_modules=["q_proj", "v_proj"],
+        distill_dataset=str(text),
+        distill_text_length=16,
+        distill_hidden_coef=1.0,
+    )
+    summary = run_train(parse_train_args(["--config", str(config)]))
+    assert summary["steps"] == 2
