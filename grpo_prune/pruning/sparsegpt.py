@@ -76,7 +76,8 @@ class GramAccumulator:
         self._gram: dict[str, Tensor] = {}  # key -> [in, in] sum of x x^T
         self._count: dict[str, int] = {}  # key -> tokens added
         self._last: tuple[Tensor, str] | None = None  # the previous hooked input and its key, for sharing
-        self._handles: list[Any] = []
+        self._handles: list[Any] = []  # linear hooks
+        self._model_handles: list[Any] = []  # attention-mask watchers
 
     # ------------------------------------------------------------------------------------------------ hooks
     def attach(self) -> GramAccumulator:
@@ -94,13 +95,14 @@ class GramAccumulator:
             mask = kwargs.get("attention_mask")
             self.token_mask = mask.bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
 
-        self._handles.append(model.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        self._model_handles.append(model.register_forward_pre_hook(pre_hook, with_kwargs=True))
 
     def remove(self) -> None:
         """Remove every hook; the accumulated matrices stay."""
-        for handle in self._handles:
+        for handle in self._handles + self._model_handles:
             handle.remove()
         self._handles.clear()
+        self._model_handles.clear()
         self._last = None
 
     def __enter__(self) -> GramAccumulator:
