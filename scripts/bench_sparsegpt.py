@@ -7,7 +7,7 @@ helper of ``scripts/bench_quality.py``; never evaluation text), then held-out pe
 Prints a markdown table: perplexity, ratio to dense, sparsity reached and the pruning time.
 
     OMP_NUM_THREADS=1 python scripts/bench_sparsegpt.py [--calib-windows 8] [--calib-length 256]
-        [--eval-windows 8] [--eval-length 512] [--json out.json]
+        [--eval-windows 8] [--eval-length 512] [--settings "50% unstructured" 2:4] [--json out.json]
 """
 
 from __future__ import annotations
@@ -33,6 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calib-length", type=int, default=256, help="tokens per calibration window (default 256)")
     parser.add_argument("--eval-windows", type=int, default=8, help="LAMBADA windows scored (default 8)")
     parser.add_argument("--eval-length", type=int, default=512, help="tokens per LAMBADA window (default 512)")
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        choices=[label for label, _, _ in SETTINGS],
+        default=[label for label, _, _ in SETTINGS],
+        help="which settings to run (default: all)",
+    )
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     return parser
 
@@ -60,8 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     rows[0]["ppl"] = held_out(model)
     rows[0]["eval_seconds"] = time.perf_counter() - t0
+    print(f"dense: ppl {rows[0]['ppl']:.2f}, eval {rows[0]['eval_seconds']:.1f} s", flush=True)
     del model
     for label, granularity, sparsity in SETTINGS:
+        if label not in args.settings:
+            continue
         for scorer in SCORERS:
             model = load_model(MODEL)
             t0 = time.perf_counter()
@@ -81,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
                     "eval_seconds": time.perf_counter() - t0,
                 }
             )
-            print(f"{label} {scorer}: ppl {ppl:.2f}, prune {seconds:.1f} s", flush=True)
+            print(
+                f"{label} {scorer}: ppl {ppl:.2f}, prune {seconds:.1f} s, eval {rows[-1]['eval_seconds']:.1f} s",
+                flush=True,
+            )
             del model
             gc.collect()
 

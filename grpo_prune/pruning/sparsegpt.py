@@ -348,7 +348,7 @@ def sparsegpt_prune_(
         w_blk = w[:, start:end].clone()
         u_blk = u[start:end, start:end]
         d = torch.diagonal(u_blk)
-        err_blk = torch.zeros_like(w_blk)
+        err_t = torch.zeros(end - start, rows, dtype=w.dtype, device=device)  # errors, row j = column j
 
         if n_m is None:
             # Cumulative rounding: exactly k_row[r] over the whole row, spread evenly over the blocks.
@@ -367,25 +367,26 @@ def sparsegpt_prune_(
             pruned[:, start:end] = _prune_lowest_per_row(saliency, need, f_blk)
             done += need
 
+        # err_j = w_j * pruned_j / U_jj: the whole scaled indicator is known once the mask is, so the column loop
+        # is two tensor ops (the loop is the slow part on CPU).
+        scale = pruned[:, start:end] / d if n_m is None else torch.zeros_like(w_blk)
         for j in range(end - start):
             col = start + j
             if n_m is not None and j % m == 0:
                 saliency = w_blk[:, j : j + m].square() / d[j : j + m].square()
                 prev = None if prev_keep is None else prev_keep[:, col : col + m].to(device)
                 pruned[:, col : col + m] = ~M.n_m_mask(saliency, n, m, None, prev)
-            wj = w_blk[:, j]
-            qj = wj.masked_fill(pruned[:, col], 0.0)
-            err = (wj - qj) / d[j]
-            # Compensate the not-yet-fixed columns of the block; column j itself becomes exactly qj.
+                scale[:, j : j + m] = pruned[:, col : col + m] / d[j : j + m]
+            err = torch.mul(w_blk[:, j], scale[:, j], out=err_t[j])
+            # Compensate the not-yet-fixed columns of the block. Column j's kept entries are unchanged (err = 0
+            # there) and its pruned ones become ~0, set to exactly 0 at the end.
             w_blk[:, j:].addr_(err, u_blk[j, j:], alpha=-1.0)
-            w_blk[:, j] = qj
-            err_blk[:, j] = err
         w[:, start:end] = w_blk
         if end < cols:
-            w[:, end:].addmm_(err_blk, u[start:end, end:], alpha=-1.0)
+            w[:, end:].addmm_(err_t.T, u[start:end, end:], alpha=-1.0)
 
     keep = ~pruned
-    w.mul_(keep)  # pruned entries are already 0; this also clears -0.0
+    w.mul_(keep)  # exact zeros at the pruned entries (the updates leave rounding residue there)
     weight.data.copy_(w.to(weight.dtype))
     return keep
 
