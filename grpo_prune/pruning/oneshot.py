@@ -5,7 +5,10 @@ scored and masked by the same code. Calibration batches provide what the scorer 
 
 - activation statistics (wanda, structured magnitude/wanda/mama, compensation) from forward hooks;
 - movement for ``movement``/``mama``: one backward pass of the language-modelling loss summed over the calibration
-  batches, ``R = -(grad * W)`` (the first-order Taylor estimate of the loss increase when a weight is removed).
+  batches, ``R = -(grad * W)`` (the first-order Taylor estimate of the loss increase when a weight is removed);
+- Gram matrices of every target's inputs for ``sparsegpt`` (:mod:`grpo_prune.pruning.sparsegpt`), which prunes
+  and reconstructs the weights decoder layer by decoder layer; its masks are then handed to the same Pruner, so
+  the report and the masks look exactly like any other scorer's.
 
 Everything (settings, calibration, model structure) is validated before the model is touched.
 """
@@ -20,9 +23,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from grpo_prune.pruning import scores as S
 from grpo_prune.pruning.pruner import Pruner, PruningSettings
+from grpo_prune.pruning.sparsegpt import sparsegpt_oneshot_
 
-__all__ = ["PruneReport", "prune_oneshot"]
+__all__ = ["ONESHOT_SCORERS", "PruneReport", "prune_oneshot"]
+
+ONESHOT_SCORERS = (*S.SCORERS, "sparsegpt")
+"""Scorers accepted by :func:`prune_oneshot`: the training scorers plus ``sparsegpt`` (one-shot only for now)."""
 
 
 @dataclass
@@ -154,9 +162,12 @@ def prune_oneshot(
             for ``"n:m"`` it must equal ``1 - N/M``.
         granularity: ``"unstructured"``, ``"n:m"`` or ``"structured"``.
         n_m: the N:M pattern (``"2:4"``) for ``granularity="n:m"``.
-        scorer: ``"magnitude"``, ``"wanda"``, ``"movement"``, ``"random"`` or ``"mama"``.
+        scorer: ``"magnitude"``, ``"wanda"``, ``"movement"``, ``"random"``, ``"mama"`` or ``"sparsegpt"`` (OBS
+            reconstruction, unstructured and N:M only: the kept weights change too; ``comparison`` ``"layer"``
+            or ``"row"``; see :mod:`grpo_prune.pruning.sparsegpt`).
         calibration: input_ids ``[B, T]``, a dict for ``model(**batch)``, or an iterable of either. Required by
-            wanda, structured pruning (activation-aware), compensation, and movement/mama (LM-loss gradient).
+            wanda, sparsegpt, structured pruning (activation-aware), compensation, and movement/mama (LM-loss
+            gradient). A batch's ``attention_mask`` keeps padding out of the sparsegpt Gram matrices.
         **settings_overrides: any other :class:`PruningSettings` field (``alpha``, ``normalization``,
             ``targets``, ``comparison``, ``structured_units``, ``uniform``, ``compensate``, ``seed``...).
 
@@ -176,6 +187,10 @@ def prune_oneshot(
         )
     if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0.0 <= sparsity < 1.0:
         raise ValueError(f"`sparsity` must be a number in [0, 1), got {sparsity!r}.")
+    if scorer not in ONESHOT_SCORERS:
+        raise ValueError(f"`scorer` must be one of {ONESHOT_SCORERS}, got {scorer!r}.")
+    if scorer == "sparsegpt":
+        return _prune_sparsegpt(model, float(sparsity), granularity, n_m, calibration, settings_overrides)
     settings = PruningSettings(
         target_sparsity=float(sparsity),
         granularity=granularity,
@@ -230,5 +245,88 @@ def prune_oneshot(
         biases_present=info["biases_present"],
         added_biases=list(pruner.added_biases),
         notes=notes,
+        masks={n: m.clone() for n, m in pruner.masks.items()},
+    )
+
+
+# Settings that would change what sparsegpt computes but that it does not implement: refused, never ignored.
+_SPARSEGPT_REFUSED = {
+    "compensate": (False, "sparsegpt already reconstructs the kept weights; bias compensation would count twice"),
+    "track_activations": (None, "sparsegpt collects Gram matrices, not activation norms"),
+    "alpha": (0.0, "alpha weighs movement in mama"),
+}
+
+
+def _prune_sparsegpt(
+    model: nn.Module,
+    sparsity: float,
+    granularity: str,
+    n_m: str,
+    calibration: Any,
+    overrides: dict[str, Any],
+) -> PruneReport:
+    """``prune_oneshot(scorer="sparsegpt")``: validate, reconstruct layer by layer, record masks in a Pruner."""
+    if granularity == "structured":
+        raise ValueError(
+            "`granularity`='structured' is not supported by scorer='sparsegpt' (OBS reconstruction of whole "
+            "neurons/heads is not implemented); use 'unstructured' or 'n:m', or a structured scorer such as 'wanda'."
+        )
+    for name, (default, why) in _SPARSEGPT_REFUSED.items():
+        if name in overrides and overrides[name] != default:
+            raise ValueError(f"`{name}`={overrides[name]!r} is not supported by scorer='sparsegpt' ({why}).")
+    comparison = overrides.get("comparison", "layer")
+    if comparison not in ("layer", "row"):
+        raise ValueError(
+            f"`comparison` must be 'layer' or 'row' for scorer='sparsegpt' (its saliencies are reconstruction "
+            f"errors of one layer, not comparable across layers), got {comparison!r}."
+        )
+    # The Pruner validates everything else (sparsity vs N:M, targets, N:M divisibility) and holds the masks.
+    # "random" stands in for the scorer: it allocates no indicator, and no score of it is ever computed here.
+    settings = PruningSettings(
+        target_sparsity=sparsity,
+        granularity=granularity,
+        n_m=n_m,
+        scorer="random",
+        schedule="oneshot",
+        **{k: v for k, v in overrides.items() if k not in _SPARSEGPT_REFUSED},
+    )
+    try:
+        settings.validate()
+    except ValueError as err:
+        raise ValueError(str(err).replace("`target_sparsity`", "`sparsity`")) from None
+    if calibration is None:
+        raise ValueError(
+            "`calibration` is required here (sparsegpt reconstructs weights from the Gram matrices of their "
+            "inputs): pass input_ids [B, T] or batches."
+        )
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    batches = _calibration_batches(calibration, vocab)
+    pruner = Pruner(model, settings)
+    device = next(model.parameters()).device
+    batches = [{k: v.to(device) if isinstance(v, Tensor) else v for k, v in b.items()} for b in batches]
+
+    keep = sparsegpt_oneshot_(
+        model,
+        pruner.targets,
+        sparsity,
+        batches,
+        n_m=n_m if granularity == "n:m" else None,
+        comparison=comparison,
+    )
+    pruner.masks.update(keep)
+    pruner.apply_masks_()  # already zero; keeps the Pruner's invariant explicit
+    pruner.current_sparsity = sparsity
+    info = pruner.report()
+    return PruneReport(
+        layer_sparsity=pruner.layer_sparsity(),
+        global_sparsity=pruner.sparsity(),
+        params_zeroed=pruner.num_pruned(),
+        params_total=info["target_params"],
+        target_sparsity=sparsity,
+        granularity=granularity,
+        n_m=n_m if granularity == "n:m" else None,
+        scorer="sparsegpt",
+        biases_present=info["biases_present"],
+        notes=["sparsegpt: kept weights were reconstructed (OBS), decoder layer by decoder layer."],
         masks={n: m.clone() for n, m in pruner.masks.items()},
     )

@@ -1,0 +1,517 @@
+"""SparseGPT: one-shot pruning with OBS weight reconstruction (Frantar & Alistarh 2023), pure torch.
+
+Removing weights from a linear layer ``y = x W^T`` changes its output; SparseGPT minimises that change over
+calibration inputs, ``min ||X W^T - X W_s^T||^2`` with ``W_s`` following the sparsity pattern. The objective is a
+quadratic in each row of ``W`` with the same Hessian for every row, ``H = X^T X`` (``[in, in]``): the *Gram matrix*
+of the layer's inputs. The Optimal Brain Surgeon (OBS) step fixes the columns one at a time, left to right; with
+``U`` the upper Cholesky factor of ``H^-1`` (``U^T U = H^-1``), row ``j`` of ``U`` holds what OBS needs once the
+columns before ``j`` are fixed (``U_jj^2`` is ``[H_F^-1]_jj`` over the remaining columns ``F``):
+
+- the saliency (output error) of removing ``w_ij`` is ``w_ij^2 / U_jj^2``;
+- the optimal compensation of the row's not-yet-fixed weights is ``w_i,j: -= (w_ij / U_jj) * U_j,j:``.
+
+This module has the two pieces:
+
+- :class:`GramAccumulator`: ``H = sum x x^T`` over real (non-padding) tokens of each layer's input, collected by
+  forward hooks. Layers that read the *same* input tensor (``q/k/v_proj``, ``gate/up_proj``) share one matrix.
+  Memory: ``4 * in^2`` bytes (fp32) per *distinct* input, e.g. SmolLM2-135M: two 576-wide inputs shared by
+  q/k/v and gate/up, ``o_proj``'s 576 and ``down_proj``'s 1536: 3 x 1.3 MB + 9.4 MB = 13.4 MB per decoder layer.
+- :func:`sparsegpt_prune_`: prunes one weight in place from its Gram matrix and returns the keep-mask.
+
+:func:`sparsegpt_oneshot_` prunes a whole model *sequentially*: decoder layer ``i`` is pruned from the inputs
+produced by the already pruned layers ``< i`` (the paper's procedure; later layers then correct what earlier ones
+lost). Cost: one dense forward pass to record each decoder layer's call arguments, then per decoder layer two
+passes of that layer over the calibration batches (one to collect its Gram matrices, one with the pruned weights
+to produce the next layer's inputs), i.e. about three forward passes of the decoder stack, plus the OBS work
+(per layer ``O(in^3)`` for the inverse and ``O(out * in^2)`` for the updates). Calibration hidden states of all
+batches are held at once: ``4 * tokens * hidden_size`` bytes (8 x 256 tokens of SmolLM2: 4.7 MB). Within a
+decoder layer every linear is pruned from the layer's dense inputs (the attention output projection does not
+see the pruned q/k/v), as in the paper's reference procedure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from grpo_prune.pruning import masks as M
+from grpo_prune.pruning.structure import decoder_layers
+
+__all__ = ["GramAccumulator", "sparsegpt_oneshot_", "sparsegpt_prune_"]
+
+SPARSEGPT_COMPARISONS = ("layer", "row")
+
+
+class GramAccumulator:
+    """Gram matrices ``H = sum_t x_t x_t^T`` of the inputs of some linear layers, over real tokens.
+
+    Forward pre-hooks on the layers add every input row (token) to its layer's matrix. Padding is excluded through
+    :attr:`token_mask` (``[batch, seq]`` bool, True = real token): linear hooks cannot see the model's attention
+    mask, so the caller sets it before each forward, or :meth:`watch_attention_mask` installs a pre-forward hook on
+    the model that copies the ``attention_mask`` argument of every call there.
+
+    Sharing: the first forward pass after :meth:`attach` records which layers receive the very same input tensor
+    object as the layer called just before them (``q/k/v_proj`` read one normalised hidden state, ``gate/up_proj``
+    another). Such layers share one matrix, so memory is ``bytes = itemsize * in^2`` per *distinct* input
+    (``4 * in^2`` in fp32). Later passes check that the sharing still holds.
+
+    Args:
+        modules: layer name -> ``nn.Linear``; hooks fire in the model's call order.
+        dtype: accumulation dtype, ``torch.float32`` (default) or ``torch.float64``.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Linear], dtype: torch.dtype = torch.float32):
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"`dtype` must be torch.float32 or torch.float64, got {dtype}.")
+        for name, mod in modules.items():
+            if not isinstance(mod, nn.Linear):
+                raise ValueError(f"GramAccumulator needs nn.Linear modules; {name} is {type(mod).__name__}.")
+        self.modules = dict(modules)
+        self.dtype = dtype
+        self.token_mask: Tensor | None = None
+        self._key: dict[str, str] = {}  # layer -> name of the layer whose matrix it uses (itself or a sharer)
+        self._gram: dict[str, Tensor] = {}  # key -> [in, in] sum of x x^T
+        self._count: dict[str, int] = {}  # key -> tokens added
+        self._last: tuple[Tensor, str] | None = None  # the previous hooked input and its key, for sharing
+        self._handles: list[Any] = []  # linear hooks
+        self._model_handles: list[Any] = []  # attention-mask watchers
+
+    # ------------------------------------------------------------------------------------------------ hooks
+    def attach(self) -> GramAccumulator:
+        """Register the forward pre-hooks (idempotent). Returns ``self`` (usable as a context manager)."""
+        if not self._handles:
+            for name, mod in self.modules.items():
+                self._handles.append(mod.register_forward_pre_hook(self._make_hook(name)))
+        return self
+
+    def watch_attention_mask(self, model: nn.Module) -> None:
+        """Set :attr:`token_mask` from the ``attention_mask`` of every ``model(...)`` call (2-D masks only; a call
+        without one, or with a 4-D additive mask, counts every position). Removed by :meth:`remove`."""
+
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            mask = kwargs.get("attention_mask")
+            self.token_mask = mask.bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
+
+        self._model_handles.append(model.register_forward_pre_hook(pre_hook, with_kwargs=True))
+
+    def remove(self) -> None:
+        """Remove every hook; the accumulated matrices stay."""
+        for handle in self._handles + self._model_handles:
+            handle.remove()
+        self._handles.clear()
+        self._model_handles.clear()
+        self._last = None
+
+    def __enter__(self) -> GramAccumulator:
+        return self.attach()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def _make_hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            last = self._last
+            shares = last is not None and last[0] is x
+            if name not in self._key:
+                self._key[name] = last[1] if shares else name
+            elif (self._key[name] != name) != shares or (shares and last[1] != self._key[name]):
+                raise RuntimeError(
+                    f"GramAccumulator: {name} shared its input with {self._key[name]} in the first pass but not "
+                    "now; use one accumulator per call pattern."
+                )
+            self._last = (x, self._key[name])
+            if self._key[name] == name:
+                self._add(name, x)
+
+        return hook
+
+    @torch.no_grad()
+    def _add(self, key: str, x: Tensor) -> None:
+        x = x.detach()
+        if self.token_mask is not None:
+            if x.dim() != 3 or tuple(x.shape[:2]) != tuple(self.token_mask.shape):
+                raise RuntimeError(
+                    f"GramAccumulator: token_mask {tuple(self.token_mask.shape)} does not match the input "
+                    f"{tuple(x.shape)} of {key} ([batch, seq, features] expected)."
+                )
+            x = x[self.token_mask.to(x.device)]
+        rows = x.reshape(-1, x.shape[-1]).to(self.dtype)
+        if key not in self._gram:
+            self._gram[key] = torch.zeros(rows.shape[1], rows.shape[1], dtype=self.dtype, device=rows.device)
+            self._count[key] = 0
+        self._gram[key].addmm_(rows.T, rows)
+        self._count[key] += rows.shape[0]
+
+    # ---------------------------------------------------------------------------------------------- results
+    def key_of(self, name: str) -> str:
+        """Name of the layer whose matrix ``name`` uses (itself unless it shares)."""
+        if name not in self._key:
+            raise KeyError(f"{name} has not been seen by a forward pass of this GramAccumulator.")
+        return self._key[name]
+
+    def tokens(self, name: str) -> int:
+        """Number of (real) tokens accumulated for ``name``'s input."""
+        return self._count.get(self.key_of(name), 0)
+
+    def gram(self, name: str) -> Tensor:
+        """The raw sum ``sum_t x_t x_t^T``, ``[in, in]`` (the stored tensor, not a copy)."""
+        key = self.key_of(name)
+        if key not in self._gram:
+            raise KeyError(f"no tokens were accumulated for {name}.")
+        return self._gram[key]
+
+    def hessian(self, name: str) -> Tensor:
+        """Mean ``H = (1 / tokens) sum_t x_t x_t^T``, fp32 ``[in, in]`` (OBS is invariant to its scale; the mean
+        keeps figures comparable across token counts)."""
+        return (self.gram(name) / max(self.tokens(name), 1)).to(torch.float32)
+
+    def free(self, name: str) -> None:
+        """Drop the matrix used by ``name`` (and by the layers sharing it)."""
+        key = self.key_of(name)
+        self._gram.pop(key, None)
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the matrices: ``itemsize * in^2`` per distinct input."""
+        return int(sum(g.numel() * g.element_size() for g in self._gram.values()))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One layer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _prune_lowest_per_row(scores: Tensor, k: Tensor, forced: Tensor | None) -> Tensor:
+    """Pruned-set (True = prune) with ``k[r]`` entries of every row ``r`` of ``scores`` ``[rows, cols]``.
+
+    ``forced`` entries (already pruned) go first and count towards ``k`` (the caller makes ``k >= forced``); the
+    rest are the lowest scores, ties broken by column index (stable sort), as in :mod:`~grpo_prune.pruning.masks`.
+    """
+    order = torch.sort(scores, dim=1, stable=True).indices
+    if forced is not None:
+        # Second stable sort on "not forced": forced entries first, score order kept inside both parts.
+        not_forced = (~forced).gather(1, order).to(torch.uint8)
+        order = order.gather(1, torch.sort(not_forced, dim=1, stable=True).indices)
+    take = torch.arange(scores.shape[1], device=scores.device).unsqueeze(0) < k.unsqueeze(1)
+    pruned = torch.zeros_like(take)
+    pruned.scatter_(1, order, take)
+    return pruned
+
+
+def _inverse_cholesky_upper(hessian: Tensor, damp: float) -> Tensor:
+    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1`` (``U^T U = H^-1``), fp32.
+
+    Factorised in fp64 (cheap next to the updates, and robust for near-singular Gram matrices). If ``H`` is still
+    not positive definite (collinear inputs beyond what ``damp`` covers), the damping is raised tenfold, up to
+    three times, before giving up.
+    """
+    h = hessian.to(torch.float64)
+    mean_diag = torch.diagonal(h).mean()
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    for attempt in range(4):
+        lower, info = torch.linalg.cholesky_ex(h + (damp * 10**attempt) * mean_diag * eye)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0:
+                return upper.to(torch.float32)
+    raise ValueError(
+        f"the Gram matrix is not positive definite even with damping {damp * 1000:g} x mean(diag); "
+        "check the calibration inputs (NaN/inf?) or raise `damp`."
+    )
+
+
+def _row_targets(rows: int, cols: int, sparsity: float, comparison: str, device: torch.device) -> Tensor:
+    """Entries to prune per row, ``[rows]`` int64: ``round(s * cols)`` each (``"row"``), or ``round(s * rows *
+    cols)`` in the matrix spread as evenly as possible, the lowest-index rows taking one more (``"layer"``)."""
+    if comparison == "row":
+        return torch.full((rows,), M.num_to_prune(sparsity, cols), dtype=torch.long, device=device)
+    total = M.num_to_prune(sparsity, rows * cols)
+    base, extra = divmod(total, rows)
+    k = torch.full((rows,), base, dtype=torch.long, device=device)
+    k[:extra] += 1
+    return k
+
+
+@torch.no_grad()
+def sparsegpt_prune_(
+    weight: Tensor,
+    hessian: Tensor,
+    sparsity: float,
+    *,
+    n_m: str | tuple[int, int] | None = None,
+    block_size: int = 128,
+    damp: float = 0.01,
+    prev_keep: Tensor | None = None,
+    comparison: str = "row",
+) -> Tensor:
+    """Prune ``weight`` in place with OBS reconstruction and return its keep-mask.
+
+    Columns (input features) are processed left to right in blocks of ``block_size``. At the start of a block its
+    mask is chosen from the OBS saliency ``w_ij^2 / U_jj^2`` of the *current* (already compensated) weights, row by
+    row (rows are independent problems sharing ``H``). Then each column ``j`` of the block is fixed: its pruned
+    entries are set to zero and the error ``(w_j - q_j) / U_jj`` is spread over the later columns of the row
+    (``-err * U_j,j+1:``), inside the block at once and to the columns after the block in one matrix product.
+
+    Patterns:
+
+    - unstructured: each row prunes its target (:func:`_row_targets`), split over the blocks by cumulative rounding
+      (``round(k * end / cols) - round(k * start / cols)`` in a block), and inside a block the lowest saliencies
+      of the row go (the paper's adaptive mask selection, per row);
+    - N:M (``n_m``): in every group of ``M`` consecutive columns, the ``M - N`` lowest saliencies of each row go,
+      selected when the group's first column is reached (so with the updates from the earlier groups).
+
+    Dead input features (``H_jj == 0``: never active in the calibration data) have no curvature: their diagonal is
+    set to 1 and their weights to 0, as in the paper (they cannot affect the calibration outputs).
+
+    Args:
+        weight: ``[out, in]`` float tensor or Parameter, modified in place (fp32 math, written back in its dtype).
+        hessian: ``[in, in]`` Gram matrix of the layer's inputs (any positive scale, e.g.
+            :meth:`GramAccumulator.hessian`); not modified.
+        sparsity: fraction of each row (``"row"``) or of the matrix (``"layer"``) to prune, in ``[0, 1)``; for
+            N:M it must equal ``1 - N/M``.
+        n_m: ``"2:4"`` or ``(2, 4)`` for N:M; None for unstructured.
+        block_size: columns per block (lazy batch updates; a multiple of ``M`` for N:M). Results depend on it only
+            through the unstructured mask selection.
+        damp: relative dampening: ``damp * mean(diag H)`` is added to the diagonal before inversion.
+        prev_keep: ``[out, in]`` bool, a previous keep-mask: its pruned entries stay pruned and count towards the
+            target (a row that already prunes more keeps exactly those pruned). For N:M it must be compatible with
+            the pattern (at most ``M - N`` pruned per group).
+        comparison: unstructured only: ``"row"`` (exactly ``round(s * in)`` per row, SparseGPT's row-parallel
+            selection) or ``"layer"`` (exactly ``round(s * out * in)`` in the matrix, every row within one of
+            ``s * in``).
+
+    Returns:
+        bool keep-mask ``[out, in]`` (True = kept); every pruned entry of ``weight`` is exactly zero.
+
+    Raises:
+        ValueError: naming the argument, for bad shapes, values or an incompatible ``prev_keep``.
+    """
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"`weight` must be a float [out, in] matrix; got {weight.dtype} {tuple(weight.shape)}.")
+    rows, cols = weight.shape
+    if tuple(hessian.shape) != (cols, cols):
+        raise ValueError(f"`hessian` must be [in, in] = [{cols}, {cols}]; got {tuple(hessian.shape)}.")
+    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"`sparsity` must be a number in [0, 1), got {sparsity!r}.")
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+        raise ValueError(f"`block_size` must be a positive int, got {block_size!r}.")
+    if not isinstance(damp, (int, float)) or isinstance(damp, bool) or not damp > 0:
+        raise ValueError(f"`damp` must be a positive number, got {damp!r}.")
+    if comparison not in SPARSEGPT_COMPARISONS:
+        raise ValueError(f"`comparison` must be one of {SPARSEGPT_COMPARISONS}, got {comparison!r}.")
+    if prev_keep is not None and (prev_keep.dtype != torch.bool or prev_keep.shape != weight.shape):
+        raise ValueError(
+            f"`prev_keep` must be a bool tensor of the weight's shape {tuple(weight.shape)}; got "
+            f"{prev_keep.dtype} {tuple(prev_keep.shape)}."
+        )
+    if n_m is not None:
+        n, m = M.parse_n_m(n_m) if isinstance(n_m, str) else n_m
+        if not (isinstance(n, int) and isinstance(m, int) and 1 <= n < m):
+            raise ValueError(f"`n_m` must be 'N:M' or (N, M) with integers 1 <= N < M, got {n_m!r}.")
+        if abs(sparsity - (1 - n / m)) > 1e-6:
+            raise ValueError(f"`sparsity` must equal 1 - N/M = {1 - n / m:g} for n_m={n}:{m}, got {sparsity}.")
+        if cols % m:
+            raise ValueError(f"N:M pruning needs in_features ({cols}) divisible by M={m}.")
+        if block_size % m:
+            raise ValueError(f"`block_size` ({block_size}) must be a multiple of M={m} for N:M pruning.")
+        if prev_keep is not None:
+            worst = int((~prev_keep).reshape(-1, m).sum(1).max())
+            if worst > m - n:
+                raise ValueError(
+                    f"`prev_keep` prunes {worst} entries in some group of {m}, more than the {m - n} of {n}:{m}."
+                )
+
+    device = weight.device
+    w = weight.detach().to(torch.float32, copy=True)
+    h = hessian.detach().to(device=device, dtype=torch.float32, copy=True)
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    u = _inverse_cholesky_upper(h, float(damp))
+    del h
+
+    forced = None if prev_keep is None else ~prev_keep.to(device)
+    pruned = torch.zeros((rows, cols), dtype=torch.bool, device=device)
+    if n_m is None:
+        k_row = _row_targets(rows, cols, float(sparsity), comparison, device)
+        if forced is not None:
+            k_row = torch.maximum(k_row, forced.sum(1))
+            forced_after = forced.sum(1)  # forced entries in this block and the ones after it
+        done = torch.zeros(rows, dtype=torch.long, device=device)  # pruned so far, per row
+
+    for start in range(0, cols, block_size):
+        end = min(start + block_size, cols)
+        w_blk = w[:, start:end].clone()
+        u_blk = u[start:end, start:end]
+        d = torch.diagonal(u_blk)
+        err_t = torch.zeros(end - start, rows, dtype=w.dtype, device=device)  # errors, row j = column j
+
+        if n_m is None:
+            # Cumulative rounding: exactly k_row[r] over the whole row, spread evenly over the blocks.
+            goal = torch.div(k_row * end * 2 + cols, 2 * cols, rounding_mode="floor")  # round(k * end / cols)
+            need = goal - done
+            if forced is not None:
+                f_blk = forced[:, start:end]
+                forced_after -= f_blk.sum(1)
+                # at least the forced ones here; never so many that later forced ones would overshoot k_row
+                need = torch.minimum(need, k_row - done - forced_after).clamp(min=0)
+                need = torch.maximum(need, f_blk.sum(1))
+            else:
+                f_blk = None
+            need = need.clamp(max=end - start)
+            saliency = w_blk.square() / d.square()
+            pruned[:, start:end] = _prune_lowest_per_row(saliency, need, f_blk)
+            done += need
+
+        # err_j = w_j * pruned_j / U_jj: the whole scaled indicator is known once the mask is, so the column loop
+        # is two tensor ops (the loop is the slow part on CPU).
+        scale = pruned[:, start:end] / d if n_m is None else torch.zeros_like(w_blk)
+        for j in range(end - start):
+            col = start + j
+            if n_m is not None and j % m == 0:
+                saliency = w_blk[:, j : j + m].square() / d[j : j + m].square()
+                prev = None if prev_keep is None else prev_keep[:, col : col + m].to(device)
+                pruned[:, col : col + m] = ~M.n_m_mask(saliency, n, m, None, prev)
+                scale[:, j : j + m] = pruned[:, col : col + m] / d[j : j + m]
+            err = torch.mul(w_blk[:, j], scale[:, j], out=err_t[j])
+            # Compensate the not-yet-fixed columns of the block. Column j's kept entries are unchanged (err = 0
+            # there) and its pruned ones become ~0, set to exactly 0 at the end.
+            w_blk[:, j:].addr_(err, u_blk[j, j:], alpha=-1.0)
+        w[:, start:end] = w_blk
+        if end < cols:
+            w[:, end:].addmm_(err_t.T, u[start:end, end:], alpha=-1.0)
+
+    keep = ~pruned
+    w.mul_(keep)  # exact zeros at the pruned entries (the updates leave rounding residue there)
+    weight.data.copy_(w.to(weight.dtype))
+    return keep
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A whole model, sequentially
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _StopForward(Exception):
+    """Raised after the last decoder layer: the final norm and the LM head are not needed for calibration."""
+
+
+def _layer_inputs(
+    model: nn.Module, layers: list[nn.Module], batches: list[dict[str, Tensor]]
+) -> tuple[list[Tensor], list[list[tuple[tuple, dict]]]]:
+    """One dense forward pass per batch, recording the first layer's hidden states and every layer's other call
+    arguments (masks and position embeddings can differ per layer, e.g. sliding-window layers of Qwen2).
+
+    Returns:
+        (hidden states of each batch ``[B, T, hidden]``, per layer per batch ``(args after hidden, kwargs)``).
+    """
+    hidden: list[Tensor] = []
+    calls: list[list[tuple[tuple, dict]]] = [[] for _ in layers]
+
+    def recorder(index: int) -> Callable:
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            kwargs = dict(kwargs)
+            if args:
+                h, rest = args[0], tuple(args[1:])
+            else:
+                h, rest = kwargs.pop("hidden_states"), ()
+            if index == 0:
+                hidden.append(h.detach())
+            calls[index].append((rest, kwargs))
+            if index == len(layers) - 1:
+                raise _StopForward
+
+        return pre_hook
+
+    handles = [layer.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        for batch in batches:
+            try:
+                model(**batch, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(hidden) != len(batches) or any(len(c) != len(batches) for c in calls):
+        raise RuntimeError("sparsegpt: the decoder layers were not each called once per calibration batch.")
+    return hidden, calls
+
+
+def _run_layer(layer: nn.Module, h: Tensor, call: tuple[tuple, dict]) -> Tensor:
+    rest, kwargs = call
+    out = layer(h, *rest, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def sparsegpt_oneshot_(
+    model: nn.Module,
+    targets: Mapping[str, nn.Linear],
+    sparsity: float,
+    batches: Iterable[Mapping[str, Tensor]],
+    *,
+    n_m: str | None = None,
+    comparison: str = "layer",
+    block_size: int = 128,
+    damp: float = 0.01,
+    prev_keep: Mapping[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """Prune ``targets`` of ``model`` with SparseGPT, decoder layer by decoder layer (see the module docstring).
+
+    Args:
+        model: a causal LM whose targets all live in its decoder layers (:func:`decoder_layers`).
+        targets: module name -> ``nn.Linear`` to prune (e.g. :func:`~grpo_prune.pruning.structure.resolve_targets`).
+        sparsity: per target: fraction pruned (``1 - N/M`` for N:M).
+        batches: ``model(**batch)`` kwargs with ``input_ids`` ``[B, T]`` and optionally ``attention_mask``
+            ``[B, T]`` (padding is left out of the Gram matrices), already on the model's device.
+        n_m, comparison, block_size, damp: as in :func:`sparsegpt_prune_`.
+        prev_keep: name -> previous keep-mask (monotone pruning).
+
+    Returns:
+        name -> bool keep-mask, for every target. The weights are pruned and reconstructed in place.
+    """
+    batches = [dict(b) for b in batches]
+    layer_list = decoder_layers(model)
+    by_layer: list[dict[str, nn.Linear]] = [{} for _ in layer_list]
+    for name, mod in targets.items():
+        hits = [i for i, (prefix, _) in enumerate(layer_list) if name.startswith(prefix + ".")]
+        if not hits:
+            raise ValueError(f"sparsegpt: target {name} is not inside a decoder layer.")
+        by_layer[hits[0]][name] = mod
+    layers = [layer for _, layer in layer_list]
+
+    was_training = model.training
+    model.eval()
+    try:
+        hidden, calls = _layer_inputs(model, layers, batches)
+        token_masks = [b["attention_mask"].bool() if "attention_mask" in b else None for b in batches]
+        keep: dict[str, Tensor] = {}
+        for i, layer in enumerate(layers):
+            if by_layer[i]:
+                with GramAccumulator(by_layer[i]) as grams:
+                    for b, h in enumerate(hidden):
+                        grams.token_mask = token_masks[b]
+                        _run_layer(layer, h, calls[i][b])
+                for name, mod in by_layer[i].items():
+                    prev = None if prev_keep is None else prev_keep.get(name)
+                    keep[name] = sparsegpt_prune_(
+                        mod.weight,
+                        grams.hessian(name),
+                        sparsity,
+                        n_m=n_m,
+                        block_size=block_size,
+                        damp=damp,
+                        prev_keep=prev,
+                        comparison=comparison,
+                    )
+                del grams
+            if i + 1 < len(layers):  # the next layer's inputs, from this (now pruned) layer
+                hidden = [_run_layer(layer, h, calls[i][b]) for b, h in enumerate(hidden)]
+    finally:
+        model.train(was_training)
+    return {name: keep[name] for name in targets}
