@@ -56,6 +56,22 @@ def test_config_is_a_grpo_config(tmp_path):
     assert settings.target_sparsity == 0.5 and settings.scorer == "mama"
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_is_refused_at_config_time_naming_fsdp2(tmp_path, stage, monkeypatch):
+    ds = {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": "auto"}
+    # At config construction, before TrainingArguments would import DeepSpeed and before any model exists.
+    with pytest.raises(ValueError, match=rf"DeepSpeed \(ZeRO-{stage}.*FSDP2.*DDP"):
+        tiny_args(tmp_path, deepspeed=ds)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    with pytest.raises(ValueError, match=rf"ZeRO-{stage}.*FSDP2"):
+        tiny_args(tmp_path, deepspeed=str(path))
+    # `accelerate launch` with a DeepSpeed accelerate config says so only through the environment.
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ValueError, match="any ZeRO stage.*ACCELERATE_USE_DEEPSPEED.*FSDP2"):
+        tiny_args(tmp_path)
+
+
 def test_trainer_requires_mama_config(tmp_path):
     args = GRPOConfig(output_dir=str(tmp_path), report_to="none", bf16=False)
     with pytest.raises(TypeError, match="MamaGRPOConfig"):
