@@ -10,7 +10,8 @@ The subclass is thin. The pruning engine (`grpo_prune.pruning`) does the math; t
   the prune event it calls for;
 * `_compute_loss`: add ``distill_coef * L_KD / gradient_accumulation_steps`` to TRL's GRPO loss, with the student's
   logits taken from the hidden states of the very forward pass TRL runs for the policy loss (no second student pass);
-* `save_model` (also used for every checkpoint) writes the pruner state and a JSON report; resuming restores it.
+* `_save_checkpoint` / `save_model`: checkpoints carry the pruner's training state (resuming restores it exactly);
+  the final `output_dir` gets only what a user ships (model with zeros, tokenizer, masks sidecar, report).
 """
 
 from __future__ import annotations
@@ -352,11 +353,42 @@ class MamaGRPOTrainer(GRPOTrainer):
             ]
         return report
 
+    def _save_checkpoint(self, model, trial) -> None:
+        # transformers saves the model of a checkpoint through save_model(checkpoint-N, _internal_call=True); the flag
+        # tells that call apart from the final save, so that only checkpoints carry the pruner's training state.
+        self._saving_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._saving_checkpoint = False
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        super().save_model(output_dir, _internal_call)
+        """Inside a checkpoint (`checkpoint-N`): the model as transformers saves it plus the pruner's training state
+        (`pruner_state.safetensors` / `.json`: masks, indicators, schedule position; `mama_trainer_state.json`), so
+        that `resume_from_checkpoint` continues exactly. Anywhere else (the final save): only what a user ships,
+        written by `grpo_prune.export.write_final_model`: the model with exact zeros, tokenizer,
+        `pruning_masks.safetensors` and `pruning_report.json`."""
         output_dir = output_dir or self.args.output_dir
-        if self.pruner is None or not self.args.should_save:
+        if self.pruner is None or getattr(self, "_saving_checkpoint", False):
+            super().save_model(output_dir, _internal_call)
+            if self.pruner is not None and self.args.should_save:
+                self._save_pruner_state(output_dir)
             return
+        if self.args.should_save:
+            from grpo_prune.export import write_final_model
+
+            write_final_model(
+                self.accelerator.unwrap_model(self.model),
+                output_dir,
+                pruner=self.pruner,
+                tokenizer=self.processing_class,
+                run_report=self.pruning_report(),
+            )
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _save_pruner_state(self, output_dir: str) -> None:
+        """The pruner's training state and report, for `resume_from_checkpoint` (checkpoint folders only)."""
         self.pruner.save(output_dir)
         state = {
             "prune_clock": self.prune_clock,

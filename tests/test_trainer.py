@@ -306,7 +306,35 @@ def test_save_model_writes_zeros_masks_and_report(tmp_path):
     assert report["global_sparsity"] == pytest.approx(0.5)
     assert set(report["layer_sparsity"]) == set(trainer.pruner.masks)
     assert report["events"] and "reward_before" in report["events"][0]
-    assert any(f.startswith("pruner_state") for f in os.listdir(out))
+    masks = load_file(out / "pruning_masks.safetensors")
+    assert masks.keys() == trainer.pruner.masks.keys()
+    assert all(torch.equal(masks[n], m.cpu()) for n, m in trainer.pruner.masks.items())
+    # The final save is what a user ships: no pruner training state (that lives in checkpoint-* only).
+    assert not any(f.startswith(("pruner_state", "mama_trainer_state")) for f in os.listdir(out))
+
+
+def test_output_dir_is_lean_and_checkpoints_carry_the_pruner_state(tmp_path):
+    from grpo_prune.export import export_pruned
+
+    trainer = make_trainer(tmp_path, max_steps=2, prune_end_step=1, save_strategy="steps", save_steps=2)
+    trainer.train()
+    out = tmp_path / "out"
+    trainer.save_model()  # the final save, into output_dir beside checkpoint-2
+    shipped = {"config.json", "generation_config.json", "model.safetensors", "pruning_masks.safetensors"}
+    shipped |= {"pruning_report.json", "tokenizer.json", "tokenizer_config.json"}
+    files = {f for f in os.listdir(out) if not f.startswith("checkpoint-")}
+    assert shipped <= files, files
+    assert not files & {"pruner_state.json", "pruner_state.safetensors", "mama_trainer_state.json"}, files
+    assert not [f for f in files if f.startswith(".final-")]  # no temporary folder left behind
+    checkpoint = set(os.listdir(out / "checkpoint-2"))
+    assert {"pruner_state.json", "pruner_state.safetensors", "mama_trainer_state.json", "optimizer.pt"} <= checkpoint
+    report = json.loads((out / "pruning_report.json").read_text())
+    assert report["global_sparsity"] == pytest.approx(0.5) and report["events"]
+    assert report["mode"] == "masked" and "pruning_masks.safetensors" in report["files"]
+    # The lean folder is itself exportable (its masks come from the sidecar): compressed here.
+    exported = export_pruned(out, tmp_path / "compressed", compressed=True)
+    assert exported["source_report"]["events"] == report["events"]
+    assert exported["weights_format"] == "sparse-bitmask"
 
 
 def test_resume_gives_the_same_masks(tmp_path):
