@@ -15,7 +15,7 @@ models (``config.json`` ``quantization_config`` with ``quant_method: compressed-
 Per pruned weight this is ``(1 - s) * bytes_per_value + 1/8`` bytes instead of ``bytes_per_value``: at 50% sparsity
 0.53x of fp32, 0.56x of bf16. Embeddings, norms and unpruned layers stay dense (they are listed in ``ignore``).
 
-compressed-tensors (the ``compress`` extra) supplies the bit packing (``pack_bitmasks`` / ``unpack_bitmasks``) and
+compressed-tensors (a dependency, imported on first use) supplies the bit packing (``pack_bitmasks`` / ``unpack_bitmasks``) and
 the config schema (``BitmaskConfig`` / ``Sparse24BitMaskConfig``). Its releases from 0.15 on no longer ship the
 sparse compressors themselves, and transformers 5.24's compressed-tensors loader reads quantized checkpoints only,
 so :func:`load_compressed` (plain transformers plus the decompression here) is the way to load these checkpoints.
@@ -56,8 +56,8 @@ def _ct():
         from compressed_tensors.utils import pack_bitmasks, unpack_bitmasks
     except ImportError as err:  # pragma: no cover - exercised only without the extra
         raise ImportError(
-            "The compressed export needs compressed-tensors: `pip install 'grpo-prune[compress]'` "
-            "(or `pip install compressed-tensors`)."
+            "The compressed export needs compressed-tensors (a dependency of grpo-prune): "
+            "`pip install 'compressed-tensors>=0.15.0'`."
         ) from err
     return compressed_tensors, BitmaskConfig, Sparse24BitMaskConfig, pack_bitmasks, unpack_bitmasks
 

@@ -14,7 +14,16 @@ Two forms, chosen by the pruning granularity (``structured="auto"``):
   unit keep-masks in the original numbering (``model.layers.0.mlp`` -> bool ``[intermediate_size]``,
   ``model.layers.0.self_attn`` -> bool ``[num_attention_heads]``), so a sliced model can be mapped back.
 
-Both load with plain ``AutoModelForCausalLM.from_pretrained(output_dir)``: no custom code. Vanilla Llama/Qwen2
+* **Compressed** (``compressed=True``, ``--format compressed``; unstructured and N:M): the masked form with the
+  pruned weights stored in compressed-tensors' ``sparse-bitmask`` / ``sparse-24-bitmask`` layout
+  (:mod:`grpo_prune.compress`), about half the bytes of the pruned layers at 50%; loaded with
+  :func:`grpo_prune.compress.load_compressed`.
+
+The source is a folder with pruner state (``checkpoint-*``, or ``save_pretrained`` + ``Pruner.save``), a folder with
+``pruning_masks.safetensors`` (a run's final ``output_dir``, written by :func:`write_final_model`, or an earlier masked
+export), or an in-memory model with its pruner.
+
+The masked and structured forms load with plain ``AutoModelForCausalLM.from_pretrained(output_dir)``: no custom code. Vanilla Llama/Qwen2
 configs have one size for every layer, so a structured export needs the same number of units kept in every
 decoder layer (the engine's ``uniform=True`` default); otherwise it raises and ``structured=False`` exports the
 zeros form instead. transformers 5.24 has no per-layer ``intermediate_size`` for these architectures.
@@ -689,8 +698,7 @@ def export_pruned(
             ``True`` requires slicing; ``False`` always writes the full-size model with zeros and the mask sidecar.
         compressed: store the pruned weights of an unstructured or N:M export in compressed-tensors' sparse bitmask
             format (``sparse-24-bitmask`` for 2:4) instead of dense zeros: about ``(1 - s) + 1 / (8 * bytes per
-            value)`` of their dense size; load with :func:`grpo_prune.compress.load_compressed`. Needs the
-            ``compress`` extra (compressed-tensors).
+            value)`` of their dense size; load with :func:`grpo_prune.compress.load_compressed`.
 
     Returns:
         the report written to ``output_dir/pruning_report.json``: ``format``, ``mode`` (``"structured"`` or
@@ -812,7 +820,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=("dense", "compressed"),
         default="dense",
         help="dense: pruned weights as zeros (loads anywhere); compressed: compressed-tensors sparse bitmask "
-        "(2:4 format for 2:4 masks), about half the bytes at 50%% sparsity (needs `pip install compressed-tensors`)",
+        "(2:4 format for 2:4 masks), about half the bytes of the pruned layers at 50%% sparsity",
     )
     args = parser.parse_args(argv)
     structured = {"auto": "auto", "true": True, "false": False}[args.structured]

@@ -382,7 +382,9 @@ class MamaGRPOTrainer(GRPOTrainer):
                 output_dir,
                 pruner=self.pruner,
                 tokenizer=self.processing_class,
-                run_report=self.pruning_report(),
+                # The export writes compensation's biases into the config (mlp_bias / attention_bias), so the
+                # checkpoint note "load through grpo-prune export" does not apply to this folder.
+                run_report={k: v for k, v in self.pruning_report().items() if k != "note"},
             )
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
