@@ -173,7 +173,8 @@ def format_summary(s: dict[str, Any]) -> str:
             f"  parameters       {s['params_nonzero_after']:,} non-zero of {s['params_total']:,} "
             f"(before: {s['params_nonzero_before']:,}; {removed:,} zeroed)",
             f"  reward           first {fmt(s['reward_first'])} -> last {fmt(s['reward_last'])} (rolling means)",
-            f"  outputs          {s['output_dir']}  (model, pruner_state.*, pruning_report.json, run_summary.json)",
+            f"  outputs          {s['output_dir']}  (model with exact zeros, tokenizer, pruning_masks.safetensors, "
+            "pruning_report.json, run_summary.json; the pruner's training state only in checkpoint-*)",
             "",
         ]
     )

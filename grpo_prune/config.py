@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
@@ -267,6 +269,8 @@ class MamaGRPOConfig(GRPOConfig):
                 "`fp16: true` cannot be combined with pruning (`prune_target_sparsity` > 0): the pruner reads the "
                 "gradients before the fp16 loss scale is removed. Use `bf16: true` (no loss scaling) or fp32."
             )
+        if self.prune_target_sparsity > 0:
+            _refuse_deepspeed(self.deepspeed)
         if isinstance(self.prune_targets, str):  # a single pattern from the command line
             self.prune_targets = [self.prune_targets]
         if not self.use_cpu and not _accelerator_available():
@@ -320,6 +324,36 @@ class MamaGRPOConfig(GRPOConfig):
             compensate=self.prune_compensate,
             seed=self.seed,
         )
+
+
+def _refuse_deepspeed(deepspeed: str | dict | None) -> None:
+    """Refuse pruning under DeepSpeed (any ZeRO stage) here, before TrainingArguments imports DeepSpeed and long
+    before a model is loaded.
+
+    ZeRO-3 partitions every parameter, so the masks (full ``[out, in]`` per layer) would not line up with the local
+    partitions; ZeRO-1/2 keep full parameters but shard the optimizer state the masks must zero, and neither could
+    be tested here (DeepSpeed does not run on this CPU-only machine), so every stage is refused alike.
+    """
+    env = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes")
+    if deepspeed is None and not env:
+        return
+    stage = None
+    if isinstance(deepspeed, dict):
+        stage = deepspeed.get("zero_optimization", {}).get("stage")
+    elif isinstance(deepspeed, str) and os.path.isfile(deepspeed):
+        try:
+            with open(deepspeed) as f:
+                stage = json.load(f).get("zero_optimization", {}).get("stage")
+        except (OSError, ValueError, AttributeError):
+            stage = None
+    where = f"`deepspeed` ({deepspeed!r})" if deepspeed is not None else "ACCELERATE_USE_DEEPSPEED (accelerate config)"
+    zero = f"ZeRO-{stage}" if stage is not None else "any ZeRO stage"
+    raise ValueError(
+        f"Pruning (`prune_target_sparsity` > 0) does not run under DeepSpeed ({zero}, set by {where}): masks and "
+        "indicators are not partitioned like DeepSpeed's parameters and optimizer state. For sharded training use "
+        "PyTorch FSDP2 (accelerate's FSDP plugin with `fsdp_version: 2`); for unsharded multi-GPU training use "
+        "DDP (`torchrun` or `accelerate launch` without a DeepSpeed config)."
+    )
 
 
 def _accelerator_available() -> bool:

@@ -14,7 +14,16 @@ Two forms, chosen by the pruning granularity (``structured="auto"``):
   unit keep-masks in the original numbering (``model.layers.0.mlp`` -> bool ``[intermediate_size]``,
   ``model.layers.0.self_attn`` -> bool ``[num_attention_heads]``), so a sliced model can be mapped back.
 
-Both load with plain ``AutoModelForCausalLM.from_pretrained(output_dir)``: no custom code. Vanilla Llama/Qwen2
+* **Compressed** (``compressed=True``, ``--format compressed``; unstructured and N:M): the masked form with the
+  pruned weights stored in compressed-tensors' ``sparse-bitmask`` / ``sparse-24-bitmask`` layout
+  (:mod:`grpo_prune.compress`), about half the bytes of the pruned layers at 50%; loaded with
+  :func:`grpo_prune.compress.load_compressed`.
+
+The source is a folder with pruner state (``checkpoint-*``, or ``save_pretrained`` + ``Pruner.save``), a folder with
+``pruning_masks.safetensors`` (a run's final ``output_dir``, written by :func:`write_final_model`, or an earlier masked
+export), or an in-memory model with its pruner.
+
+The masked and structured forms load with plain ``AutoModelForCausalLM.from_pretrained(output_dir)``: no custom code. Vanilla Llama/Qwen2
 configs have one size for every layer, so a structured export needs the same number of units kept in every
 decoder layer (the engine's ``uniform=True`` default); otherwise it raises and ``structured=False`` exports the
 zeros form instead. transformers 5.24 has no per-layer ``intermediate_size`` for these architectures.
@@ -39,7 +48,9 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +65,15 @@ from grpo_prune.pruning.oneshot import PruneReport
 from grpo_prune.pruning.pruner import SETTINGS_FILE, STATE_FILE, Pruner, PruningSettings
 from grpo_prune.pruning.structure import HeadGroup, MLPGroup, decoder_layers, head_groups, mlp_groups
 
-__all__ = ["EXPORT_FORMAT", "MASKS_FILE", "REPORT_FILE", "UNIT_MASKS_FILE", "export_pruned", "main"]
+__all__ = [
+    "EXPORT_FORMAT",
+    "MASKS_FILE",
+    "REPORT_FILE",
+    "UNIT_MASKS_FILE",
+    "export_pruned",
+    "main",
+    "write_final_model",
+]
 
 MASKS_FILE = "pruning_masks.safetensors"
 UNIT_MASKS_FILE = "pruning_unit_masks.safetensors"
@@ -124,11 +143,23 @@ def _source_from_checkpoint(folder: Path, tokenizer: Any) -> _Source:
             else ""
         )
         raise ValueError(f"{folder} has no config.json: not a transformers checkpoint.{hint}")
+    config = json.loads((folder / "config.json").read_text())
+    if "sparsity_config" in (config.get("quantization_config") or {}):
+        raise ValueError(
+            f"{folder} is already a compressed export; load it with grpo_prune.compress.load_compressed(folder)."
+        )
+    if (folder / MASKS_FILE).is_file():
+        # A masked export, e.g. the final output_dir of a training run: the sidecar holds the masks.
+        return _source_from_masked_export(folder, tokenizer)
+    if (folder / UNIT_MASKS_FILE).is_file():
+        raise ValueError(
+            f"{folder} is a structured export whose units are already sliced out; there is nothing left to export."
+        )
     missing = [f for f in (SETTINGS_FILE, STATE_FILE) if not (folder / f).is_file()]
     if missing:
         raise ValueError(
-            f"{folder} has no pruner state ({', '.join(missing)} missing): it was not written by "
-            "MamaGRPOTrainer.save_model or Pruner.save, so the masks are unknown. Export an in-memory model with "
+            f"{folder} has no pruner state ({', '.join(missing)} missing) and no {MASKS_FILE}: it was not written by "
+            "MamaGRPOTrainer or Pruner.save, so the masks are unknown. Export an in-memory model with "
             "pruner=<Pruner or prune_oneshot report> instead."
         )
     meta = json.loads((folder / SETTINGS_FILE).read_text())
@@ -142,10 +173,7 @@ def _source_from_checkpoint(folder: Path, tokenizer: Any) -> _Source:
     pruner.apply_masks_()
     report_path = folder / REPORT_FILE
     source_report = json.loads(report_path.read_text()) if report_path.is_file() else None
-    if tokenizer is None and any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = _folder_tokenizer(folder, tokenizer)
     return _Source(
         model=model,
         masks=dict(pruner.masks),
@@ -154,6 +182,41 @@ def _source_from_checkpoint(folder: Path, tokenizer: Any) -> _Source:
         pruning=pruner.report(),
         source_report=source_report,
         tokenizer=tokenizer,
+    )
+
+
+def _folder_tokenizer(folder: Path, tokenizer: Any) -> Any:
+    if tokenizer is None and any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    return tokenizer
+
+
+def _source_from_masked_export(folder: Path, tokenizer: Any) -> _Source:
+    """A folder with the full-size model and ``pruning_masks.safetensors`` (an earlier masked export, or the final
+    ``output_dir`` of ``MamaGRPOTrainer``); its config already holds any biases added by compensation."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    with safe_open(str(folder / MASKS_FILE), framework="pt") as f:
+        meta = f.metadata() or {}
+    masks = {n: m.bool() for n, m in load_file(folder / MASKS_FILE).items()}
+    report_path = folder / REPORT_FILE
+    source_report = json.loads(report_path.read_text()) if report_path.is_file() else None
+    granularity = meta.get("granularity") or (source_report or {}).get("granularity")
+    if granularity not in ("unstructured", "n:m", "structured"):
+        raise ValueError(f"{folder / MASKS_FILE} does not say its granularity (metadata 'granularity').")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+    return _Source(
+        model=model,
+        masks=masks,
+        granularity=granularity,
+        origin=str(folder),
+        pruning=(source_report or {}).get("pruning") or {},
+        source_report=source_report,
+        tokenizer=_folder_tokenizer(folder, tokenizer),
     )
 
 
@@ -426,66 +489,32 @@ def _check_output(output_dir: Path, source_dir: Path | None) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Public entry point
+# Building and writing an export
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def export_pruned(
-    model_or_checkpoint_dir: nn.Module | str | os.PathLike[str],
-    output_dir: str | os.PathLike[str],
-    *,
-    pruner: Any = None,
-    tokenizer: Any = None,
-    structured: bool | str = "auto",
-) -> dict[str, Any]:
-    """Write a pruned model as a vanilla transformers checkpoint (see the module docstring for the formats).
+@dataclass
+class _Export:
+    """What an export writes, before it is written.
 
-    Args:
-        model_or_checkpoint_dir: either a checkpoint folder written by ``MamaGRPOTrainer.save_model`` or
-            ``save_pretrained`` + ``Pruner.save`` (``config.json``, weights, ``pruner_state.*``, optionally
-            ``pruning_report.json`` and tokenizer files); or an in-memory causal LM (a ``peft`` model is merged
-            on a copy and re-masked), then with ``pruner``.
-        output_dir: folder to create; an earlier export there is replaced, anything else is refused.
-        pruner: in-memory input only: the :class:`~grpo_prune.pruning.pruner.Pruner` that pruned the model
-            (``trainer.pruner``) or the :class:`~grpo_prune.pruning.oneshot.PruneReport` of ``prune_oneshot``
-            (its ``masks``).
-        tokenizer: saved beside the model; by default the checkpoint folder's own tokenizer, if any.
-        structured: ``"auto"`` slices when the granularity is ``"structured"`` and writes zeros otherwise;
-            ``True`` requires slicing; ``False`` always writes the full-size model with zeros and the mask sidecar.
-
-    Returns:
-        the report written to ``output_dir/pruning_report.json``: ``format``, ``mode`` (``"structured"`` or
-        ``"masked"``), ``params_before/after`` and ``bytes_before/after`` (unique tensors, tied ones once, in the
-        model's dtype), ``nonzero_params_before/after``, ``global_sparsity`` and ``layer_sparsity`` (fraction of
-        each target weight pruned), ``removed`` (per decoder layer: MLP neurons removed, query/KV head indices
-        removed), ``config_changes`` (field -> [before, after]), ``bias_changes``, ``zero_biases_added``,
-        ``lora_merged``, ``files``, ``pruning`` (the pruner's summary) and ``source_report``.
-
-    Raises:
-        ValueError: a folder without pruner state, an in-memory model without ``pruner``, ``structured=True`` on
-            non-structured masks, masks that are not whole units, or units kept in different numbers per layer.
+    Attributes:
+        model: a vanilla model of the output config holding the output tensors (masked, and sliced when ``sliced``).
+        src: where it came from.
+        sidecar: the mask sidecar's tensors; ``sidecar_name`` its file name.
+        sliced: structured units were physically removed.
+        report: the report (``files`` and ``file_bytes`` are filled in by :func:`_write_export`).
     """
-    if structured not in ("auto", True, False):
-        raise ValueError(f"`structured` must be 'auto', True or False, got {structured!r}.")
-    output_dir = Path(output_dir)
-    if isinstance(model_or_checkpoint_dir, (str, os.PathLike)):
-        if pruner is not None:
-            raise ValueError(
-                "`pruner` is for in-memory models; a checkpoint folder carries its own pruner state "
-                "(pruner_state.json / pruner_state.safetensors)."
-            )
-        source_dir: Path | None = Path(model_or_checkpoint_dir)
-        _check_output(output_dir, source_dir)
-        src = _source_from_checkpoint(source_dir, tokenizer)
-    elif isinstance(model_or_checkpoint_dir, nn.Module):
-        _check_output(output_dir, None)
-        src = _source_from_memory(model_or_checkpoint_dir, pruner, tokenizer)
-    else:
-        raise TypeError(
-            "`model_or_checkpoint_dir` must be a checkpoint folder or a torch model, got "
-            f"{type(model_or_checkpoint_dir).__name__}."
-        )
 
+    model: nn.Module
+    src: _Source
+    sidecar: dict[str, Tensor]
+    sidecar_name: str
+    sliced: bool
+    report: dict[str, Any]
+
+
+def _prepare(src: _Source, structured: bool | str) -> _Export:
+    """Mask (and, for structured pruning, slice) the source into a vanilla model and its report; writes nothing."""
     if structured is True and src.granularity != "structured":
         raise ValueError(
             f"structured=True needs structured pruning (whole neurons/heads), but the masks are {src.granularity!r}; "
@@ -585,29 +614,200 @@ def export_pruned(
         )
     if src.tokenizer is None:
         report["notes"].append("No tokenizer was given or found: only the model was written.")
+    return _Export(new_model, src, sidecar, sidecar_name, slice_units, report)
 
-    def write(tmp: Path) -> None:
-        new_model.save_pretrained(tmp)
-        if src.tokenizer is not None:
-            src.tokenizer.save_pretrained(tmp)
-        meta = {"format": EXPORT_FORMAT, "granularity": src.granularity, "kind": "units" if slice_units else "weights"}
-        save_file(sidecar, str(tmp / sidecar_name), metadata=meta)
-        report["files"] = sorted(p.name for p in tmp.iterdir()) + [REPORT_FILE]
-        report["file_bytes"] = sum(p.stat().st_size for p in tmp.glob("*.safetensors") if p.name != sidecar_name)
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
 
-    write_dir_atomically(output_dir, write)
-    return report
+def _is_2_4(masks: dict[str, Tensor]) -> bool:
+    """Every mask keeps exactly 2 of each 4 consecutive inputs (what the sparse-24-bitmask format stores)."""
+    for mask in masks.values():
+        rows, cols = mask.shape
+        if cols % 4 or not torch.all(mask.reshape(rows, cols // 4, 4).sum(-1) == 2):
+            return False
+    return True
+
+
+def _write_export(exp: _Export, folder: Path, compressed: bool) -> None:
+    """Write the model, tokenizer, sidecar and report of ``exp`` into the existing empty ``folder``.
+
+    With ``compressed`` the pruned weights are stored in compressed-tensors' sparse bitmask format (2:4 format for 2:4
+    masks) and no bool sidecar is written: the bitmask in the checkpoint already says which weights are kept.
+    """
+    src, report = exp.src, exp.report
+    exp.model.save_pretrained(folder)
+    if src.tokenizer is not None:
+        src.tokenizer.save_pretrained(folder)
+    report["weights_format"] = "dense"
+    if compressed:
+        from grpo_prune.compress import SPARSE_24_BITMASK, SPARSE_BITMASK, compress_checkpoint_
+
+        two_four = src.granularity == "n:m" and _is_2_4(src.masks)
+        fmt = SPARSE_24_BITMASK if two_four else SPARSE_BITMASK
+        structure = "2:4" if two_four else "unstructured"
+        if src.granularity == "n:m" and not two_four:
+            structure = report["pruning"].get("settings", {}).get("n_m", "unstructured")
+        dense_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+        linears = [n for n, m in exp.model.named_modules() if isinstance(m, nn.Linear)]
+        ignore = sorted(n for n in linears if n not in src.masks)
+        compress_checkpoint_(
+            folder, src.masks, fmt, structure=structure, global_sparsity=report["global_sparsity"], ignore=ignore
+        )
+        report["weights_format"] = fmt
+        report["dense_file_bytes"] = dense_bytes
+        report["notes"].append(
+            f"Weights in compressed-tensors' {fmt} format (layout in grpo_prune/compress.py): load them with "
+            "grpo_prune.compress.load_compressed(folder), which restores the dense masked weights exactly. The "
+            f"bitmask in the checkpoint is the mask, so no {MASKS_FILE} is written."
+        )
+    else:
+        meta = {"format": EXPORT_FORMAT, "granularity": src.granularity, "kind": "units" if exp.sliced else "weights"}
+        save_file(exp.sidecar, str(folder / exp.sidecar_name), metadata=meta)
+    report["files"] = sorted(p.name for p in folder.iterdir()) + [REPORT_FILE]
+    report["file_bytes"] = sum(p.stat().st_size for p in folder.glob("*.safetensors") if p.name != exp.sidecar_name)
+    if compressed:
+        report["compressed_ratio"] = report["file_bytes"] / report["dense_file_bytes"]
+    (folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def export_pruned(
+    model_or_checkpoint_dir: nn.Module | str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    *,
+    pruner: Any = None,
+    tokenizer: Any = None,
+    structured: bool | str = "auto",
+    compressed: bool = False,
+) -> dict[str, Any]:
+    """Write a pruned model as a vanilla transformers checkpoint (see the module docstring for the formats).
+
+    Args:
+        model_or_checkpoint_dir: either a checkpoint folder written by ``MamaGRPOTrainer.save_model`` or
+            ``save_pretrained`` + ``Pruner.save`` (``config.json``, weights, ``pruner_state.*``, optionally
+            ``pruning_report.json`` and tokenizer files); or an in-memory causal LM (a ``peft`` model is merged
+            on a copy and re-masked), then with ``pruner``.
+        output_dir: folder to create; an earlier export there is replaced, anything else is refused.
+        pruner: in-memory input only: the :class:`~grpo_prune.pruning.pruner.Pruner` that pruned the model
+            (``trainer.pruner``) or the :class:`~grpo_prune.pruning.oneshot.PruneReport` of ``prune_oneshot``
+            (its ``masks``).
+        tokenizer: saved beside the model; by default the checkpoint folder's own tokenizer, if any.
+        structured: ``"auto"`` slices when the granularity is ``"structured"`` and writes zeros otherwise;
+            ``True`` requires slicing; ``False`` always writes the full-size model with zeros and the mask sidecar.
+        compressed: store the pruned weights of an unstructured or N:M export in compressed-tensors' sparse bitmask
+            format (``sparse-24-bitmask`` for 2:4) instead of dense zeros: about ``(1 - s) + 1 / (8 * bytes per
+            value)`` of their dense size; load with :func:`grpo_prune.compress.load_compressed`.
+
+    Returns:
+        the report written to ``output_dir/pruning_report.json``: ``format``, ``mode`` (``"structured"`` or
+        ``"masked"``), ``params_before/after`` and ``bytes_before/after`` (unique tensors, tied ones once, in the
+        model's dtype), ``nonzero_params_before/after``, ``global_sparsity`` and ``layer_sparsity`` (fraction of
+        each target weight pruned), ``removed`` (per decoder layer: MLP neurons removed, query/KV head indices
+        removed), ``config_changes`` (field -> [before, after]), ``bias_changes``, ``zero_biases_added``,
+        ``lora_merged``, ``files``, ``file_bytes`` (bytes of the weight files as written), ``weights_format``
+        (``"dense"``, ``"sparse-bitmask"`` or ``"sparse-24-bitmask"``; compressed also gives ``dense_file_bytes`` and
+        ``compressed_ratio``), ``pruning`` (the pruner's summary) and ``source_report``.
+
+    Raises:
+        ValueError: a folder without pruner state, an in-memory model without ``pruner``, ``structured=True`` on
+            non-structured masks, masks that are not whole units, units kept in different numbers per layer, or
+            ``compressed`` with a structured export that slices.
+    """
+    if structured not in ("auto", True, False):
+        raise ValueError(f"`structured` must be 'auto', True or False, got {structured!r}.")
+    output_dir = Path(output_dir)
+    if isinstance(model_or_checkpoint_dir, (str, os.PathLike)):
+        if pruner is not None:
+            raise ValueError(
+                "`pruner` is for in-memory models; a checkpoint folder carries its own pruner state "
+                "(pruner_state.json / pruner_state.safetensors)."
+            )
+        source_dir: Path | None = Path(model_or_checkpoint_dir)
+        _check_output(output_dir, source_dir)
+        src = _source_from_checkpoint(source_dir, tokenizer)
+    elif isinstance(model_or_checkpoint_dir, nn.Module):
+        _check_output(output_dir, None)
+        src = _source_from_memory(model_or_checkpoint_dir, pruner, tokenizer)
+    else:
+        raise TypeError(
+            "`model_or_checkpoint_dir` must be a checkpoint folder or a torch model, got "
+            f"{type(model_or_checkpoint_dir).__name__}."
+        )
+
+    if compressed and src.granularity == "structured" and structured in ("auto", True):
+        raise ValueError(
+            "A structured export is already physically smaller (units sliced out); --format compressed is for "
+            "unstructured and N:M masks. Pass structured=False (--structured false) to compress the zeros form."
+        )
+    exp = _prepare(src, structured)
+    write_dir_atomically(output_dir, lambda tmp: _write_export(exp, tmp, compressed))
+    return exp.report
+
+
+def write_final_model(
+    model: nn.Module,
+    output_dir: str | os.PathLike[str],
+    *,
+    pruner: Any,
+    tokenizer: Any = None,
+    run_report: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write what a training run ships into ``output_dir`` (``MamaGRPOTrainer.save_model``), beside whatever else
+    the folder holds (``checkpoint-*``, logs): the masked export of :func:`export_pruned` at full size (model with
+    exact zeros, ``pruning_masks.safetensors``, tokenizer) and ``pruning_report.json``, without the pruner's
+    training state (that lives in the ``checkpoint-*`` folders).
+
+    The report is ``run_report`` (the trainer's: events, rewards, distillation) updated with the export's fields, so
+    ``grpo-prune export output_dir ...`` can later slice, compress or re-export it. Structured pruning is written at
+    full size too (same architecture as in training); ``grpo-prune export`` slices it.
+
+    Files are written into a temporary subfolder and moved in one by one (each ``os.replace`` is atomic); weight
+    files of an earlier final save that the new one does not write (other shard counts) are removed.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    src = _source_from_memory(model, pruner, tokenizer)
+    exp = _prepare(src, structured=False)
+    exp.report.pop("source_report", None)
+    exp.report = {**(run_report or {}), **exp.report}
+    previous: list[str] = []
+    report_path = output_dir / REPORT_FILE
+    if report_path.is_file():
+        try:
+            old = json.loads(report_path.read_text())
+            previous = old.get("files", []) if old.get("format") == EXPORT_FORMAT else []
+        except ValueError:
+            previous = []
+    tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=output_dir))
+    try:
+        _write_export(exp, tmp, compressed=False)
+        written = sorted(p.name for p in tmp.iterdir())
+        # The report last: a reader that finds the new report finds the files it lists.
+        for name in [n for n in written if n != REPORT_FILE] + [REPORT_FILE]:
+            os.replace(tmp / name, output_dir / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for name in set(previous) - set(written):
+        if name.endswith((".safetensors", ".safetensors.index.json")) and (output_dir / name).is_file():
+            (output_dir / name).unlink()
+    return exp.report
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``grpo-prune export CHECKPOINT_DIR OUTPUT_DIR [--structured auto|true|false]``; returns the exit status."""
+    """``grpo-prune export CHECKPOINT_DIR OUTPUT_DIR [--structured auto|true|false] [--format dense|compressed]``;
+    returns the exit status."""
     parser = argparse.ArgumentParser(
         prog="grpo-prune export",
         description="Export a pruned checkpoint (MamaGRPOTrainer.save_model or save_pretrained + Pruner.save) as a "
         "vanilla transformers checkpoint: zeros + mask sidecar, or a physically smaller model for structured pruning.",
     )
-    parser.add_argument("checkpoint_dir", help="folder with config.json, the weights and pruner_state.*")
+    parser.add_argument(
+        "checkpoint_dir",
+        help="folder with config.json, the weights and pruner_state.* (a checkpoint-* folder) or "
+        "pruning_masks.safetensors (a run's final output_dir, or an earlier export)",
+    )
     parser.add_argument("output_dir", help="folder to write (an earlier export there is replaced)")
     parser.add_argument(
         "--structured",
@@ -615,11 +815,20 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="auto: slice structured pruning, zeros otherwise; true: require slicing; false: always zeros",
     )
+    parser.add_argument(
+        "--format",
+        choices=("dense", "compressed"),
+        default="dense",
+        help="dense: pruned weights as zeros (loads anywhere); compressed: compressed-tensors sparse bitmask "
+        "(2:4 format for 2:4 masks), about half the bytes of the pruned layers at 50%% sparsity",
+    )
     args = parser.parse_args(argv)
     structured = {"auto": "auto", "true": True, "false": False}[args.structured]
     try:
-        report = export_pruned(args.checkpoint_dir, args.output_dir, structured=structured)
-    except (ValueError, FileExistsError) as err:
+        report = export_pruned(
+            args.checkpoint_dir, args.output_dir, structured=structured, compressed=args.format == "compressed"
+        )
+    except (ValueError, FileExistsError, ImportError) as err:
         print(f"grpo-prune export: error: {err}", file=sys.stderr)
         return 2
     print(
@@ -628,6 +837,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{report['bytes_before'] / 2**20:.1f} -> {report['bytes_after'] / 2**20:.1f} MiB, "
         f"{report['global_sparsity']:.1%} of the targeted weights pruned."
     )
+    if report["weights_format"] != "dense":
+        print(
+            f"  weights in {report['weights_format']} format: {report['dense_file_bytes'] / 2**20:.1f} MiB dense -> "
+            f"{report['file_bytes'] / 2**20:.1f} MiB on disk ({report['compressed_ratio']:.2f}x)"
+        )
     for change, (old, new) in report["config_changes"].items():
         print(f"  {change}: {old} -> {new}")
     for note in report["bias_changes"] + report["notes"]:

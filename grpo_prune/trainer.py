@@ -16,7 +16,8 @@ The subclass is thin. The pruning engine (`grpo_prune.pruning`) does the math; t
   forward pass TRL runs for the policy loss (no second student pass), plus, with `distill_dataset`,
   ``distill_text_coef * L_KD + distill_hidden_coef * L_hidden`` on a batch of plain-text windows (one more student
   forward). Logits are computed from hidden states in chunks (`chunked_distillation_loss`);
-* `save_model` (also used for every checkpoint) writes the pruner state and a JSON report; resuming restores it.
+* `_save_checkpoint` / `save_model`: checkpoints carry the pruner's training state (resuming restores it exactly);
+  the final `output_dir` gets only what a user ships (model with zeros, tokenizer, masks sidecar, report).
 """
 
 from __future__ import annotations
@@ -510,11 +511,44 @@ class MamaGRPOTrainer(GRPOTrainer):
             "why_not": why or None,
         }
 
+    def _save_checkpoint(self, model, trial) -> None:
+        # transformers saves the model of a checkpoint through save_model(checkpoint-N, _internal_call=True); the flag
+        # tells that call apart from the final save, so that only checkpoints carry the pruner's training state.
+        self._saving_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._saving_checkpoint = False
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        super().save_model(output_dir, _internal_call)
+        """Inside a checkpoint (`checkpoint-N`): the model as transformers saves it plus the pruner's training state
+        (`pruner_state.safetensors` / `.json`: masks, indicators, schedule position; `mama_trainer_state.json`), so
+        that `resume_from_checkpoint` continues exactly. Anywhere else (the final save): only what a user ships,
+        written by `grpo_prune.export.write_final_model`: the model with exact zeros, tokenizer,
+        `pruning_masks.safetensors` and `pruning_report.json`."""
         output_dir = output_dir or self.args.output_dir
-        if self.pruner is None or not self.args.should_save:
+        if self.pruner is None or getattr(self, "_saving_checkpoint", False):
+            super().save_model(output_dir, _internal_call)
+            if self.pruner is not None and self.args.should_save:
+                self._save_pruner_state(output_dir)
             return
+        if self.args.should_save:
+            from grpo_prune.export import write_final_model
+
+            write_final_model(
+                self.accelerator.unwrap_model(self.model),
+                output_dir,
+                pruner=self.pruner,
+                tokenizer=self.processing_class,
+                # The export writes compensation's biases into the config (mlp_bias / attention_bias), so the
+                # checkpoint note "load through grpo-prune export" does not apply to this folder.
+                run_report={k: v for k, v in self.pruning_report().items() if k != "note"},
+            )
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _save_pruner_state(self, output_dir: str) -> None:
+        """The pruner's training state and report, for `resume_from_checkpoint` (checkpoint folders only)."""
         self.pruner.save(output_dir)
         write_json_atomic(os.path.join(output_dir, TRAINER_STATE_NAME), self.pruning_callback.state_dict())
         write_json_atomic(os.path.join(output_dir, REPORT_NAME), self.pruning_report())

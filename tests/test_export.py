@@ -185,6 +185,86 @@ def test_structured_false_writes_zeros_at_full_size(tmp_path):
     assert set(load_file(tmp_path / "out" / MASKS_FILE)) == set(report.masks)
 
 
+# ----------------------------------------------------------------------------------------------------- compressed
+@pytest.mark.parametrize(
+    "granularity, extra, fmt, dtype",
+    [
+        ("unstructured", {}, "sparse-bitmask", torch.float32),
+        ("unstructured", {}, "sparse-bitmask", torch.bfloat16),
+        ("n:m", {"n_m": "2:4"}, "sparse-24-bitmask", torch.float32),
+    ],
+    ids=["unstructured-fp32", "unstructured-bf16", "2:4-fp32"],
+)
+def test_compressed_export_loads_back_to_exactly_the_masked_weights(tmp_path, granularity, extra, fmt, dtype):
+    from compressed_tensors.config import SparsityCompressionConfig
+
+    from grpo_prune.compress import load_compressed
+
+    # Rows as wide as a small real model's (SmolLM2: 576 / 1536 inputs), so that the 8-byte row offset of each row
+    # weighs about as much as it does there (8 / 64 bytes per bf16 weight would add 6% of the dense bytes alone).
+    model = make_model("qwen2", hidden_size=256, intermediate_size=512).to(dtype)
+    report = prune_oneshot(model, 0.5, granularity, scorer="wanda", calibration=ids(8, 16, 1), **extra)
+    dense = export_pruned(model, tmp_path / "dense", pruner=report)
+    out = export_pruned(model, tmp_path / "out", pruner=report, compressed=True)
+
+    restored = load_compressed(tmp_path / "out")
+    reference = load(tmp_path / "dense")  # the dense export as plain transformers loads it
+    expected = reference.state_dict()
+    got = restored.state_dict()
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key].dtype == dtype and torch.equal(got[key], value), key  # bit-exact, pruned entries zero
+    torch.testing.assert_close(logits(restored, ids()), logits(reference, ids()), atol=0, rtol=0)
+
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and out["weights_format"] == fmt
+    sparsity = SparsityCompressionConfig.load_from_registry(fmt, **config["sparsity_config"])  # the library's schema
+    assert sparsity.format == fmt and sparsity.sparsity_structure == (
+        "2:4" if fmt == "sparse-24-bitmask" else "unstructured"
+    )
+    assert sparsity.targets == ["Linear"] and not set(sparsity.ignore) & set(report.masks)
+    assert not (tmp_path / "out" / MASKS_FILE).exists()  # the bitmask is the mask
+
+    # Sizes: the pruned layers take at most 0.6x of their dense bytes; the whole file shrinks too.
+    stored = load_file(tmp_path / "out" / "model.safetensors")
+    dense_stored = load_file(tmp_path / "dense" / "model.safetensors")
+    pruned_bytes = sum(
+        t.numel() * t.element_size()
+        for k, t in stored.items()
+        if any(k.startswith(f"{n}.") for n in report.masks) and not k.endswith(".bias")
+    )
+    dense_bytes = sum(
+        dense_stored[f"{n}.weight"].numel() * dense_stored[f"{n}.weight"].element_size() for n in report.masks
+    )
+    assert pruned_bytes <= 0.6 * dense_bytes, pruned_bytes / dense_bytes
+    assert out["file_bytes"] < dense["file_bytes"] and out["compressed_ratio"] == pytest.approx(
+        out["file_bytes"] / dense["file_bytes"], rel=1e-6
+    )
+
+
+def test_compressed_export_from_the_cli_and_refusals(tmp_path, capsys):
+    from grpo_prune.cli import main
+    from grpo_prune.pruning.pruner import Pruner, PruningSettings
+
+    model = make_model()
+    pruner = Pruner(model, PruningSettings(0.5, granularity="unstructured", scorer="magnitude"))
+    pruner.prune_to(0.5)
+    model.save_pretrained(tmp_path / "ckpt")
+    pruner.save(tmp_path / "ckpt")
+    assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "out"), "--format", "compressed"]) == 0
+    assert "sparse-bitmask format" in capsys.readouterr().out
+    # A compressed export is not re-exported (nor loaded by plain from_pretrained): load_compressed is the way.
+    assert main(["export", str(tmp_path / "out"), str(tmp_path / "again")]) == 2
+    assert "load_compressed" in capsys.readouterr().err
+
+    structured = make_model()
+    s_report = prune_oneshot(structured, 0.5, "structured", scorer="wanda", calibration=ids(8, 16, 1))
+    with pytest.raises(ValueError, match="already physically smaller"):
+        export_pruned(structured, tmp_path / "s", pruner=s_report, compressed=True)
+    out = export_pruned(structured, tmp_path / "s", pruner=s_report, compressed=True, structured=False)
+    assert out["weights_format"] == "sparse-bitmask"
+
+
 # --------------------------------------------------------------------------------------------------------- LoRA
 @pytest.mark.parametrize("granularity", ["unstructured", "structured"])
 def test_lora_merge_keeps_sparsity(tmp_path, granularity):
@@ -275,8 +355,8 @@ def test_cli_exports_a_save_pretrained_plus_pruner_save_folder(tmp_path, capsys)
     assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "out")]) == 0
     assert "intermediate_size: 64 -> 32" in capsys.readouterr().out
     torch.testing.assert_close(logits(load(tmp_path / "out"), ids()), logits(model, ids()), atol=ATOL, rtol=0)
-    assert main(["export", str(tmp_path / "out"), str(tmp_path / "again")]) == 2  # an export has no pruner state
-    assert "no pruner state" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "out"), str(tmp_path / "again")]) == 2  # the units are already gone
+    assert "already sliced" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------------ bad inputs

@@ -56,6 +56,22 @@ def test_config_is_a_grpo_config(tmp_path):
     assert settings.target_sparsity == 0.5 and settings.scorer == "mama"
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_is_refused_at_config_time_naming_fsdp2(tmp_path, stage, monkeypatch):
+    ds = {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": "auto"}
+    # At config construction, before TrainingArguments would import DeepSpeed and before any model exists.
+    with pytest.raises(ValueError, match=rf"DeepSpeed \(ZeRO-{stage}.*FSDP2.*DDP"):
+        tiny_args(tmp_path, deepspeed=ds)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    with pytest.raises(ValueError, match=rf"ZeRO-{stage}.*FSDP2"):
+        tiny_args(tmp_path, deepspeed=str(path))
+    # `accelerate launch` with a DeepSpeed accelerate config says so only through the environment.
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ValueError, match="any ZeRO stage.*ACCELERATE_USE_DEEPSPEED.*FSDP2"):
+        tiny_args(tmp_path)
+
+
 def test_trainer_requires_mama_config(tmp_path):
     args = GRPOConfig(output_dir=str(tmp_path), report_to="none", bf16=False)
     with pytest.raises(TypeError, match="MamaGRPOConfig"):
@@ -345,7 +361,35 @@ def test_save_model_writes_zeros_masks_and_report(tmp_path):
     assert report["global_sparsity"] == pytest.approx(0.5)
     assert set(report["layer_sparsity"]) == set(trainer.pruner.masks)
     assert report["events"] and "reward_before" in report["events"][0]
-    assert any(f.startswith("pruner_state") for f in os.listdir(out))
+    masks = load_file(out / "pruning_masks.safetensors")
+    assert masks.keys() == trainer.pruner.masks.keys()
+    assert all(torch.equal(masks[n], m.cpu()) for n, m in trainer.pruner.masks.items())
+    # The final save is what a user ships: no pruner training state (that lives in checkpoint-* only).
+    assert not any(f.startswith(("pruner_state", "mama_trainer_state")) for f in os.listdir(out))
+
+
+def test_output_dir_is_lean_and_checkpoints_carry_the_pruner_state(tmp_path):
+    from grpo_prune.export import export_pruned
+
+    trainer = make_trainer(tmp_path, max_steps=2, prune_end_step=1, save_strategy="steps", save_steps=2)
+    trainer.train()
+    out = tmp_path / "out"
+    trainer.save_model()  # the final save, into output_dir beside checkpoint-2
+    shipped = {"config.json", "generation_config.json", "model.safetensors", "pruning_masks.safetensors"}
+    shipped |= {"pruning_report.json", "tokenizer.json", "tokenizer_config.json"}
+    files = {f for f in os.listdir(out) if not f.startswith("checkpoint-")}
+    assert shipped <= files, files
+    assert not files & {"pruner_state.json", "pruner_state.safetensors", "mama_trainer_state.json"}, files
+    assert not [f for f in files if f.startswith(".final-")]  # no temporary folder left behind
+    checkpoint = set(os.listdir(out / "checkpoint-2"))
+    assert {"pruner_state.json", "pruner_state.safetensors", "mama_trainer_state.json", "optimizer.pt"} <= checkpoint
+    report = json.loads((out / "pruning_report.json").read_text())
+    assert report["global_sparsity"] == pytest.approx(0.5) and report["events"]
+    assert report["mode"] == "masked" and "pruning_masks.safetensors" in report["files"]
+    # The lean folder is itself exportable (its masks come from the sidecar): compressed here.
+    exported = export_pruned(out, tmp_path / "compressed", compressed=True)
+    assert exported["source_report"]["events"] == report["events"]
+    assert exported["weights_format"] == "sparse-bitmask"
 
 
 def test_resume_gives_the_same_masks(tmp_path):
