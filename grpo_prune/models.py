@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from grpo_prune.fileio import default_mode, relax_private_modes
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -144,10 +146,9 @@ def write_dir_atomically(target: str | os.PathLike[str], write: Callable[[Path],
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
     try:
         # mkdtemp makes a private (0700) folder; the result should read like any folder made with mkdir.
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
+        tmp.chmod(default_mode(directory=True))
         write(tmp)
+        relax_private_modes(tmp)  # safetensors' save_file writes 0600 files
         if target.exists():
             # os.replace cannot overwrite a non-empty folder: move the old one aside first.
             trash = Path(tempfile.mkdtemp(prefix=prefix + "old-", dir=target.parent))

@@ -28,7 +28,7 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from grpo_prune.config import MamaGRPOConfig
 from grpo_prune.distill import distillation_loss
-from grpo_prune.fileio import write_json_atomic
+from grpo_prune.fileio import relax_private_modes, write_json_atomic
 from grpo_prune.pruning.pruner import Pruner
 from grpo_prune.pruning.reward_guard import RewardGuard
 from grpo_prune.tracking import WandbPruningCallback
@@ -355,6 +355,8 @@ class MamaGRPOTrainer(GRPOTrainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
         output_dir = output_dir or self.args.output_dir
+        if self.args.should_save and os.path.isdir(output_dir):
+            relax_private_modes(output_dir, recursive=False)  # save_pretrained's model.safetensors is 0600
         if self.pruner is None or not self.args.should_save:
             return
         self.pruner.save(output_dir)
