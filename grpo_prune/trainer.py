@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from contextlib import contextmanager
 from typing import Any
 
@@ -32,6 +33,12 @@ from grpo_prune.fileio import relax_private_modes, write_json_atomic
 from grpo_prune.pruning.pruner import Pruner
 from grpo_prune.pruning.reward_guard import RewardGuard
 from grpo_prune.tracking import WandbPruningCallback
+from grpo_prune.trl_compat import check_metrics_seam, check_trl_seams
+
+# TRL 1.16 reads the deprecated `model.is_gradient_checkpointing` (trl.models.utils, around generation), and peft
+# does too; transformers then warns once per call site, three times a run. The replacement,
+# `is_activation_checkpointing`, returns the same value; nothing of ours calls the old name. Silence exactly that one.
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 TRAINER_STATE_NAME = "mama_trainer_state.json"
 REPORT_NAME = "pruning_report.json"
@@ -72,6 +79,7 @@ class MamaGRPOTrainer(GRPOTrainer):
     _tag_names = ["trl", "grpo", "grpo-prune", "mama-pruning"]
 
     def __init__(self, model, reward_funcs=None, args: MamaGRPOConfig | None = None, *pargs, **kwargs):
+        check_trl_seams()  # a TRL release that re-signed a method overridden below fails here, naming it
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
             args = MamaGRPOConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-MAMA-GRPO")
@@ -88,6 +96,7 @@ class MamaGRPOTrainer(GRPOTrainer):
                 "`prune_target_sparsity: 0` to use LoRA with distillation only."
             )
         super().__init__(model, reward_funcs, args, *pargs, **kwargs)
+        check_metrics_seam(self)
         if args.pruning_enabled and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
             # Masks and indicators are full tensors per layer; sharding them like the parameters is not built yet.
             raise NotImplementedError(
