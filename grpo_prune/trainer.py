@@ -35,10 +35,15 @@ from grpo_prune.pruning.reward_guard import RewardGuard
 from grpo_prune.tracking import WandbPruningCallback
 from grpo_prune.trl_compat import check_metrics_seam, check_trl_seams
 
+
 # TRL 1.16 reads the deprecated `model.is_gradient_checkpointing` (trl.models.utils, around generation), and peft
 # does too; transformers then warns once per call site, three times a run. The replacement,
 # `is_activation_checkpointing`, returns the same value; nothing of ours calls the old name. Silence exactly that one.
-warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+def silence_trl_deprecations() -> None:
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+silence_trl_deprecations()
 
 TRAINER_STATE_NAME = "mama_trainer_state.json"
 REPORT_NAME = "pruning_report.json"

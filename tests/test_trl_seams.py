@@ -74,3 +74,19 @@ def test_metrics_instance_check():
     check_metrics_seam(_Renamed())
     with pytest.raises(TrlSeamError, match="_metrics"):
         check_metrics_seam(_NoMetrics())
+
+
+def test_trl_gradient_checkpointing_deprecation_is_silenced_narrowly():
+    import warnings
+
+    from tiny import tiny_model
+
+    from grpo_prune.trainer import silence_trl_deprecations
+
+    model = tiny_model()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # replaces pytest's own ignore filters for this block
+        silence_trl_deprecations()  # what importing grpo_prune.trainer does
+        assert model.is_gradient_checkpointing is False  # what TRL reads
+        warnings.warn("another deprecation", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["another deprecation"]
