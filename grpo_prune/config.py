@@ -2,12 +2,45 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
 from grpo_prune.distill import DIVERGENCES
 from grpo_prune.pruning.pruner import PruningSettings
+
+#: `PruningSettings` field -> the `MamaGRPOConfig` (YAML / flag) field a user writes. The engine's ValueErrors name
+#: the internal field; `MamaGRPOConfig` rewrites them with :func:`config_field_names` so users see their own names.
+SETTINGS_TO_CONFIG: dict[str, str] = {
+    "target_sparsity": "prune_target_sparsity",
+    "granularity": "prune_granularity",
+    "n_m": "prune_n_m",
+    "scorer": "prune_scorer",
+    "alpha": "mama_alpha",
+    "normalization": "mama_normalization",
+    "schedule": "prune_schedule",
+    "initial_sparsity": "prune_initial_sparsity",
+    "start_step": "prune_start_step",
+    "end_step": "prune_end_step",
+    "every": "prune_every",
+    "targets": "prune_targets",
+    "comparison": "prune_comparison",
+    "structured_units": "prune_structured_units",
+    "compensate": "prune_compensate",
+    "seed": "seed",
+}
+# An internal name as the engine writes it: in backticks (`n_m`), before "=" (n_m='2:4'), or opening the message
+# ("n_m must be ...").
+_INTERNAL_NAME = re.compile(
+    r"(?<![\w.])(" + "|".join(sorted(SETTINGS_TO_CONFIG, key=len, reverse=True)) + r")(?=`|=)"
+    r"|^(" + "|".join(SETTINGS_TO_CONFIG) + r")(?= must\b)"
+)
+
+
+def config_field_names(message: str) -> str:
+    """Rewrite the `PruningSettings` field names in an engine error message as the config fields users write."""
+    return _INTERNAL_NAME.sub(lambda m: SETTINGS_TO_CONFIG[m.group(1) or m.group(2)], message)
 
 
 @dataclass
@@ -187,9 +220,12 @@ class MamaGRPOConfig(GRPOConfig):
             self.bf16 = False
         if self.prune_target_sparsity > 0:
             # An end step is resolved from max_steps at train time; validate with a placeholder meanwhile.
-            self.pruning_settings(end_step=self.prune_end_step or self.prune_start_step).validate()
+            try:
+                self.pruning_settings(end_step=self.prune_end_step or self.prune_start_step).validate()
+            except ValueError as err:
+                raise ValueError(config_field_names(str(err))) from err
         elif not 0.0 <= self.prune_target_sparsity < 1.0:
-            raise ValueError(f"`prune_target_sparsity` must be in [0, 1), got {self.prune_target_sparsity}.")
+            raise ValueError(f"`prune_target_sparsity` must be a number in [0, 1), got {self.prune_target_sparsity}.")
         super().__post_init__()
 
     @property
@@ -202,24 +238,11 @@ class MamaGRPOConfig(GRPOConfig):
 
     def pruning_settings(self, end_step: int | None = None) -> PruningSettings:
         """The engine's settings for this run; `end_step` overrides `prune_end_step` (resolved from max_steps)."""
-        return PruningSettings(
-            target_sparsity=self.prune_target_sparsity,
-            granularity=self.prune_granularity,
-            n_m=self.prune_n_m,
-            scorer=self.prune_scorer,
-            alpha=self.mama_alpha,
-            normalization=self.mama_normalization,
-            schedule=self.prune_schedule,
-            initial_sparsity=self.prune_initial_sparsity,
-            start_step=self.prune_start_step,
-            end_step=self.prune_end_step if end_step is None else end_step,
-            every=self.prune_every,
-            targets=list(self.prune_targets) if self.prune_targets else None,
-            comparison=self.prune_comparison,
-            structured_units=self.prune_structured_units,
-            compensate=self.prune_compensate,
-            seed=self.seed,
-        )
+        values = {internal: getattr(self, name) for internal, name in SETTINGS_TO_CONFIG.items()}
+        values["targets"] = list(self.prune_targets) if self.prune_targets else None
+        if end_step is not None:
+            values["end_step"] = end_step
+        return PruningSettings(**values)
 
 
 def _accelerator_available() -> bool:

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 from grpo_prune.data import DatasetNotAvailableError, gsm8k_data_dir, load_prompt_dataset
 from grpo_prune.fileio import write_json_atomic
 from grpo_prune.models import load_model, load_tokenizer, validate_model_name_or_path
+from grpo_prune.usage import OneLineArgumentParser
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -1017,7 +1018,7 @@ def compare(
 
 def build_parser() -> argparse.ArgumentParser:
     tasks_help = "; ".join(f"{name}: {task.description}" for name, task in TASKS.items())
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="grpo-prune eval",
         description="Evaluate a model offline (perplexity, multiple choice, task accuracy, throughput), optionally "
         "side by side with a reference (dense) model.",
