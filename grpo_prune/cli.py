@@ -265,6 +265,10 @@ def run_train(run: TrainRun) -> dict[str, Any]:
         "params_total": total_after,
         "params_nonzero_before": nonzero_before,
         "params_nonzero_after": nonzero_after,
+        # Two counts, both exact: entries the masks prune (the report's `params_pruned`, including weights that were
+        # already zero in the dense model), and non-zero weights that pruning set to zero (before - after).
+        "params_pruned": trainer.pruner.num_pruned() if trainer.pruner else 0,
+        "params_zeroed": nonzero_before - nonzero_after,
         "reward_first": _mean(rewards[:window]),
         "reward_last": _mean(rewards[-window:]),
         "wall_time_s": round(time.time() - start, 1),
@@ -279,7 +283,8 @@ def format_summary(s: dict[str, Any]) -> str:
     def fmt(x):
         return "n/a" if x is None else f"{x:.3f}"
 
-    removed = s["params_nonzero_before"] - s["params_nonzero_after"]
+    zeroed = s["params_nonzero_before"] - s["params_nonzero_after"]
+    already_zero = s.get("params_pruned", zeroed) - zeroed
     return "\n".join(
         [
             "",
@@ -287,7 +292,9 @@ def format_summary(s: dict[str, Any]) -> str:
             f"  steps            {s['steps']}  ({s['wall_time_s']} s)",
             f"  sparsity         {s['sparsity_reached']:.4f} of the pruned layers (target {s['target_sparsity']})",
             f"  parameters       {s['params_nonzero_after']:,} non-zero of {s['params_total']:,} "
-            f"(before: {s['params_nonzero_before']:,}; {removed:,} zeroed)",
+            f"(before: {s['params_nonzero_before']:,})",
+            f"  pruned           {s.get('params_pruned', zeroed):,} weights masked (params_pruned); non-zero "
+            f"parameters fell by {zeroed:,} (params_zeroed): {already_zero:,} masked weights were already zero",
             f"  reward           first {fmt(s['reward_first'])} -> last {fmt(s['reward_last'])} (rolling means)",
             f"  outputs          {s['output_dir']}  (model, pruner_state.*, pruning_report.json, run_summary.json)",
             "",

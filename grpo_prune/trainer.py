@@ -29,7 +29,7 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from grpo_prune.config import MamaGRPOConfig
 from grpo_prune.distill import distillation_loss
-from grpo_prune.fileio import relax_private_modes, write_json_atomic
+from grpo_prune.fileio import relax_private_modes, write_json_atomic, write_text_atomic
 from grpo_prune.pruning.pruner import Pruner
 from grpo_prune.pruning.reward_guard import RewardGuard
 from grpo_prune.tracking import WandbPruningCallback
@@ -240,8 +240,14 @@ class MamaGRPOTrainer(GRPOTrainer):
         output = super()._generate_and_score_completions(inputs)
         if self.model.training and self._metrics["train"]["reward"]:
             # TRL's "reward" metric is already the mean over every process's batch, so all ranks agree.
-            for event in self.reward_guard.update(self._metrics["train"]["reward"][-1]):
+            completed = self.reward_guard.update(self._metrics["train"]["reward"][-1])
+            for event in completed:
                 self._metrics["train"]["prune/reward_after_event"].append(event["reward_after"])
+                for record in self.prune_events:
+                    if record["step"] == event["step"]:
+                        record["reward_after"] = event["reward_after"]
+            if completed:
+                self._write_events()
         return output
 
     # --------------------------------------------------------------------------------------------------- pruning
@@ -305,6 +311,7 @@ class MamaGRPOTrainer(GRPOTrainer):
             "target_sparsity": event["target"],
             "sparsity": event["reached"],
             "reward_before": guard_event["reward_before"],
+            "reward_after": None,  # known `reward_window` generation batches later; the file is rewritten then
             "layer_sparsity": event["layer_sparsity"],
             "seconds": seconds,
         }
@@ -316,10 +323,16 @@ class MamaGRPOTrainer(GRPOTrainer):
         for key, value in record.items():
             if key.startswith("score_q"):
                 metrics[f"prune/{key}"].append(value)
+        self._write_events()
+
+    def _write_events(self) -> None:
+        """Rewrite ``pruning_events.jsonl``: one line per prune event, the same records as the report's ``events``.
+
+        Rewritten (atomically) rather than appended, so each event's `reward_after` is filled in once known; the
+        file is a few lines long."""
         if self.accelerator.is_main_process:
-            os.makedirs(self.args.output_dir, exist_ok=True)
-            with open(os.path.join(self.args.output_dir, EVENTS_NAME), "a") as f:
-                f.write(json.dumps(record) + "\n")
+            text = "".join(json.dumps(record) + "\n" for record in self.prune_events)
+            write_text_atomic(os.path.join(self.args.output_dir, EVENTS_NAME), text)
 
     def _score_quantiles(self, sample: torch.Tensor | None) -> dict[str, float]:
         """Quantiles of the event's scores, from the pruner's strided subsample of them."""
