@@ -379,6 +379,27 @@ class MamaGRPOTrainer(GRPOTrainer):
             ]
         return report
 
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's model card, with the base model and the usage example named even when TRL cannot name them.
+
+        TRL names the base model by `config._name_or_path` unless that is a local folder (then "[None](...)"), and
+        its example loads `hub_model_id`, None unless the run pushes to the hub (then `model="None"`). `load_model`
+        sets `_name_or_path` to the name the user gave; a local folder is named as such, and the example loads the
+        output folder.
+        """
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        path = os.path.join(self.args.output_dir, "README.md")
+        if not self.is_world_process_zero() or not os.path.isfile(path):
+            return
+        base = getattr(self.accelerator.unwrap_model(self.model).config, "_name_or_path", "") or "the dense model"
+        with open(path, encoding="utf-8") as f:
+            card = f.read()
+        fixed = card.replace("[None](https://huggingface.co/None)", f"`{base}` (local folder)")
+        if self.hub_model_id is None:
+            fixed = fixed.replace('model="None"', f"model={os.path.abspath(self.args.output_dir)!r}")
+        if fixed != card:
+            write_text_atomic(path, fixed)
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
         output_dir = output_dir or self.args.output_dir

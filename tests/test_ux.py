@@ -190,3 +190,16 @@ def test_loaded_model_names_the_base_model(workdir, monkeypatch):
     loaded.save_pretrained(workdir / "saved")
     saved = json.loads((workdir / "saved" / "config.json").read_text())
     assert "_model_name_or_path" not in saved
+
+
+def test_model_card_names_the_base_model_and_the_output(workdir):
+    from tiny import tiny_trainer
+
+    model_dir = workdir / "outputs" / "quickstart"
+    tiny_model().save_pretrained(model_dir)
+    trainer = tiny_trainer(workdir / "run", model=models.load_model(str(model_dir)))
+    trainer.create_model_card(model_name="run")
+    card = (workdir / "run" / "README.md").read_text()
+    assert "None" not in card
+    assert f"`{model_dir}` (local folder)" in card
+    assert f"model={str((workdir / 'run').resolve())!r}" in card or f"model={str(workdir / 'run')!r}" in card
