@@ -10,14 +10,17 @@ from trl import GRPOConfig
 from grpo_prune.distill import DIVERGENCES
 from grpo_prune.pruning.pruner import PruningSettings
 
-#: `PruningSettings` field -> the `MamaGRPOConfig` (YAML / flag) field a user writes. The engine's ValueErrors name
-#: the internal field; `MamaGRPOConfig` rewrites them with :func:`config_field_names` so users see their own names.
+#: `PruningSettings` field -> the `MamaGRPOConfig` (YAML / flag) field a user writes (as `pruning_settings` maps
+#: them). The engine's ValueErrors name the internal field; `MamaGRPOConfig` rewrites them with
+#: :func:`config_field_names` so users see their own names. A new setting needs its entry here.
 SETTINGS_TO_CONFIG: dict[str, str] = {
     "target_sparsity": "prune_target_sparsity",
     "granularity": "prune_granularity",
     "n_m": "prune_n_m",
     "scorer": "prune_scorer",
     "alpha": "mama_alpha",
+    "statistic": "mama_statistic",  # settings of the split pruner (main), harmless before it
+    "min_statistic_updates": "mama_min_updates",
     "normalization": "mama_normalization",
     "schedule": "prune_schedule",
     "initial_sparsity": "prune_initial_sparsity",
@@ -238,11 +241,24 @@ class MamaGRPOConfig(GRPOConfig):
 
     def pruning_settings(self, end_step: int | None = None) -> PruningSettings:
         """The engine's settings for this run; `end_step` overrides `prune_end_step` (resolved from max_steps)."""
-        values = {internal: getattr(self, name) for internal, name in SETTINGS_TO_CONFIG.items()}
-        values["targets"] = list(self.prune_targets) if self.prune_targets else None
-        if end_step is not None:
-            values["end_step"] = end_step
-        return PruningSettings(**values)
+        return PruningSettings(
+            target_sparsity=self.prune_target_sparsity,
+            granularity=self.prune_granularity,
+            n_m=self.prune_n_m,
+            scorer=self.prune_scorer,
+            alpha=self.mama_alpha,
+            normalization=self.mama_normalization,
+            schedule=self.prune_schedule,
+            initial_sparsity=self.prune_initial_sparsity,
+            start_step=self.prune_start_step,
+            end_step=self.prune_end_step if end_step is None else end_step,
+            every=self.prune_every,
+            targets=list(self.prune_targets) if self.prune_targets else None,
+            comparison=self.prune_comparison,
+            structured_units=self.prune_structured_units,
+            compensate=self.prune_compensate,
+            seed=self.seed,
+        )
 
 
 def _accelerator_available() -> bool:

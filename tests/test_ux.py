@@ -203,3 +203,18 @@ def test_model_card_names_the_base_model_and_the_output(workdir):
     assert "None" not in card
     assert f"`{model_dir}` (local folder)" in card
     assert f"model={str((workdir / 'run').resolve())!r}" in card or f"model={str(workdir / 'run')!r}" in card
+
+
+def test_settings_to_config_names_real_fields():
+    import dataclasses
+
+    from grpo_prune.config import SETTINGS_TO_CONFIG, MamaGRPOConfig, config_field_names
+    from grpo_prune.pruning.pruner import PruningSettings
+
+    settings = {f.name for f in dataclasses.fields(PruningSettings)}
+    config_fields = {f.name for f in dataclasses.fields(MamaGRPOConfig)}
+    for internal, name in SETTINGS_TO_CONFIG.items():
+        if internal in settings:
+            assert name in config_fields, name
+    assert config_field_names("`every` must be >= 1, got 0.") == "`prune_every` must be >= 1, got 0."
+    assert config_field_names("keep every other `seed`") == "keep every other `seed`"  # plain words stay
