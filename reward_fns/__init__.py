@@ -19,7 +19,7 @@ from .arithmetic import countdown
 from .completions import RewardFunctionWarning, completion_text
 from .length import length_penalty
 from .matching import exact_match, multiple_choice
-from .numeric import math_answer
+from .numeric import math_answer, math_answer_partial
 from .registry import BUILTINS, RewardFunc, available, get, resolve
 from .tags import format_tags
 
@@ -35,6 +35,7 @@ __all__ = [
     "get",
     "length_penalty",
     "math_answer",
+    "math_answer_partial",
     "multiple_choice",
     "resolve",
 ]

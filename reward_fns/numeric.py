@@ -7,6 +7,7 @@ decimal exponent of at most :data:`MAX_EXPONENT`), so ``1e999999``, a 100,000-di
 
 from __future__ import annotations
 
+import math
 import numbers
 import re
 from decimal import Decimal
@@ -201,3 +202,56 @@ def math_answer(prompts: list | None, completions: list, **columns: Any) -> list
         return 1.0 if predicted is not None and same_number(predicted, expected) else 0.0
 
     return score_each("math_answer", score, completions, golds)
+
+
+#: ``math_answer_partial``: credit for a wrong but parsable final number (format), and the most a wrong number
+#: can add for being close; a wrong number therefore scores at most ``0.1 + 0.4 = 0.5``, half of an exact answer.
+PARTIAL_FORMAT_CREDIT = 0.1
+PARTIAL_CLOSENESS_CREDIT = 0.4
+#: Relative error at which the closeness credit has decayed by a factor e (``exp(-error / scale)``).
+PARTIAL_ERROR_SCALE = Fraction(1, 10)
+# Beyond this many scales the credit is below 1e-17 of PARTIAL_CLOSENESS_CREDIT: treated as 0 without converting a
+# possibly 600-digit Fraction to float (which could overflow).
+_PARTIAL_CUTOFF = 40
+
+
+def closeness(predicted: Number, gold: Number) -> float:
+    """``exp(-e / PARTIAL_ERROR_SCALE)`` for the relative error ``e = |predicted - gold| / max(|gold|, 1)``, in
+    [0, 1]; the best over the readings of a percentage. The ``max(., 1)`` keeps a gold of 0 (or a small fraction)
+    from making every error infinite: near zero the error is absolute."""
+    best = 0.0
+    for p in predicted.readings():
+        for g in gold.readings():
+            error = abs(p - g) / max(abs(g), 1)
+            if error < _PARTIAL_CUTOFF * PARTIAL_ERROR_SCALE:
+                best = max(best, math.exp(-float(error / PARTIAL_ERROR_SCALE)))
+    return best
+
+
+def math_answer_partial(prompts: list | None, completions: list, **columns: Any) -> list[float | None]:
+    """Like :func:`math_answer`, with partial credit for a wrong number, so that small models get a graded signal.
+
+    Per completion: 1.0 for the exact gold number (as :func:`math_answer`); for a parsable but different final
+    number, :data:`PARTIAL_FORMAT_CREDIT` plus :data:`PARTIAL_CLOSENESS_CREDIT` times :func:`closeness` (which
+    decays with the relative error: 0.1 off scores 0.1 + 0.4 / e ≈ 0.25), so in [0.1, 0.5); 0.0 with
+    no parsable number; None where the gold is not a single number.
+
+    With a graded reward almost every GRPO group has reward variance even when no completion is exact, so TRL's
+    ``frac_reward_zero_std`` no longer measures how often the task itself teaches; ``math_answer`` still does when
+    it is logged beside this one with weight 0 (``reward_weights``).
+    """
+    golds = column("math_answer_partial", columns, "answer", len(completions), "the gold answer")
+
+    def score(completion: str, gold: Any) -> float | None:
+        expected = gold_number(gold)
+        if expected is None:
+            warn_unusable_gold("math_answer_partial", "answer", gold)
+            return None
+        predicted = extract_number(completion)
+        if predicted is None:
+            return 0.0
+        if same_number(predicted, expected):
+            return 1.0
+        return PARTIAL_FORMAT_CREDIT + PARTIAL_CLOSENESS_CREDIT * closeness(predicted, expected)
+
+    return score_each("math_answer_partial", score, completions, golds)

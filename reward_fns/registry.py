@@ -13,7 +13,7 @@ from typing import Any
 from .arithmetic import countdown
 from .length import length_penalty
 from .matching import exact_match, multiple_choice
-from .numeric import math_answer
+from .numeric import math_answer, math_answer_partial
 from .tags import format_tags
 
 RewardFunc = Callable[..., list[float | None]]
@@ -21,6 +21,7 @@ RewardFunc = Callable[..., list[float | None]]
 
 BUILTINS: dict[str, RewardFunc] = {
     "math_answer": math_answer,
+    "math_answer_partial": math_answer_partial,
     "exact_match": exact_match,
     "multiple_choice": multiple_choice,
     "format_tags": format_tags(),  # factories are listed with their default settings

@@ -14,6 +14,8 @@ import torch
 
 from grpo_prune import models
 from grpo_prune.data import (
+    ARITHMETIC_LEVELS,
+    BUILTIN_DATASETS,
     DATASET_REWARDS,
     DatasetNotAvailableError,
     available_datasets,
@@ -22,6 +24,7 @@ from grpo_prune.data import (
     parse_gsm8k_answer,
     validate_dataset_name,
 )
+from grpo_prune.data import arithmetic_split_of as _split_of
 from grpo_prune.models import (
     DEFAULT_MODEL,
     EMBEDDED_MODELS,
@@ -131,6 +134,50 @@ def test_arithmetic_difficulty_options_and_balanced_prefix():
         load_prompt_dataset("arithmetic", operations=("/",))
 
 
+def _problem(row) -> tuple[int, str, int]:
+    a, op, b = re.fullmatch(r"What is (\d+) ([-+*]) (\d+)\?", _question(row)).groups()
+    return int(a), op, int(b)
+
+
+def test_arithmetic_levels_are_registered_with_their_difficulty_and_sizes():
+    assert [n for n in available_datasets() if n.startswith("arithmetic")] == list(ARITHMETIC_LEVELS)
+    assert {"arithmetic", "arithmetic-easy", "arithmetic-hard"} <= set(ARITHMETIC_LEVELS)
+    for name, (options, _) in ARITHMETIC_LEVELS.items():
+        assert dataset_reward(name) == "math_answer" and validate_dataset_name(name) == "builtin"
+        sizes = {split: load_prompt_dataset(name, split) for split in ("train", "test")}
+        # The description states the split sizes: they are what the level builds.
+        described = re.search(r"\((\d+) train / (\d+) test\)", BUILTIN_DATASETS[name].description).groups()
+        assert tuple(map(int, described)) == (len(sizes["train"]), len(sizes["test"]))
+        for split, ds in sizes.items():
+            problems = [_problem(r) for r in ds]
+            assert {op for _, op, _ in problems} == set(options.get("operations", "+-*"))
+            limit = options.get("max_operand", 30)
+            assert all(b <= limit and (op == "*" or a <= limit) for a, op, b in problems)
+            assert all(_split_of(p) == split for p in problems)
+            values = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+            assert ds["answer"] == [str(values[op](a, b)) for a, op, b in problems]
+    easy = load_prompt_dataset("arithmetic-easy", "train", num_samples=40)
+    hard = load_prompt_dataset("arithmetic-hard", "train", num_samples=40)
+    assert max(int(a) for a in easy["answer"]) < max(int(a) for a in hard["answer"])
+
+
+def test_arithmetic_levels_never_share_a_problem_across_splits():
+    train = {_question(r) for name in ARITHMETIC_LEVELS for r in load_prompt_dataset(name, "train")}
+    test = {_question(r) for name in ARITHMETIC_LEVELS for r in load_prompt_dataset(name, "test")}
+    assert train and test and not train & test
+
+
+def test_explicit_options_override_a_level():
+    ds = load_prompt_dataset("arithmetic-easy", "train", max_operand=5)
+    assert all(max(_problem(r)[0], _problem(r)[2]) <= 5 for r in ds)
+    assert (
+        ds.to_list()
+        == load_prompt_dataset(
+            "arithmetic", "train", **{**ARITHMETIC_LEVELS["arithmetic-easy"][0], "max_operand": 5}
+        ).to_list()
+    )
+
+
 def test_num_samples_subsets():
     a = load_prompt_dataset("arithmetic", "test", num_samples=5, seed=0)
     assert len(a) == 5 and a.to_list() == load_prompt_dataset("arithmetic", "test", num_samples=5, seed=0).to_list()
@@ -161,7 +208,7 @@ def test_unknown_dataset_and_split_errors_are_cheap():
 
 
 def test_dataset_rewards():
-    assert available_datasets() == list(DATASET_REWARDS) == ["gsm8k", "arithmetic"]
+    assert available_datasets() == list(DATASET_REWARDS) == ["gsm8k", *ARITHMETIC_LEVELS]
     assert dataset_reward("gsm8k") == dataset_reward("arithmetic") == "math_answer"
     assert dataset_reward("/some/file.jsonl") is None
 

@@ -22,7 +22,15 @@ from reward_fns import RewardFunctionWarning, completion_text, length_penalty
 from reward_fns.completions import score_each
 from reward_fns.numeric import NUMBER, extract_number, first_number, last_number
 
-BUILTIN_NAMES = ["countdown", "exact_match", "format_tags", "length_penalty", "math_answer", "multiple_choice"]
+BUILTIN_NAMES = [
+    "countdown",
+    "exact_match",
+    "format_tags",
+    "length_penalty",
+    "math_answer",
+    "math_answer_partial",
+    "multiple_choice",
+]
 
 
 def chat(text: str) -> list[dict]:
@@ -121,6 +129,49 @@ def test_math_answer_is_none_where_the_gold_is_unusable(gold):
 def test_extract_number_reads_number_forms(text, value, percent):
     number = extract_number(text)
     assert number.value == value and number.percent == percent
+
+
+# ------------------------------------------------------------------------------------------- math_answer_partial
+
+
+def _partial(completion: str, gold) -> float | None:
+    return reward_fns.math_answer_partial(None, [completion], answer=[gold])[0]
+
+
+def test_math_answer_partial_scores_exact_close_far_and_unparsable():
+    from reward_fns.numeric import PARTIAL_CLOSENESS_CREDIT, PARTIAL_FORMAT_CREDIT
+
+    assert _partial("27 + 19 = 46. The answer is 46.", "46") == 1.0
+    assert _partial("The answer is 1/2.", "50%") == 1.0  # same equivalences as math_answer
+    assert _partial("I cannot compute that.", "46") == 0.0
+    assert _partial("", "46") == 0.0
+    # 45 is 1/46 off: most of the closeness credit; 0.1 off decays it by e; far off leaves the format credit only.
+    assert _partial("The answer is 45.", "46") == pytest.approx(
+        PARTIAL_FORMAT_CREDIT + PARTIAL_CLOSENESS_CREDIT * math.exp(-10 / 46)
+    )
+    assert _partial("The answer is 110.", "100") == pytest.approx(
+        PARTIAL_FORMAT_CREDIT + PARTIAL_CLOSENESS_CREDIT / math.e
+    )
+    assert _partial("The answer is 9000.", "46") == PARTIAL_FORMAT_CREDIT
+    assert _partial("The answer is 1e999999.", "46") == 0.0  # unparsable, as in math_answer
+    assert _partial("The answer is " + "9" * 299 + ".", "46") == PARTIAL_FORMAT_CREDIT  # no float overflow
+    # A gold of 0 measures the error in absolute terms instead of dividing by zero.
+    assert PARTIAL_FORMAT_CREDIT < _partial("The answer is 0.1.", "0") < _partial("The answer is 0.01.", "0") < 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RewardFunctionWarning)
+        assert _partial("The answer is 2.", "\\sqrt{2}") is None
+
+
+@pytest.mark.parametrize("gold", [46, 7, 0, -12, 1000])
+def test_math_answer_partial_is_graded_and_agrees_with_math_answer(gold):
+    guesses = [gold + d for d in (0, 1, 2, 5, 20, 500)]
+    texts = [f"The answer is {g}." for g in guesses]
+    partial = reward_fns.math_answer_partial(None, texts, answer=[str(gold)] * len(texts))
+    exact = reward_fns.math_answer(None, texts, answer=[str(gold)] * len(texts))
+    assert [p == 1.0 for p in partial] == [e == 1.0 for e in exact]
+    wrong = partial[1:]
+    assert all(0.1 <= p < 0.5 for p in wrong)
+    assert wrong == sorted(wrong, reverse=True)  # closer is never worth less
 
 
 # --------------------------------------------------------------------------------------------------- exact_match
@@ -307,6 +358,7 @@ def test_countdown_is_none_for_a_malformed_puzzle():
     ("name", "columns", "missing"),
     [
         ("math_answer", {}, "answer"),
+        ("math_answer_partial", {}, "answer"),
         ("exact_match", {"solution": ["x"]}, "answer"),
         ("multiple_choice", {"choices": [CITIES]}, "answer"),
         ("countdown", {"target": [24]}, "nums"),
@@ -367,6 +419,7 @@ def test_completion_text():
     ("reward", "name"),
     [
         (reward_fns.math_answer, "math_answer"),
+        (reward_fns.math_answer_partial, "math_answer_partial"),
         (reward_fns.format_tags(), "format_tags"),
         (reward_fns.format_tags(("reasoning", "answer")), "format_tags_reasoning_answer"),
         (reward_fns.format_tags(("think",), allow_extra_text=True), "format_tags_think_extra_text"),
@@ -630,7 +683,7 @@ GOLDS = st.one_of(
 )
 
 
-@pytest.mark.parametrize("name", ["countdown", "exact_match", "math_answer", "multiple_choice"])
+@pytest.mark.parametrize("name", ["countdown", "exact_match", "math_answer", "math_answer_partial", "multiple_choice"])
 @FUZZ
 @given(completion=TEXTS, answer=GOLDS, choices=st.one_of(st.none(), st.lists(TEXTS, max_size=5)), puzzle=GOLDS)
 def test_fuzzed_dataset_values_never_raise(name, completion, answer, choices, puzzle):
