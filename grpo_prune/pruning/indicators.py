@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from grpo_prune.pruning import scores as S
 from grpo_prune.pruning.settings import PruningSettings
+from grpo_prune.pruning.sharding import local
 
 __all__ = ["ActivationStats", "Indicators", "ReducedActivations"]
 
@@ -103,7 +104,10 @@ class Indicators:
         self.settings = settings
         with torch.no_grad():
             self.magnitude: dict[str, Tensor] = (
-                {n: mod.weight.detach().abs() for n, mod in self.targets.items()} if settings.needs_magnitude else {}
+                # local(): under FSDP2 the snapshot is of this rank's row shard, like the parameter.
+                {n: local(mod.weight).detach().abs() for n, mod in self.targets.items()}
+                if settings.needs_magnitude
+                else {}
             )
             self.bias_magnitude: dict[str, Tensor] = {}
             if settings.needs_magnitude:
@@ -111,7 +115,7 @@ class Indicators:
                     if self.targets[n].bias is not None:
                         self.bias_magnitude[n] = self.targets[n].bias.detach().abs()
         self.statistic: dict[str, Tensor] = (
-            {n: torch.zeros_like(mod.weight, dtype=torch.float32) for n, mod in self.targets.items()}
+            {n: torch.zeros_like(local(mod.weight), dtype=torch.float32) for n, mod in self.targets.items()}
             if settings.needs_movement
             else {}
         )
@@ -129,6 +133,9 @@ class Indicators:
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._tokens = _TokenMask()
         self._reduce_fn: Callable[[Tensor], Tensor] | None = None
+        # Sharded (FSDP2): ``fn(flag) -> flag`` true on every rank when true on some rank, so that the decision
+        # "the statistic has a signal" is taken from the whole layer, not from this rank's shard.
+        self.any_fn: Callable[[bool], bool] | None = None
 
     # ------------------------------------------------------------------------------------------ reward statistic
     @property
@@ -154,7 +161,7 @@ class Indicators:
             g = mod.weight.grad if grads is None else grads.get(name)
             if g is None:
                 continue
-            S.statistic_update_(self.statistic[name], mod.weight.detach(), g, self.settings.statistic)
+            S.statistic_update_(self.statistic[name], local(mod.weight).detach(), local(g), self.settings.statistic)
             seen = True
         return seen
 
@@ -175,7 +182,10 @@ class Indicators:
         need = self.settings.min_statistic_updates
         if self.statistic_updates < need:
             return False, f"{self.statistic_updates} reward-signal steps, fewer than min_statistic_updates={need}"
-        if not any(bool(t.any()) for t in self.statistic.values()):
+        nonzero = any(bool(t.any()) for t in self.statistic.values())
+        if self.any_fn is not None:
+            nonzero = self.any_fn(nonzero)
+        if not nonzero:
             return False, "all zero (every advantage was zero)"
         return True, ""
 
