@@ -221,3 +221,5 @@ def test_shipped_accelerate_configs_load(path):
     config = load_config_from_file(path)
     assert config.distributed_type in ("MULTI_GPU", "DEEPSPEED", "FSDP")
     assert config.num_processes >= 2
+    if config.distributed_type == "FSDP":  # the pruner follows FSDP2's DTensor shards; it refuses FSDP1
+        assert config.fsdp_config["fsdp_version"] == 2
