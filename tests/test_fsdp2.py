@@ -121,3 +121,38 @@ def test_unsharded_pruner_has_no_layout():
     pruner = Pruner(tiny_model(), PruningSettings(scorer="magnitude"))
     assert pruner.layout is None
     assert pruner.state_file() == "pruner_state.safetensors"
+
+
+def _fake_trainer(fsdp_version: int):
+    from types import SimpleNamespace
+
+    plugin = SimpleNamespace(fsdp_version=fsdp_version)
+    return SimpleNamespace(accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)))
+
+
+@pytest.mark.parametrize(
+    "version, fields, error, match",
+    [
+        (1, {}, NotImplementedError, "fsdp_version: 2"),
+        (2, {"prune_granularity": "structured"}, ValueError, "`granularity`='structured'"),
+        (2, {"prune_compensate": True}, ValueError, "`compensate`=True"),
+        (2, {"mama_alpha": 0.5, "mama_normalization": "zscore"}, ValueError, "`normalization`='zscore'"),
+        (2, {"mama_alpha": 0.5, "distill_coef": 1.0}, ValueError, "distill_coef"),
+    ],
+)
+def test_trainer_refuses_what_fsdp2_pruning_cannot_do(tmp_path, version, fields, error, match):
+    from tiny import tiny_args
+
+    from grpo_prune import MamaGRPOTrainer
+
+    args = tiny_args(tmp_path, **fields)
+    with pytest.raises(error, match=match):
+        MamaGRPOTrainer._check_fsdp2(_fake_trainer(version), args)
+
+
+def test_trainer_accepts_the_shipped_fsdp2_settings(tmp_path):
+    from tiny import tiny_args
+
+    from grpo_prune import MamaGRPOTrainer
+
+    MamaGRPOTrainer._check_fsdp2(_fake_trainer(2), tiny_args(tmp_path, distill_coef=1.0))  # mama_alpha 0: fine
