@@ -95,11 +95,14 @@ class MamaGRPOTrainer(GRPOTrainer):
             )
         super().__init__(model, reward_funcs, args, *pargs, **kwargs)
         check_metrics_seam(self)
-        if args.pruning_enabled and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
-            # Masks and indicators are full tensors per layer; sharding them like the parameters is not built yet.
+        if args.pruning_enabled and self.is_deepspeed_enabled:
+            # Masks and indicators are full tensors per layer; sharding them like ZeRO partitions is not built.
             raise NotImplementedError(
-                "Pruning under DeepSpeed or FSDP is not supported yet; use DDP (torchrun / accelerate multi-GPU)."
+                "Pruning under DeepSpeed is not supported; use FSDP2 (configs/accelerate/fsdp2.yaml) or DDP."
             )
+        self._sharded_pruner = bool(args.pruning_enabled and self.is_fsdp_enabled)
+        if self._sharded_pruner:
+            self._check_fsdp2(args)
 
         self._teacher_is_disabled_adapters = False
         self.teacher = self._build_teacher() if args.distillation_enabled else None
@@ -122,25 +125,58 @@ class MamaGRPOTrainer(GRPOTrainer):
         self.pruner: Pruner | None = None
         self.pruning_callback: PruningCallback | None = None
         if args.pruning_enabled:
-            # |W0| is read from the teacher when it is this model's own dense copy (built from the same weights, or
-            # TRL's reference model), instead of being stored again.
-            frozen_dense = None
-            if self.teacher is not None and args.teacher_model_name_or_path is None:
-                frozen_dense = self.accelerator.unwrap_model(self.teacher)
-                if frozen_dense is self.accelerator.unwrap_model(self.model):  # LoRA's adapter-free view: not frozen
-                    frozen_dense = None
-            self.pruner = Pruner(
-                self.accelerator.unwrap_model(self.model), args.pruning_settings(), frozen_dense=frozen_dense
-            )
-            if self.accelerator.num_processes > 1:
-                self.pruner.set_reduce_fn(lambda t: self.accelerator.reduce(t, reduction="sum"))
-            # With distillation in the loss, the statistic is taken from each process's own GRPO-loss gradients
-            # (not DDP-averaged), and summed across processes before scoring.
-            self.pruner.indicators.statistic_is_local = self._statistic_from_separate_grad
+            if not self._sharded_pruner:
+                self._build_pruner()
+            # Under FSDP2 the parameters become DTensor shards only when `train()` prepares the model: the pruner
+            # is built then (`_prepare_for_training`), before a checkpoint's pruner state is loaded.
             self.pruning_callback = PruningCallback(self)
             self.add_callback(self.pruning_callback)
             if "wandb" in (args.report_to or []):
                 self.add_callback(WandbPruningCallback(self))
+
+    def _build_pruner(self) -> None:
+        # |W0| is read from the teacher when it is this model's own dense copy (built from the same weights, or
+        # TRL's reference model), instead of being stored again.
+        frozen_dense = None
+        if self.teacher is not None and self.args.teacher_model_name_or_path is None:
+            frozen_dense = self.accelerator.unwrap_model(self.teacher)
+            if frozen_dense is self.accelerator.unwrap_model(self.model):  # LoRA's adapter-free view: not frozen
+                frozen_dense = None
+        self.pruner = Pruner(
+            self.accelerator.unwrap_model(self.model), self.args.pruning_settings(), frozen_dense=frozen_dense
+        )
+        if self.accelerator.num_processes > 1:
+            self.pruner.set_reduce_fn(lambda t: self.accelerator.reduce(t, reduction="sum"))
+        # With distillation in the loss, the statistic is taken from each process's own GRPO-loss gradients
+        # (not DDP-averaged), and summed across processes before scoring.
+        self.pruner.indicators.statistic_is_local = self._statistic_from_separate_grad
+
+    def _check_fsdp2(self, args: MamaGRPOConfig) -> None:
+        """Refuse what the sharded pruner cannot do, before training starts (the model is loaded by now)."""
+        version = getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1)
+        if version != 2:
+            raise NotImplementedError(
+                f"Pruning under FSDP needs FSDP2 (`fsdp_version: 2` in the accelerate config), got fsdp_version="
+                f"{version}: FSDP1 flattens parameters, so masks cannot follow them. See configs/accelerate/fsdp2.yaml."
+            )
+        from grpo_prune.pruning.sharding import check_supported
+
+        settings = args.pruning_settings()
+        check_supported(settings)  # ValueError naming the field (structured, compensate, zscore)
+        if args.distillation_enabled and settings.needs_movement:
+            raise ValueError(
+                "Under FSDP2 the reward statistic (`prune_alpha` > 0 with mama, or `prune_scorer: movement`) is read "
+                "from the sharded gradients of the GRPO loss, which must then be the whole loss: set "
+                "`distill_coef: 0`, or `prune_alpha: 0` (the measured default)."
+            )
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        # On resume the parent loads the checkpoint after sharding the model: `_load_optimizer_and_scheduler`
+        # builds the pruner first. Otherwise it is built here, once the parameters are DTensor shards.
+        out = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        if self._sharded_pruner and self.pruner is None:
+            self._build_pruner()
+        return out
 
     # ------------------------------------------------------------------------------- the pruning callback's state
     @property
@@ -562,6 +598,17 @@ class MamaGRPOTrainer(GRPOTrainer):
         written by `grpo_prune.export.write_final_model`: the model with exact zeros, tokenizer,
         `pruning_masks.safetensors` and `pruning_report.json`."""
         output_dir = output_dir or self.args.output_dir
+        if self.pruner is not None and self.pruner.layout is not None:
+            # FSDP2: transformers gathers the model; every rank writes its pruner shards, and the report's figures
+            # are collectives. The final folder keeps the training state too (the lean export needs full masks:
+            # `Pruner.gathered_masks()` with `grpo_prune.export.export_pruned`).
+            super().save_model(output_dir, _internal_call)
+            self.pruner.save(output_dir)
+            report = self.pruning_report()
+            if self.args.should_save:
+                write_json_atomic(os.path.join(output_dir, TRAINER_STATE_NAME), self.pruning_callback.state_dict())
+                write_json_atomic(os.path.join(output_dir, REPORT_NAME), report)
+            return
         if self.pruner is None or getattr(self, "_saving_checkpoint", False):
             super().save_model(output_dir, _internal_call)
             if self.args.should_save and os.path.isdir(output_dir):
@@ -592,6 +639,8 @@ class MamaGRPOTrainer(GRPOTrainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self._sharded_pruner and self.pruner is None:
+            self._build_pruner()  # FSDP2: the model was sharded just before this call
         if checkpoint is None or self.pruner is None:
             return
         state_path = os.path.join(checkpoint, TRAINER_STATE_NAME)

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from grpo_prune.pruning import scores as S
 from grpo_prune.pruning.settings import PruningSettings
+from grpo_prune.pruning.sharding import local
 
 __all__ = ["ActivationStats", "Indicators", "ReducedActivations"]
 
@@ -90,7 +91,7 @@ class _FrozenMagnitude(Mapping):
         self._modules = dict(modules)
 
     def __getitem__(self, name: str) -> Tensor:
-        return self._modules[name].weight.detach().abs()
+        return local(self._modules[name].weight).detach().abs()  # under FSDP2: this rank's shard, like the student's
 
     def __iter__(self):
         return iter(self._modules)
@@ -134,7 +135,7 @@ class Indicators:
             if settings.needs_magnitude and frozen_dense is not None:
                 frozen = {n: frozen_dense.get_submodule(n) for n in self.targets}
                 for n, mod in frozen.items():
-                    if tuple(mod.weight.shape) != tuple(self.targets[n].weight.shape):
+                    if tuple(local(mod.weight).shape) != tuple(local(self.targets[n].weight).shape):
                         raise ValueError(
                             f"the frozen dense copy's {n} has shape {tuple(mod.weight.shape)}, the model's "
                             f"{tuple(self.targets[n].weight.shape)}: it is not a copy of this model"
@@ -142,7 +143,8 @@ class Indicators:
                 self.magnitude = _FrozenMagnitude(frozen)
                 self.magnitude_source = "frozen dense copy"
             elif settings.needs_magnitude:
-                self.magnitude = {n: _snapshot_abs(mod.weight) for n, mod in self.targets.items()}
+                # local(): under FSDP2 the snapshot is of this rank's row shard, like the parameter.
+                self.magnitude = {n: _snapshot_abs(local(mod.weight)) for n, mod in self.targets.items()}
                 self.magnitude_source = "snapshot"
             self.bias_magnitude: dict[str, Tensor] = {}
             if settings.needs_magnitude:
@@ -150,7 +152,7 @@ class Indicators:
                     if self.targets[n].bias is not None:
                         self.bias_magnitude[n] = self.targets[n].bias.detach().abs()
         self.statistic: dict[str, Tensor] = (
-            {n: torch.zeros_like(mod.weight, dtype=torch.float32) for n, mod in self.targets.items()}
+            {n: torch.zeros_like(local(mod.weight), dtype=torch.float32) for n, mod in self.targets.items()}
             if settings.needs_movement
             else {}
         )
@@ -168,6 +170,9 @@ class Indicators:
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._tokens = _TokenMask()
         self._reduce_fn: Callable[[Tensor], Tensor] | None = None
+        # Sharded (FSDP2): ``fn(flag) -> flag`` true on every rank when true on some rank, so that the decision
+        # "the statistic has a signal" is taken from the whole layer, not from this rank's shard.
+        self.any_fn: Callable[[bool], bool] | None = None
 
     # ------------------------------------------------------------------------------------------ reward statistic
     @property
@@ -193,7 +198,7 @@ class Indicators:
             g = mod.weight.grad if grads is None else grads.get(name)
             if g is None:
                 continue
-            S.statistic_update_(self.statistic[name], mod.weight.detach(), g, self.settings.statistic)
+            S.statistic_update_(self.statistic[name], local(mod.weight).detach(), local(g), self.settings.statistic)
             seen = True
         return seen
 
@@ -214,7 +219,10 @@ class Indicators:
         need = self.settings.min_statistic_updates
         if self.statistic_updates < need:
             return False, f"{self.statistic_updates} reward-signal steps, fewer than min_statistic_updates={need}"
-        if not any(bool(t.any()) for t in self.statistic.values()):
+        nonzero = any(bool(t.any()) for t in self.statistic.values())
+        if self.any_fn is not None:
+            nonzero = self.any_fn(nonzero)
+        if not nonzero:
             return False, "all zero (every advantage was zero)"
         return True, ""
 

@@ -36,7 +36,7 @@ from grpo_prune.fileio import atomic_write, write_json_atomic
 from grpo_prune.pruning import masks as M
 from grpo_prune.pruning.indicators import ActivationStats, Indicators, ReducedActivations
 from grpo_prune.pruning.schedule import sparsity_at
-from grpo_prune.pruning.scorers import SCORERS, GroupContext, ScoringContext, WeightContext
+from grpo_prune.pruning.scorers import SCORERS, GroupContext, ScoringContext, ShardedWeightContext, WeightContext
 from grpo_prune.pruning.settings import (
     COMPARISONS,
     GRANULARITIES,
@@ -46,6 +46,7 @@ from grpo_prune.pruning.settings import (
     PruningSettings,
     _is_number,
 )
+from grpo_prune.pruning.sharding import ShardLayout, check_supported, is_sharded, local, sharded_new_masks
 from grpo_prune.pruning.structure import HeadGroup, MLPGroup, head_groups, mlp_groups, resolve_targets
 
 __all__ = [
@@ -60,6 +61,8 @@ __all__ = [
 
 STATE_FILE = "pruner_state.safetensors"
 SETTINGS_FILE = "pruner_state.json"
+# Sharded (FSDP2) state: one file per rank, each holding that rank's shards; SETTINGS_FILE records the world size.
+SHARDED_STATE_FILE = "pruner_state.rank{rank}-of-{world_size}.safetensors"
 # Settings that decide which tensors the state holds and what they mean: a checkpoint written under other values
 # cannot be resumed. The schedule fields may legitimately change on resume (e.g. training longer).
 _SCALARS = ("step", "movement_updates", "current_sparsity")
@@ -89,10 +92,18 @@ class Pruner:
         frozen_dense: a frozen unpruned copy of ``model`` (e.g. the distillation teacher): ``|W0|`` is read from it
             rather than stored (see :class:`~grpo_prune.pruning.indicators.Indicators`).
 
+    Sharded models (FSDP2, ``fully_shard``: target weights are ``DTensor`` row shards) are detected here
+    (:attr:`layout` is then set): masks and per-weight indicators are held for the local shard only, enforcement
+    acts on the local shards, selections run distributed (:mod:`grpo_prune.pruning.sharding`) and give the
+    one-process masks; :meth:`sparsity` and the other figures are of the whole model (collectives: call them on
+    every rank), :meth:`memory_bytes` is this rank's. Construction, prune events, figures and save/load are
+    collective under FSDP2.
+
     Raises:
         ValueError: bad settings, a ``targets`` pattern that matches nothing, an N:M pattern that does not divide
             a target's input features, or a structured request that cannot keep the config consistent (GQA).
-            Raised before anything is allocated; the model is never modified by the constructor.
+            Raised before anything is allocated; the model is never modified by the constructor. Under FSDP2
+            also what the sharded pruner does not support (see :func:`~grpo_prune.pruning.sharding.check_supported`).
     """
 
     def __init__(
@@ -127,8 +138,13 @@ class Pruner:
                         f"M={m}; exclude it with `targets` or choose another M."
                     )
 
+        #: Shard layout when the targets are FSDP2 row shards, else None.
+        self.layout: ShardLayout | None = None
+        if any(is_sharded(mod.weight) for mod in self.targets.values()):
+            check_supported(settings)
+            self.layout = ShardLayout(self.targets)
         self.masks: dict[str, Tensor] = {
-            n: torch.ones_like(mod.weight, dtype=torch.bool) for n, mod in self.targets.items()
+            n: torch.ones_like(local(mod.weight), dtype=torch.bool) for n, mod in self.targets.items()
         }
         self.unit_masks: dict[str, Tensor] = {
             g.prefix: torch.ones(g.num_units, dtype=torch.bool, device=self.targets[g.consumer].weight.device)
@@ -136,6 +152,11 @@ class Pruner:
         }
         bias_producers = [n for g in self.groups for n in g.producers]
         self.indicators = Indicators(model, self.targets, settings, bias_producers, frozen_dense=frozen_dense)
+        if self.layout is not None:
+            self.indicators.any_fn = self.layout.any
+            # Each rank's forwards see its own data: activation statistics are summed over the FSDP group (the
+            # trainer may replace this with an equivalent reduction).
+            self.indicators.set_reduce_fn(self.layout.all_reduce_sum)
         self._count_cache: dict[str, tuple[Tensor, int, int]] = {}
         self.step = 0
         self.current_sparsity = 0.0  # the scheduled sparsity the masks were last grown to
@@ -217,13 +238,13 @@ class Pruner:
         """``grad *= mask`` in place, so pruned entries neither move nor count in the gradient norm."""
         for _, mod, mask in self._pruned_targets():
             if mod.weight.grad is not None:
-                mod.weight.grad.mul_(mask)
+                local(mod.weight.grad).mul_(mask)
 
     @torch.no_grad()
     def apply_masks_(self) -> None:
         """``weight *= mask`` in place (same storage, so tied views and vLLM weight sync see the zeros)."""
         for _, mod, mask in self._pruned_targets():
-            mod.weight.mul_(mask)
+            local(mod.weight).mul_(mask)
 
     @torch.no_grad()
     def mask_optimizer_state_(self, optimizer: Any) -> None:
@@ -243,11 +264,16 @@ class Pruner:
             if not param_state:
                 continue
             for value in param_state.values():
+                # Under FSDP2 the state tensors are DTensors too (or already local): mask their local shard.
                 if torch.is_tensor(value) and value.shape == mod.weight.shape:
+                    local(value).mul_(mask.to(value.device))
+                elif torch.is_tensor(value) and value.shape == mask.shape:
                     value.mul_(mask.to(value.device))
 
     # -------------------------------------------------------------------------------------------------- scores
     def _context(self, acts: ReducedActivations) -> ScoringContext:
+        if self.layout is not None:
+            return ShardedWeightContext(self.indicators, self.settings, acts, self.targets, self.layout)
         if self.groups:
             return GroupContext(self.indicators, self.settings, acts, self.targets, self.groups)
         return WeightContext(self.indicators, self.settings, acts, self.targets)
@@ -343,6 +369,8 @@ class Pruner:
     def _new_masks(self, sparsity: float, scores: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """(weight masks, unit masks) at ``sparsity``, monotone w.r.t. the current ones."""
         s = self.settings
+        if self.layout is not None:
+            return sharded_new_masks(self.layout, s, sparsity, scores, self.masks), {}
         if s.granularity == "unstructured":
             if s.comparison == "global":
                 new = M.global_unstructured_masks(scores, sparsity, dict(self.masks))
@@ -447,12 +475,13 @@ class Pruner:
     # -------------------------------------------------------------------------------------------------- figures
     def sparsity(self) -> float:
         """Fraction of target weights pruned (masked)."""
-        total = sum(m.numel() for m in self.masks.values())
+        total = sum(self._numel(n) for n in self.masks)
         return self.num_pruned() / total if total else 0.0
 
     def layer_sparsity(self) -> dict[str, float]:
         """Fraction pruned per target weight matrix."""
-        return {n: self._pruned_count(n) / m.numel() for n, m in self.masks.items()}
+        counts = self._counts()
+        return {n: counts[n] / self._numel(n) for n in self.masks}
 
     def unit_sparsity(self) -> dict[str, float]:
         """Fraction of units pruned per structural group (structured only)."""
@@ -460,7 +489,26 @@ class Pruner:
 
     def num_pruned(self) -> int:
         """Number of pruned target weights."""
-        return sum(self._pruned_count(n) for n in self.masks)
+        return sum(self._counts().values())
+
+    def _numel(self, name: str) -> int:
+        """Elements of the full weight of ``name`` (the mask holds only the local shard under FSDP2)."""
+        return self.layout.numel(name) if self.layout is not None else self.masks[name].numel()
+
+    def _counts(self) -> dict[str, int]:
+        """Pruned entries per target over the whole model (one all-reduce under FSDP2)."""
+        counts = {n: self._pruned_count(n) for n in self.masks}
+        if self.layout is None:
+            return counts
+        total = self.layout.all_reduce_sum(torch.tensor(list(counts.values()), dtype=torch.int64))
+        return dict(zip(counts, (int(c) for c in total), strict=True))
+
+    def gathered_masks(self) -> dict[str, Tensor]:
+        """Full keep-masks ``[out, in]`` on every rank (collective under FSDP2; the masks themselves otherwise),
+        e.g. for :func:`grpo_prune.export.export_pruned` of the gathered model."""
+        if self.layout is None:
+            return dict(self.masks)
+        return {n: self.layout.full_tensor(n, m) for n, m in self.masks.items()}
 
     def _pruned_count(self, name: str) -> int:
         # Counting a bool mask costs a pass over it; the trainer asks every step, masks change only at events.
@@ -474,7 +522,8 @@ class Pruner:
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held by each piece (``masks``, ``unit_masks``, and the indicators' ``magnitude``,
-        ``bias_magnitude``, ``movement`` (the reward statistic), ``activations``)."""
+        ``bias_magnitude``, ``movement`` (the reward statistic), ``activations``), on this rank: under FSDP2 the
+        per-weight pieces are this rank's shards (about the one-process figure divided by the world size)."""
 
         def size(tensors: Any) -> int:
             return int(sum(t.numel() * t.element_size() for t in tensors))
@@ -493,7 +542,7 @@ class Pruner:
         return {
             "settings": _clone_settings(self.settings),
             "num_targets": len(self.targets),
-            "target_params": int(sum(m.numel() for m in self.masks.values())),
+            "target_params": int(sum(self._numel(n) for n in self.masks)),
             "bias_indicator": (
                 "used" if self.bias_magnitude else ("absent: bias-free units" if self.groups else "not used")
             ),
@@ -567,18 +616,32 @@ class Pruner:
             if name not in self.added_biases:
                 self.added_biases.append(name)
 
+    def state_file(self) -> str:
+        """Name of this process's state file: ``pruner_state.safetensors``, or under FSDP2
+        ``pruner_state.rank{r}-of-{w}.safetensors`` (each rank writes and reads its own shards)."""
+        if self.layout is None:
+            return STATE_FILE
+        return SHARDED_STATE_FILE.format(rank=self.layout.rank, world_size=self.layout.world_size)
+
     def save(self, path_dir: str | os.PathLike[str]) -> None:
         """Write ``pruner_state.safetensors`` and ``pruner_state.json`` (settings) into ``path_dir`` atomically
-        (temporary file, then ``os.replace``): an interrupted save never leaves a truncated state behind."""
+        (temporary file, then ``os.replace``): an interrupted save never leaves a truncated state behind.
+
+        Under FSDP2 every rank must call it: each writes ``pruner_state.rank{r}-of-{w}.safetensors`` with its
+        shards, and rank 0 writes ``pruner_state.json`` (with ``world_size``)."""
         os.makedirs(path_dir, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        atomic_write(os.path.join(path_dir, STATE_FILE), lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
+        atomic_write(os.path.join(path_dir, self.state_file()), lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
         meta = {
             "settings": _clone_settings(self.settings),
             "step": self.step,
             "current_sparsity": self.current_sparsity,
             "added_biases": self.added_biases,
         }
+        if self.layout is not None:
+            meta["world_size"] = self.layout.world_size
+            if self.layout.rank != 0:
+                return
         write_json_atomic(os.path.join(path_dir, SETTINGS_FILE), meta)
 
     def load(self, path_dir: str | os.PathLike[str]) -> None:
@@ -596,7 +659,18 @@ class Pruner:
         changed = [k for k in mine if k in saved and saved[k] != mine[k] and k not in _STRUCTURAL_FIELDS]
         if changed:
             warnings.warn(f"Resuming pruning with changed settings: {changed}", stacklevel=2)
-        state = load_file(os.path.join(path_dir, STATE_FILE))
+        saved_world = meta.get("world_size")  # None: an unsharded state
+        world = None if self.layout is None else self.layout.world_size
+        if saved_world != world:
+
+            def how(w: int | None) -> str:
+                return "unsharded (one file for the whole model)" if w is None else f"sharded by FSDP2 over {w} ranks"
+
+            raise ValueError(
+                f"Pruner checkpoint {path_dir} is {how(saved_world)}, but this run is {how(world)}: masks and "
+                "indicators are stored per shard, so resume with the world size (and FSDP setting) it was saved with."
+            )
+        state = load_file(os.path.join(path_dir, self.state_file()))
         self.load_state_dict(state)
 
 

@@ -33,9 +33,18 @@ from torch import Tensor, nn
 from grpo_prune.pruning import scores as S
 from grpo_prune.pruning.indicators import Indicators, ReducedActivations
 from grpo_prune.pruning.settings import PruningSettings
+from grpo_prune.pruning.sharding import ShardLayout, dist_rank_normalize, local
 from grpo_prune.pruning.structure import HeadGroup, MLPGroup
 
-__all__ = ["SCORERS", "GroupContext", "ScoringContext", "WeightContext", "mama", "normalize_jointly"]
+__all__ = [
+    "SCORERS",
+    "GroupContext",
+    "ScoringContext",
+    "ShardedWeightContext",
+    "WeightContext",
+    "mama",
+    "normalize_jointly",
+]
 
 
 class ScoringContext:
@@ -67,6 +76,10 @@ class ScoringContext:
 
     def random(self, key: str) -> Tensor:
         raise NotImplementedError
+
+    def normalize(self, terms: dict[str, Tensor], method: str, jointly: bool) -> dict[str, Tensor]:
+        """MAMA's normalisation of one indicator (see :func:`normalize_jointly`)."""
+        return normalize_jointly(terms, method, jointly)
 
     def statistic_signal(self) -> tuple[bool, str]:
         """``(usable, why not)`` of the reward-driven statistic, computed once per scoring pass."""
@@ -105,6 +118,35 @@ class WeightContext(ScoringContext):
     def random(self, key: str) -> Tensor:
         weight = self.targets[key].weight
         return S.random_scores(tuple(weight.shape), self.settings.seed, key).to(weight.device)
+
+
+class ShardedWeightContext(WeightContext):
+    """Per-weight indicators of an FSDP2-sharded model: every tensor is the local row shard of its layer.
+
+    Element-wise indicators need nothing else; the seeded random scores are drawn for the full weight and sliced,
+    and rank normalisation ranks each entry among the whole layer's (or, jointly, all layers') entries with
+    :func:`~grpo_prune.pruning.sharding.dist_rank_normalize`.
+    """
+
+    def __init__(self, indicators, settings, acts, targets, layout: ShardLayout):
+        super().__init__(indicators, settings, acts, targets)
+        self.layout = layout
+
+    def random(self, key: str) -> Tensor:
+        full = S.random_scores(self.layout.global_shapes[key], self.settings.seed, key)
+        return self.layout.local_rows(key, full).to(local(self.targets[key].weight).device)
+
+    def normalize(self, terms: dict[str, Tensor], method: str, jointly: bool) -> dict[str, Tensor]:
+        if method != "rank":
+            raise ValueError(f"`normalization`={method!r} is not supported under FSDP2; use 'rank'.")
+        if not jointly:
+            return {k: dist_rank_normalize(self.layout, t) for k, t in terms.items()}
+        flat = dist_rank_normalize(self.layout, torch.cat([t.reshape(-1).float() for t in terms.values()]))
+        out, offset = {}, 0
+        for key, t in terms.items():
+            out[key] = flat[offset : offset + t.numel()].reshape(t.shape)
+            offset += t.numel()
+        return out
 
 
 class GroupContext(ScoringContext):
@@ -218,8 +260,8 @@ def mama(ctx: ScoringContext) -> dict[str, Tensor]:
         return {k: ctx.pretrained(k) for k in ctx.keys}
     if alpha >= 1.0:
         return {k: ctx.statistic(k) for k in ctx.keys}
-    pretrained = normalize_jointly({k: ctx.pretrained(k) for k in ctx.keys}, s.normalization, ctx.cross_key)
-    statistic = normalize_jointly({k: ctx.statistic(k) for k in ctx.keys}, s.normalization, ctx.cross_key)
+    pretrained = ctx.normalize({k: ctx.pretrained(k) for k in ctx.keys}, s.normalization, ctx.cross_key)
+    statistic = ctx.normalize({k: ctx.statistic(k) for k in ctx.keys}, s.normalization, ctx.cross_key)
     return {k: (1.0 - alpha) * pretrained[k] + alpha * statistic[k] for k in ctx.keys}
 
 
