@@ -58,6 +58,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from grpo_prune.fileio import relax_private_modes
 from grpo_prune.models import write_dir_atomically
 from grpo_prune.pruning.masks import expand_group_mask
 from grpo_prune.pruning.oneshot import PruneReport
@@ -783,6 +784,7 @@ def write_final_model(
     tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=output_dir))
     try:
         _write_export(exp, tmp, compressed=False)
+        relax_private_modes(tmp)  # safetensors' save_file writes 0600 files; users ship this folder
         written = sorted(p.name for p in tmp.iterdir())
         # The report last: a reader that finds the new report finds the files it lists.
         for name in [n for n in written if n != REPORT_FILE] + [REPORT_FILE]:

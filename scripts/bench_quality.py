@@ -113,16 +113,23 @@ class Scorer:
     name: str
     alpha: float = 0.0
     compensate: bool = False
+    statistic: str = "signed"  # mama's reward statistic (mama_statistic)
 
     @property
     def label(self) -> str:
-        label = f"mama(a={self.alpha:g})" if self.name == "mama" else self.name
+        label = self.name
+        if self.name == "mama":
+            label = (
+                f"mama(a={self.alpha:g})" if self.statistic == "signed" else f"mama(a={self.alpha:g},{self.statistic})"
+            )
         return f"{label}+comp" if self.compensate else label
 
     def fingerprint(self) -> dict[str, Any]:
         out = asdict(self)
         if not self.compensate:  # results cached before the option existed stay valid
             del out["compensate"]
+        if self.statistic == "signed":  # likewise for the statistic's form
+            del out["statistic"]
         return out
 
 
@@ -254,6 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=[0.1],
         help="movement weight(s) of the mama rows, each in (0, 1]; one row per value",
     )
+    parser.add_argument(
+        "--mama-statistic",
+        nargs="+",
+        default=["signed"],
+        choices=["signed", "abs", "squared"],
+        help="form(s) of mama's reward statistic (mama_statistic); one row per alpha and form",
+    )
     parser.add_argument("--modes", nargs="+", default=list(MODES), help="subset of oneshot, trained")
     parser.add_argument("--steps", type=int, help=f"GRPO steps per trained condition (default {DEFAULTS['steps']})")
     parser.add_argument("--completions", type=int, help="completions per step, one prompt group (default 4)")
@@ -338,9 +352,12 @@ def build_plan(args: argparse.Namespace) -> Plan:
         )
     scorers = []
     for name in _unique(args.scorers):
-        scorers += [Scorer("mama", a) for a in alphas] if name == "mama" else [Scorer(name)]
+        forms = _unique(args.mama_statistic)
+        scorers += (
+            [Scorer("mama", a, statistic=f) for a in alphas for f in forms] if name == "mama" else [Scorer(name)]
+        )
     if args.compensate:
-        scorers += [Scorer(s.name, s.alpha, compensate=True) for s in scorers]
+        scorers += [Scorer(s.name, s.alpha, compensate=True, statistic=s.statistic) for s in scorers]
     settings = [SETTINGS[s] for s in _unique(args.settings)]
 
     q = args.quick
@@ -589,7 +606,7 @@ def run_oneshot(plan: Plan, setting: Setting, scorer: Scorer) -> dict[str, Any]:
     model, tokenizer = _load()
     batches = calibration_batches(tokenizer, plan.calibration)
     t_load = time.perf_counter() - t0
-    overrides: dict[str, Any] = {"alpha": scorer.alpha} if scorer.name == "mama" else {}
+    overrides: dict[str, Any] = {"alpha": scorer.alpha, "statistic": scorer.statistic} if scorer.name == "mama" else {}
     if scorer.compensate:
         overrides["compensate"] = True
     if setting.granularity == "structured":
@@ -636,6 +653,7 @@ def run_trained(plan: Plan, setting: Setting, scorer: Scorer) -> dict[str, Any]:
             prune_structured_units=setting.structured_units,
             prune_scorer=scorer.name,
             mama_alpha=scorer.alpha,
+            mama_statistic=scorer.statistic,
             prune_compensate=scorer.compensate,
             prune_schedule="cubic",
             prune_start_step=b.prune_start,

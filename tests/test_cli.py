@@ -97,7 +97,7 @@ def test_train_cli_end_to_end(tmp_path, tiny_model_dir):
     # Readable by other users like any file written with open() (umask 022 in the test environment).
     umask = os.umask(0o022)
     os.umask(umask)
-    for name in ("model.safetensors", "pruning_report.json", "run_summary.json", "pruner_state.safetensors"):
+    for name in ("model.safetensors", "pruning_report.json", "run_summary.json", "pruning_masks.safetensors"):
         assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
     assert "is_gradient_checkpointing" not in proc.stderr
 

@@ -724,3 +724,10 @@ def test_global_mama_normalises_all_layers_together():
     per_layer = pruner.layer_sparsity()
     assert pruner.sparsity() == pytest.approx(0.5, abs=1e-9)
     assert max(per_layer.values()) - min(per_layer.values()) > 0.05  # layers are not all cut alike
+
+
+def test_oneshot_mama_mixes_in_its_single_calibration_gradient():
+    ids = calib()
+    wanda = prune_oneshot(tiny_model(), 0.5, scorer="wanda", calibration=ids)
+    mama = prune_oneshot(tiny_model(), 0.5, scorer="mama", alpha=0.5, statistic="abs", calibration=ids)
+    assert any(not torch.equal(mama.masks[n], wanda.masks[n]) for n in wanda.masks)

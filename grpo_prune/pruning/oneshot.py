@@ -191,6 +191,8 @@ def prune_oneshot(
         raise ValueError(f"`scorer` must be one of {ONESHOT_SCORERS}, got {scorer!r}.")
     if scorer == "sparsegpt":
         return _prune_sparsegpt(model, float(sparsity), granularity, n_m, calibration, settings_overrides)
+    # The calibration gives the statistic one update (one summed backward pass): that is all a one-shot run has.
+    settings_overrides.setdefault("min_statistic_updates", 1)
     settings = PruningSettings(
         target_sparsity=float(sparsity),
         granularity=granularity,
