@@ -479,8 +479,9 @@ def load_tokenizer(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, **kwarg
     """Load the tokenizer for ``name_or_path``, with a pad token always set.
 
     A missing pad token falls back to the EOS token (GRPO masks padding by attention mask, so sharing the id is
-    safe). A missing chat template only warns: the built-in datasets give chat messages, which then fail later
-    in ``apply_chat_template`` with transformers' own message.
+    safe). A missing chat template (a base model such as ``gemma3-270m``) is logged: the built-in datasets then
+    give plain-text prompts (:func:`grpo_prune.data.prompt_format_for`), while a local dataset of chat messages
+    would fail later in ``apply_chat_template`` with transformers' own message.
     """
     path = resolve_model_path(name_or_path)
     from transformers import AutoTokenizer
@@ -491,5 +492,9 @@ def load_tokenizer(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, **kwarg
             raise ValueError(f"Tokenizer of {name_or_path!r} has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
     if not getattr(tokenizer, "chat_template", None):
-        logger.warning("Tokenizer of %r has no chat template; conversational prompts will not work", name_or_path)
+        logger.info(
+            "Tokenizer of %r has no chat template (base model): built-in datasets use plain-text prompts; "
+            "chat-message prompts will not work",
+            name_or_path,
+        )
     return tokenizer
