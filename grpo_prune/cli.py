@@ -221,7 +221,7 @@ def _mean(values: list[float]) -> float | None:
 
 def run_train(run: TrainRun) -> dict[str, Any]:
     """Load, train, save; returns the run summary (also written to ``output_dir/run_summary.json``)."""
-    from grpo_prune.data import load_prompt_dataset
+    from grpo_prune.data import load_prompt_dataset, prompt_format_for, stop_at_line_end_
     from grpo_prune.models import load_model, load_tokenizer, resolve_dtype
     from grpo_prune.trainer import MamaGRPOTrainer
 
@@ -233,8 +233,16 @@ def run_train(run: TrainRun) -> dict[str, Any]:
     dtype = resolve_dtype(run.model.dtype, use_cpu=args.use_cpu)
     model = load_model(run.model_name_or_path, dtype=dtype, **load_kwargs)
     tokenizer = load_tokenizer(run.model_name_or_path)
+    # A base model (no chat template) gets plain-text prompts and stops at the end of its one-line answer.
+    prompt_format = prompt_format_for(tokenizer)
+    if prompt_format == "text":
+        stop_at_line_end_(model, tokenizer)
     train_dataset = load_prompt_dataset(
-        run.script.dataset_name, run.script.dataset_train_split, run.script.num_train_samples, seed=args.seed
+        run.script.dataset_name,
+        run.script.dataset_train_split,
+        run.script.num_train_samples,
+        seed=args.seed,
+        prompt_format=prompt_format,
     )
     total_before, nonzero_before = _count_params(model)
     trainer = MamaGRPOTrainer(

@@ -20,6 +20,23 @@ Built-in datasets (:data:`BUILTIN_DATASETS`), each with ``train`` and ``test`` s
 Measured with the embedded model (greedy, first 30 test prompts, seed 0): arithmetic 12/30 correct (40%; operands
 up to 20: 53%, up to 50: 23%), every reply in the asked format; gsm8k 0/30 correct, 22/30 in format.
 
+Prompt formats (:data:`PROMPT_FORMATS`): ``"chat"`` (the default, above) for models with a chat template, and
+``"text"`` for base models without one (the embedded ``gemma3-270m``): the same content as one plain string (TRL
+takes a string ``prompt`` as a standard, non-chat prompt and hands the reward plain-string completions)::
+
+    <system prompt>
+
+    Question: What is 2 + 3?
+    Answer: 2 + 3 = 5. The answer is 5.
+
+    Question: What is 27 + 19?
+    Answer:
+
+A base model does not stop after its answer: it goes on with the next "Question:". The answer is one line, so
+:func:`stop_at_line_end_` adds the newline tokens to the model's EOS ids (TRL and :mod:`grpo_prune.evaluate` both
+stop generation at ``model.generation_config.eos_token_id``); otherwise a made-up follow-up question and its
+answer would be what the reward reads. :func:`prompt_format_for` picks the format from the tokenizer.
+
 Both ask the model to end with ``The answer is N.``, one of the forms the ``math_answer`` reward reads (with
 ``#### N`` and ``\\boxed{N}``). The worked example in the prompt is there by measurement: without it the 135M model
 ignores the format in most replies (11/30 followed it on arithmetic), with it 30/30 did.
@@ -43,6 +60,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from datasets import Dataset
 
 SPLITS = ("train", "test")
+#: ``"chat"``: prompts are chat messages; ``"text"``: one plain string (base models without a chat template).
+PROMPT_FORMATS = ("chat", "text")
 
 Messages = list[dict[str, str]]
 
@@ -82,6 +101,74 @@ def chat_prompt(question: str, system_prompt: str | None, example: tuple[str, st
         messages += [{"role": "user", "content": example[0]}, {"role": "assistant", "content": example[1]}]
     messages.append({"role": "user", "content": question})
     return messages
+
+
+TEXT_QUESTION, TEXT_ANSWER = "Question:", "Answer:"
+
+
+def text_prompt(messages: Messages) -> str:
+    """Render chat messages as one plain-text prompt for a base model (see the module docstring).
+
+    The system message becomes the first paragraph, each user turn ``Question: ...``, each assistant turn
+    ``Answer: ...``; the text ends with ``Answer:`` so that the model's continuation is the answer.
+    """
+    parts, turn = [], []
+    for m in messages:
+        role, content = m["role"], m["content"].strip()
+        if role == "system":
+            parts.append(content)
+        elif role == "user":
+            turn = [f"{TEXT_QUESTION} {content}"]
+        elif role == "assistant":
+            parts.append("\n".join([*turn, f"{TEXT_ANSWER} {content}"]))
+            turn = []
+        else:
+            raise ValueError(f"text_prompt: unknown message role {role!r} (system, user, assistant)")
+    parts.append("\n".join([*turn, TEXT_ANSWER]))
+    return "\n\n".join(parts)
+
+
+def prompt_format_for(tokenizer: Any) -> str:
+    """``"chat"`` when the tokenizer has a chat template, else ``"text"`` (a base model)."""
+    return "chat" if getattr(tokenizer, "chat_template", None) else "text"
+
+
+def line_end_token_ids(tokenizer: Any) -> list[int]:
+    """Ids of the tokens that are nothing but line breaks (``"\\n"``, ``"\\n\\n"``, ...), sorted.
+
+    Only tokens whose vocabulary entry mentions a newline (``"\\n"``, or byte-level BPE's ``"Ċ"``) are decoded,
+    so a 262k vocabulary costs well under a second.
+    """
+    candidates = [i for t, i in tokenizer.get_vocab().items() if "\n" in t or "Ċ" in t or "<0x0A>" in t]
+    ids = [i for i in candidates if (text := tokenizer.decode([i])) and not text.strip("\n")]
+    return sorted(ids)
+
+
+def stop_at_line_end_(model: Any, tokenizer: Any) -> list[int]:
+    """Make generation stop at the end of a line: add :func:`line_end_token_ids` to the model's EOS ids.
+
+    For plain-text prompts (one-line answers, see the module docstring). Changes ``model.generation_config`` in
+    place, before the trainer is built (TRL reads its EOS ids once, at construction). Returns the new EOS ids.
+    """
+    config = model.generation_config
+    eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
+    eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    extra = line_end_token_ids(tokenizer)
+    if not extra:
+        raise ValueError("The tokenizer has no newline token: plain-text prompts cannot stop at the end of the answer")
+    config.eos_token_id = list(dict.fromkeys([e for e in eos if e is not None] + extra))
+    return config.eos_token_id
+
+
+def _check_prompt_format(prompt_format: str) -> None:
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
+
+
+def _as_text_prompts(ds: Dataset) -> Dataset:
+    """Chat-message prompts rendered with :func:`text_prompt`; string prompts are kept as they are."""
+    prompts = [p if isinstance(p, str) else text_prompt(p) for p in ds["prompt"]]
+    return ds.remove_columns("prompt").add_column("prompt", prompts)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -391,6 +478,7 @@ def load_prompt_dataset(
     seed: int = 0,
     *,
     system_prompt: str | None = None,
+    prompt_format: str = "chat",
     **options: Any,
 ) -> Dataset:
     """Load a prompt dataset by built-in name (:data:`BUILTIN_DATASETS`) or local path.
@@ -402,11 +490,15 @@ def load_prompt_dataset(
             ``arithmetic`` the first rows of its seeded, operation-balanced order); ``None`` keeps every row.
         seed: subset choice, and the order of generated datasets.
         system_prompt: replaces the built-in system prompt (the answer format the reward expects must stay).
+        prompt_format: ``"chat"`` (messages) or ``"text"`` (one plain string per prompt, for a base model without
+            a chat template; see :func:`prompt_format_for` and :func:`text_prompt`).
         **options: passed to a built-in dataset's builder (e.g. ``max_operand=20`` for ``arithmetic``).
 
     Returns:
-        A ``datasets.Dataset`` with at least ``prompt`` (chat messages) and, for built-ins, ``answer`` (str).
+        A ``datasets.Dataset`` with at least ``prompt`` (chat messages, or a string for ``"text"``) and, for
+        built-ins, ``answer`` (str).
     """
+    _check_prompt_format(prompt_format)
     kind = validate_dataset_name(name_or_path, split)
     prefix = False
     if kind == "builtin":
@@ -421,6 +513,8 @@ def load_prompt_dataset(
         if not 0 < num_samples <= len(ds):
             raise ValueError(f"num_samples must be in [1, {len(ds)}] for {name_or_path!r} {split}, got {num_samples}")
         ds = ds.select(range(num_samples)) if prefix else ds.shuffle(seed=seed).select(range(num_samples))
+    if prompt_format == "text":
+        ds = _as_text_prompts(ds)
     return ds
 
 

@@ -49,7 +49,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from grpo_prune.data import DatasetNotAvailableError, gsm8k_data_dir, load_prompt_dataset
+from grpo_prune.data import (
+    DatasetNotAvailableError,
+    gsm8k_data_dir,
+    load_prompt_dataset,
+    prompt_format_for,
+    stop_at_line_end_,
+)
 from grpo_prune.fileio import write_json_atomic
 from grpo_prune.models import load_model, load_tokenizer, resolve_dtype, validate_model_name_or_path
 from grpo_prune.usage import OneLineArgumentParser
@@ -817,10 +823,16 @@ def evaluate_model(
                 model, tokenizer, examples, batch_size=batch_size, progress=progress, desc=task
             )
         elif spec.kind == "generation":
-            full = load_prompt_dataset(task, "test", seed=seed)
+            # A base model (no chat template) gets plain-text prompts and stops at the end of its answer line.
+            prompt_format = prompt_format_for(tokenizer)
+            if prompt_format == "text":
+                stop_at_line_end_(model, tokenizer)
+            full = load_prompt_dataset(task, "test", seed=seed, prompt_format=prompt_format)
             dataset = full
             if task_limit is not None and task_limit < len(full):
-                dataset = load_prompt_dataset(task, "test", num_samples=task_limit, seed=seed)
+                dataset = load_prompt_dataset(
+                    task, "test", num_samples=task_limit, seed=seed, prompt_format=prompt_format
+                )
             budget = spec.max_new_tokens if max_new_tokens is None else max_new_tokens
             metrics = task_accuracy(
                 model, tokenizer, dataset, "math_answer", budget, batch_size, progress=progress, desc=task

@@ -372,6 +372,26 @@ def _copy_config(config: Any) -> Any:
     return config.__class__.from_dict(config.to_dict())
 
 
+def _check_config_valid(config: Any, changes: dict[str, list[Any]]) -> None:
+    """Raise ``ValueError`` when transformers' own validation refuses the sliced config, which ``from_pretrained``
+    would then refuse too. Gemma 3 requires ``hidden_size % num_attention_heads == 0`` even though its
+    ``head_dim`` is explicit: the 270M model (hidden 640, 4 heads on 1 KV head) exports with 1, 2 or 4 heads kept,
+    not 3 (head sparsity 0.25)."""
+    validate = getattr(config, "validate", None)
+    if validate is None:  # configs without transformers' strict validation
+        return
+    try:
+        validate()
+    except Exception as err:  # huggingface_hub's StrictDataclass*ValidationError wraps the ValueError
+        reason = str(err).strip().splitlines()[-1].strip()
+        edited = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changes.items())
+        raise ValueError(
+            f"The sliced model's config ({edited}) is not a valid {type(config).__name__}: {reason} Choose a "
+            "structured sparsity whose kept head count satisfies it, or export with structured=False (zeros at "
+            "full size)."
+        ) from err
+
+
 def _meta_model(config: Any, dtype: torch.dtype) -> nn.Module:
     """The vanilla model class for ``config``, without allocating or initialising weights."""
     from transformers import AutoModelForCausalLM
@@ -552,6 +572,7 @@ def _prepare(src: _Source, structured: bool | str) -> _Export:
             if old != value:
                 config_changes[key] = [old, value]
             setattr(config, key, value)
+        _check_config_valid(config, config_changes)
         removed, sidecar, sidecar_name = plan.removed, plan.unit_masks, UNIT_MASKS_FILE
     else:
         sidecar, sidecar_name = {n: m.cpu().contiguous() for n, m in src.masks.items()}, MASKS_FILE

