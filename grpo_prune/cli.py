@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -279,12 +280,34 @@ def run_train(run: TrainRun) -> dict[str, Any]:
         "params_zeroed": nonzero_before - nonzero_after,
         "reward_first": _mean(rewards[:window]),
         "reward_last": _mean(rewards[-window:]),
+        **_grpo_signal(trainer),
         "wall_time_s": round(time.time() - start, 1),
     }
     if trainer.accelerator.is_main_process:
         write_json_atomic(os.path.join(args.output_dir, "run_summary.json"), summary)
         print(format_summary(summary))
     return summary
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _grpo_signal(trainer) -> dict[str, Any]:
+    """Whether GRPO had a gradient: TRL's `frac_reward_zero_std` (1 = every group's rewards were equal, so every
+    advantage was zero) as a median over steps, over all of them and over those after the first prune event, and
+    the median `completions/clipped_ratio` (completions cut by `max_completion_length`)."""
+    log = trainer.state.log_history
+    zero_std = [(e["step"], e["frac_reward_zero_std"]) for e in log if "frac_reward_zero_std" in e]
+    first_event = min((e["step"] for e in trainer.prune_events if e["sparsity"] > 0), default=None)
+    after = [v for step, v in zero_std if first_event is not None and step > first_event]
+    return {
+        "frac_reward_zero_std_median": _median([v for _, v in zero_std]),
+        "frac_reward_zero_std_median_after_pruning": _median(after),
+        "clipped_ratio_median": _median(
+            [e["completions/clipped_ratio"] for e in log if "completions/clipped_ratio" in e]
+        ),
+    }
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -304,6 +327,9 @@ def format_summary(s: dict[str, Any]) -> str:
             f"  pruned           {s.get('params_pruned', zeroed):,} weights masked (params_pruned); non-zero "
             f"parameters fell by {zeroed:,} (params_zeroed): {already_zero:,} masked weights were already zero",
             f"  reward           first {fmt(s['reward_first'])} -> last {fmt(s['reward_last'])} (rolling means)",
+            f"  GRPO signal      frac_reward_zero_std median {fmt(s.get('frac_reward_zero_std_median'))}, after "
+            f"pruning began {fmt(s.get('frac_reward_zero_std_median_after_pruning'))} (1 = no group taught anything); "
+            f"clipped_ratio median {fmt(s.get('clipped_ratio_median'))}",
             f"  outputs          {s['output_dir']}  (model with exact zeros, tokenizer, pruning_masks.safetensors, "
             "pruning_report.json, run_summary.json; the pruner's training state only in checkpoint-*)",
             "",

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import char_tokenizer, prompt_dataset, tiny_args, tiny_model, tiny_trainer, varied_reward
+from tiny import char_tokenizer, kl_to_teacher, prompt_dataset, tiny_args, tiny_model, tiny_trainer, varied_reward
 from trl import GRPOConfig, GRPOTrainer
 
 from grpo_prune import MamaGRPOConfig, MamaGRPOTrainer
@@ -323,15 +323,9 @@ def test_distillation_pulls_student_toward_teacher(tmp_path):
     )
     ids = torch.randint(3, 40, (4, 12), generator=torch.Generator().manual_seed(0))
 
-    def kl_to_teacher():
-        with torch.no_grad():
-            t = torch.log_softmax(trainer.teacher(input_ids=ids).logits, -1)
-            s = torch.log_softmax(trainer.model(input_ids=ids).logits, -1)
-        return (t.exp() * (t - s)).sum(-1).mean().item()
-
-    before = kl_to_teacher()
+    before = kl_to_teacher(trainer, ids)
     trainer.train()
-    assert kl_to_teacher() < 0.9 * before
+    assert kl_to_teacher(trainer, ids) < 0.9 * before
     kd = logged(trainer, "distill/loss")
     assert kd[-1] < kd[0]
 

@@ -125,3 +125,11 @@ def tiny_trainer(output_dir, *, model=None, reward=varied_reward, **overrides):
         train_dataset=prompt_dataset(),
         processing_class=char_tokenizer(),
     )
+
+
+def kl_to_teacher(trainer, ids: torch.Tensor) -> float:
+    """Mean per-token KL(teacher || student) of a trainer's two models on ``ids`` ``[B, T]``."""
+    with torch.no_grad():
+        t = torch.log_softmax(trainer.teacher(input_ids=ids).logits, -1)
+        s = torch.log_softmax(trainer.model(input_ids=ids).logits, -1)
+    return (t.exp() * (t - s)).sum(-1).mean().item()

@@ -79,6 +79,16 @@ def wanda_scores(weight: Tensor, act_norm: Tensor) -> Tensor:
     return weight.detach().abs().to(torch.float32) * act_norm.detach().to(torch.float32)
 
 
+def _check_accumulator(name: str, acc: Tensor, weight: Tensor, grad: Tensor) -> None:
+    if acc.dtype != torch.float32:
+        raise ValueError(f"{name} must be a float32 accumulator; got {acc.dtype}")
+    if acc.shape != weight.shape or grad.shape != weight.shape:
+        raise ValueError(
+            f"{name}, weight and grad must have the same shape; got {tuple(acc.shape)}, {tuple(weight.shape)}, "
+            f"{tuple(grad.shape)}"
+        )
+
+
 def movement_update_(movement: Tensor, weight: Tensor, grad: Tensor) -> None:
     """Accumulate reward-weighted movement in place: ``movement += -(grad * weight)``.
 
@@ -91,13 +101,7 @@ def movement_update_(movement: Tensor, weight: Tensor, grad: Tensor) -> None:
         weight: current weight, any float dtype.
         grad: gradient of the loss w.r.t. ``weight``, same shape, any float dtype.
     """
-    if movement.dtype != torch.float32:
-        raise ValueError(f"movement must be a float32 accumulator; got {movement.dtype}")
-    if movement.shape != weight.shape or grad.shape != weight.shape:
-        raise ValueError(
-            f"movement, weight and grad must have the same shape; got {tuple(movement.shape)}, "
-            f"{tuple(weight.shape)}, {tuple(grad.shape)}"
-        )
+    _check_accumulator("movement", movement, weight, grad)
     # no_grad: weight is usually a Parameter; without it the in-place op would record a graph on the buffer.
     with torch.no_grad():
         movement.addcmul_(grad.to(torch.float32), weight.to(torch.float32), value=-1.0)
@@ -123,13 +127,7 @@ def statistic_update_(statistic: Tensor, weight: Tensor, grad: Tensor, form: str
         return
     if form not in STATISTICS:
         raise ValueError(f"form must be one of {STATISTICS}; got {form!r}")
-    if statistic.dtype != torch.float32:
-        raise ValueError(f"statistic must be a float32 accumulator; got {statistic.dtype}")
-    if statistic.shape != weight.shape or grad.shape != weight.shape:
-        raise ValueError(
-            f"statistic, weight and grad must have the same shape; got {tuple(statistic.shape)}, "
-            f"{tuple(weight.shape)}, {tuple(grad.shape)}"
-        )
+    _check_accumulator("statistic", statistic, weight, grad)
     with torch.no_grad():
         saliency = grad.to(torch.float32) * weight.to(torch.float32)
         statistic.add_(saliency.abs_() if form == "abs" else saliency.square_())
