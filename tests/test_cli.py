@@ -249,6 +249,8 @@ def test_shipped_accelerate_configs_load(path):
 
     config = load_config_from_file(path)
     assert config.distributed_type in ("MULTI_GPU", "DEEPSPEED", "FSDP")
+    if config.distributed_type == "FSDP":  # the pruner follows FSDP2's DTensor shards; it refuses FSDP1
+        assert config.fsdp_config["fsdp_version"] == 2
     assert config.num_processes >= 2
 
 
@@ -272,5 +274,3 @@ def test_lora_with_distillation_and_text_runs_from_yaml(tmp_path, tiny_model_dir
     )
     summary = run_train(parse_train_args(["--config", str(config)]))
     assert summary["steps"] == 2
-    if config.distributed_type == "FSDP":  # the pruner follows FSDP2's DTensor shards; it refuses FSDP1
-        assert config.fsdp_config["fsdp_version"] == 2

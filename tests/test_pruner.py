@@ -208,7 +208,8 @@ def test_structured_scores_are_activation_aware():
     norm = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight.T], dim=1).norm(dim=1)
     stats = pruner.activations["model.layers.0.mlp.down_proj"]
     act = (stats.sumsq / stats.count).sqrt().float()
-    torch.testing.assert_close(scores, norm * act)
+    # |W0| is snapshotted in bf16 (half the bytes; the ranking is what matters): within bf16's rounding of fp32.
+    torch.testing.assert_close(scores, norm * act, rtol=1e-2, atol=1e-6)
 
 
 def test_gqa_inconsistent_requests_fail_before_touching_weights():
