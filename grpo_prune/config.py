@@ -87,11 +87,14 @@ class MamaGRPOConfig(GRPOConfig):
             against 1.09x at alpha 0; in a GRPO run, alpha 0.1 took the distillation loss from 0.006 to 5.5 nats per
             token at the first prune event (24%), alpha 0 to 0.35 at 50%. Movement is still accumulated and used
             when alpha > 0.
-        mama_statistic (`str`, defaults to `"signed"`):
+        mama_statistic (`str`, defaults to `"abs"`):
             Form of the reward-driven statistic, accumulated from the gradient `g` of TRL's GRPO loss alone (never
             the distillation term; steps whose advantages are all zero add nothing): `"signed"` sums `-(g * W)`
             (movement, the paper's indicator), `"abs"` sums `|g * W|` (PLATON-like), `"squared"` sums `(g * W)^2`
-            (empirical Fisher). The magnitude-aggregated forms are far steadier over few steps.
+            (empirical Fisher). `"abs"` by measurement (`scripts/measure_movement_signal.py`, 12 GRPO steps of 8
+            completions on SmolLM2-135M): the per-layer split-half Spearman of two disjoint halves of the rollouts
+            is 0.83 (abs), 0.82 (squared), 0.01 (signed) on the dense model and 0.49, 0.49, 0.05 at 50% sparsity.
+            Used by `mama` when `mama_alpha > 0` and by `movement`.
         mama_min_updates (`int`, defaults to `4`):
             Optimizer steps with a reward signal needed before the statistic is mixed in. Below it, or while the
             statistic is all zero, the pretrained term decides alone; the event records `statistic_mixed: false`
@@ -192,7 +195,7 @@ class MamaGRPOConfig(GRPOConfig):
         default=0.0, metadata={"help": "Weight of reward-weighted movement in the MAMA score, in [0, 1]."}
     )
     mama_statistic: str = field(
-        default="signed",
+        default="abs",
         metadata={
             "help": "Reward-driven statistic, from the gradient g of the GRPO (reward) term only: 'signed' sums "
             "-(g*W) (movement), 'abs' sums |g*W| (PLATON-like), 'squared' sums (g*W)^2 (empirical Fisher).",
