@@ -115,17 +115,10 @@ def test_empty_mask_is_zero_with_gradient(logits):
 
 # ------------------------------------------------------------------------------------- logit post-processing
 def _tiny_config(kind: str):
+    from tiny import TINY_DIMS
     from transformers import CohereConfig, Gemma2Config, GraniteConfig, LlamaConfig
 
-    common = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    common = dict(**TINY_DIMS, max_position_embeddings=64)
     if kind == "gemma2":
         return Gemma2Config(**common, head_dim=8, final_logit_softcapping=2.0)
     if kind == "cohere":

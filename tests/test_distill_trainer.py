@@ -2,7 +2,16 @@
 
 import pytest
 import torch
-from tiny import char_tokenizer, kl_to_teacher, prompt_dataset, tiny_args, tiny_model, tiny_trainer, varied_reward
+from tiny import (
+    TINY_DIMS,
+    char_tokenizer,
+    kl_to_teacher,
+    prompt_dataset,
+    tiny_args,
+    tiny_model,
+    tiny_trainer,
+    varied_reward,
+)
 
 from grpo_prune import MamaGRPOTrainer
 
@@ -193,12 +202,7 @@ def test_kd_and_hidden_term_are_exactly_zero_on_a_softcapped_gemma2_student_equa
 
     torch.manual_seed(0)
     config = Gemma2Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_DIMS,
         head_dim=8,
         max_position_embeddings=128,
         final_logit_softcapping=1.0,  # strong: raw logits of this size would give very different distributions

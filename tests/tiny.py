@@ -44,6 +44,17 @@ GEMMA3_TINY = dict(
 )
 
 
+#: The dimensions every tiny decoder here shares (configs of other families add their own fields).
+TINY_DIMS = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
+
 def tiny_model(kind: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
     """A 2-layer random decoder (hidden 32, MLP 64) with a 64-token vocabulary.
 
@@ -53,12 +64,7 @@ def tiny_model(kind: str = "llama", seed: int = 0, **overrides) -> torch.nn.Modu
     """
     torch.manual_seed(seed)
     cfg = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_DIMS,
         max_position_embeddings=128,
         pad_token_id=0,
         eos_token_id=1,
