@@ -93,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             acc32 += step
             for k in low:
                 low[k] += step.to(DTYPES[k])
-        r32 = normalize_scores(acc32, "rank").double()
+        r32 = normalize_scores(acc32, "rank").double().flatten()
         for k in corr:
-            rl = normalize_scores(low[k].float(), "rank").double()
+            rl = normalize_scores(low[k].float(), "rank").double().flatten()
             a, b = r32 - r32.mean(), rl - rl.mean()
             corr[k].append(float((a @ b) / (a.norm() * b.norm())))
     print(

@@ -208,7 +208,7 @@ def test_structured_scores_are_activation_aware():
     norm = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight.T], dim=1).norm(dim=1)
     stats = pruner.activations["model.layers.0.mlp.down_proj"]
     act = (stats.sumsq / stats.count).sqrt().float()
-    # |W0| is snapshotted in bf16 (half the bytes; the ranking is what matters): within bf16's rounding of fp32.
+    # |W0| is snapshotted in 16 bits (half the bytes; the ranking is what matters): within its rounding of fp32.
     torch.testing.assert_close(scores, norm * act, rtol=1e-2, atol=1e-6)
 
 
@@ -550,7 +550,7 @@ def test_indicator_memory_matches_docstring():
     weights = [m.weight for m in pruner.targets.values()]
     n_weights = sum(w.numel() for w in weights)
     assert mem["masks"] == n_weights
-    assert mem["magnitude"] == n_weights * 2  # bf16 snapshot of fp32 weights
+    assert mem["magnitude"] == n_weights * 2  # 16-bit snapshot of fp32 weights
     assert mem["movement"] == 4 * n_weights
     assert mem["activations"] == sum(16 * m.in_features + 8 for m in pruner.targets.values())
     assert Pruner(model, PruningSettings(scorer="random")).memory_bytes()["movement"] == 0
@@ -573,7 +573,7 @@ def test_magnitude_read_from_a_frozen_dense_copy_gives_the_same_masks():
         if use_copy:
             assert pruner.indicators.magnitude_source == "frozen dense copy"
     for name in masks[0]:
-        # bf16 snapshot vs exact fp32 copy: the same masks but for rare near-ties
+        # 16-bit snapshot vs exact fp32 copy: the same masks but for rare near-ties
         agree = (masks[0][name] == masks[1][name]).float().mean().item()
         assert agree > 0.99, (name, agree)
 
