@@ -149,11 +149,6 @@ class PruningCallback(TrainerCallback):
         values = torch.quantile(sample.float(), torch.tensor(SCORE_QUANTILES))
         return {f"score_q{int(q * 100)}": v.item() for q, v in zip(SCORE_QUANTILES, values, strict=True)}
 
-    def events_with_rewards(self) -> list[dict[str, Any]]:
-        """The event records, each with the rolling reward after it (None until it is known)."""
-        after = {e["step"]: e for e in self.reward_guard.public_events()}
-        return [{**e, "reward_after": after.get(e["step"], {}).get("reward_after")} for e in self.prune_events]
-
     # ------------------------------------------------------------------------------------------ save and resume
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -166,3 +161,7 @@ class PruningCallback(TrainerCallback):
         self.prune_clock = state["prune_clock"]
         self.reward_guard.load_state_dict(state["reward_guard"])
         self.prune_events = state["prune_events"]
+        # Records of checkpoints written before they carried `reward_after`: take it from the guard once.
+        after = {e["step"]: e.get("reward_after") for e in self.reward_guard.public_events()}
+        for record in self.prune_events:
+            record.setdefault("reward_after", after.get(record["step"]))

@@ -544,7 +544,7 @@ class MamaGRPOTrainer(GRPOTrainer):
                     f"compensation added biases to {len(self.pruner.added_biases)} layers; load this checkpoint "
                     "through `grpo-prune export` (or resume training), not plain from_pretrained."
                 )
-            report["events"] = self.pruning_callback.events_with_rewards()
+            report["events"] = [dict(e) for e in self.prune_events]  # reward_after filled in as it becomes known
         return report
 
     def _statistic_report(self) -> dict[str, Any]:
