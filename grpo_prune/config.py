@@ -117,6 +117,13 @@ class MamaGRPOConfig(GRPOConfig):
             half of the run's `max_steps`.
         prune_every (`int`, defaults to `1`):
             Optimizer steps between prune events.
+        prune_init_masks (`str`, *optional*):
+            Start from these masks instead of dense: a masked export (a folder holding `pruning_masks.safetensors`,
+            as `grpo-prune oneshot` or `export_pruned` write it) or that file. The weights are zeroed where the masks
+            say so before the first step; schedule events only prune further, so with `prune_target_sparsity` equal
+            to the masks' sparsity they are held while training recovers (the one-shot-then-recover recipe, e.g.
+            from `sparsegpt`). `unstructured` and `n:m` only: a structured one-shot model is trained as its
+            physically smaller export, with no masks.
         reward_window (`int`, defaults to `4`):
             Number of generation batches in the rolling mean reward recorded before and after each prune event.
         reward_guard_tolerance (`float`, *optional*):
@@ -226,6 +233,13 @@ class MamaGRPOConfig(GRPOConfig):
         metadata={"help": "Optimizer step of the last prune event. Default: half of max_steps."},
     )
     prune_every: int = field(default=1, metadata={"help": "Optimizer steps between prune events."})
+    prune_init_masks: str | None = field(
+        default=None,
+        metadata={
+            "help": "Masks to start from (a masked export folder, or its pruning_masks.safetensors), e.g. a one-shot "
+            "prune's; later events only prune further. None: start dense."
+        },
+    )
     reward_window: int = field(
         default=4, metadata={"help": "Generation batches in the rolling reward recorded around prune events."}
     )
@@ -310,6 +324,19 @@ class MamaGRPOConfig(GRPOConfig):
             )
         if self.prune_target_sparsity > 0:
             _refuse_deepspeed(self.deepspeed)
+        if self.prune_init_masks is not None:
+            from grpo_prune.export import masks_sidecar_granularity
+
+            if self.prune_target_sparsity <= 0:
+                raise ValueError("`prune_init_masks` needs pruning on (`prune_target_sparsity` > 0).")
+            granularity = masks_sidecar_granularity(self.prune_init_masks)  # ValueError: missing / unreadable
+            if granularity != self.prune_granularity or granularity == "structured":
+                raise ValueError(
+                    f"`prune_init_masks` {self.prune_init_masks!r} holds {granularity} masks, but "
+                    f"`prune_granularity` is {self.prune_granularity!r}: starting from masks needs the same "
+                    "granularity, 'unstructured' or 'n:m' (a structured one-shot model is trained as its sliced "
+                    "export, without masks)."
+                )
         if isinstance(self.prune_targets, str):  # a single pattern from the command line
             self.prune_targets = [self.prune_targets]
         if not self.use_cpu and not _accelerator_available():

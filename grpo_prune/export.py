@@ -69,6 +69,8 @@ from grpo_prune.usage import OneLineArgumentParser
 __all__ = [
     "EXPORT_FORMAT",
     "MASKS_FILE",
+    "load_masks_sidecar",
+    "masks_sidecar_granularity",
     "REPORT_FILE",
     "UNIT_MASKS_FILE",
     "export_pruned",
@@ -186,6 +188,42 @@ def _source_from_checkpoint(folder: Path, tokenizer: Any) -> _Source:
     )
 
 
+def _masks_sidecar_path(path: str | os.PathLike[str]) -> Path:
+    p = Path(os.fspath(path)).expanduser()
+    if p.is_dir():
+        p = p / MASKS_FILE
+    if not p.is_file():
+        raise ValueError(
+            f"No masks at {os.fspath(path)!r}: expected a masked export folder holding {MASKS_FILE} (written by "
+            "`grpo-prune oneshot` or export_pruned(structured=False)), or that file."
+        )
+    return p
+
+
+def masks_sidecar_granularity(path: str | os.PathLike[str]) -> str:
+    """The granularity a mask sidecar (or the masked export folder holding it) says it has, read from its
+    metadata without loading a tensor. ValueError if there is no sidecar or it does not say."""
+    from safetensors import safe_open
+
+    p = _masks_sidecar_path(path)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            granularity = (f.metadata() or {}).get("granularity")
+    except Exception as err:  # a truncated or foreign file
+        raise ValueError(f"{p} is not a readable safetensors mask sidecar: {err}") from err
+    if granularity not in ("unstructured", "n:m", "structured"):
+        raise ValueError(f"{p} does not say its granularity (metadata 'granularity'): not a grpo-prune mask sidecar.")
+    return granularity
+
+
+def load_masks_sidecar(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """The bool keep-masks of a mask sidecar (or of the masked export folder holding it), module name -> mask."""
+    from safetensors.torch import load_file
+
+    masks_sidecar_granularity(path)
+    return {n: m.bool() for n, m in load_file(_masks_sidecar_path(path)).items()}
+
+
 def _folder_tokenizer(folder: Path, tokenizer: Any) -> Any:
     if tokenizer is None and any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         from transformers import AutoTokenizer
@@ -197,18 +235,12 @@ def _folder_tokenizer(folder: Path, tokenizer: Any) -> Any:
 def _source_from_masked_export(folder: Path, tokenizer: Any) -> _Source:
     """A folder with the full-size model and ``pruning_masks.safetensors`` (an earlier masked export, or the final
     ``output_dir`` of ``MamaGRPOTrainer``); its config already holds any biases added by compensation."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    with safe_open(str(folder / MASKS_FILE), framework="pt") as f:
-        meta = f.metadata() or {}
-    masks = {n: m.bool() for n, m in load_file(folder / MASKS_FILE).items()}
+    granularity = masks_sidecar_granularity(folder)
+    masks = load_masks_sidecar(folder)
     report_path = folder / REPORT_FILE
     source_report = json.loads(report_path.read_text()) if report_path.is_file() else None
-    granularity = meta.get("granularity") or (source_report or {}).get("granularity")
-    if granularity not in ("unstructured", "n:m", "structured"):
-        raise ValueError(f"{folder / MASKS_FILE} does not say its granularity (metadata 'granularity').")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
     return _Source(
         model=model,

@@ -145,6 +145,10 @@ class MamaGRPOTrainer(GRPOTrainer):
         self.pruner = Pruner(
             self.accelerator.unwrap_model(self.model), self.args.pruning_settings(), frozen_dense=frozen_dense
         )
+        if self.args.prune_init_masks is not None:
+            from grpo_prune.export import load_masks_sidecar
+
+            self.pruner.start_from_masks(load_masks_sidecar(self.args.prune_init_masks))
         if self.accelerator.num_processes > 1:
             self.pruner.set_reduce_fn(lambda t: self.accelerator.reduce(t, reduction="sum"))
         # With distillation in the loss, the statistic is taken from each process's own GRPO-loss gradients

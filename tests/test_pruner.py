@@ -732,3 +732,29 @@ def test_oneshot_mama_mixes_in_its_single_calibration_gradient():
     wanda = prune_oneshot(tiny_model(), 0.5, scorer="wanda", calibration=ids)
     mama = prune_oneshot(tiny_model(), 0.5, scorer="mama", alpha=0.5, statistic="abs", calibration=ids)
     assert any(not torch.equal(mama.masks[n], wanda.masks[n]) for n in wanda.masks)
+
+
+def test_start_from_masks_checks_what_it_is_given():
+    model = tiny_model()
+    pruner = Pruner(model, PruningSettings(granularity="n:m", n_m="2:4", target_sparsity=0.5, scorer="magnitude"))
+    good = {n: torch.ones_like(m) for n, m in pruner.masks.items()}
+    name = next(iter(good))
+    bad = dict(good)
+    bad[name] = good[name].clone()
+    bad[name][0, :3] = False  # 1 kept of the first 4 inputs
+    with pytest.raises(ValueError, match="does not follow n_m"):
+        pruner.start_from_masks(bad)
+    with pytest.raises(ValueError, match="missing"):
+        pruner.start_from_masks({name: good[name]})
+    with pytest.raises(ValueError, match="expected a bool tensor"):
+        pruner.start_from_masks({**good, name: good[name].float()})
+    w = dict(model.named_modules())[name].weight
+    two_of_four = torch.tensor([True, False, True, False]).repeat(w.shape[0], w.shape[1] // 4)
+    reached = pruner.start_from_masks({**good, name: two_of_four})
+    assert torch.all(w[:, 1::2] == 0) and torch.all(w[:, ::2] != 0)
+    assert reached == pytest.approx(0.5 * w.numel() / sum(m.numel() for m in good.values()))
+    with pytest.raises(ValueError, match="before any prune event"):
+        pruner.start_from_masks(good)
+    structured = Pruner(tiny_model(), PruningSettings(granularity="structured", scorer="magnitude"))
+    with pytest.raises(ValueError, match="physically smaller export"):
+        structured.start_from_masks(dict(structured.masks))

@@ -341,6 +341,56 @@ def test_reference_model_is_reused_as_teacher(tmp_path):
     assert logged(trainer, "distill/loss") and logged(trainer, "kl")
 
 
+# ------------------------------------------------------------------------------------- start from given masks
+def _oneshot_export(tmp_path, granularity="unstructured", **kw):
+    """A one-shot magnitude prune of the tiny model, exported with its mask sidecar; returns (folder, masks)."""
+    from grpo_prune import prune_oneshot
+    from grpo_prune.export import export_pruned
+
+    model = tiny_model()
+    report = prune_oneshot(model, sparsity=0.5, granularity=granularity, scorer="magnitude", **kw)
+    folder = tmp_path / "oneshot"
+    export_pruned(model, folder, pruner=report, structured=False, tokenizer=char_tokenizer())
+    return folder, report.masks
+
+
+@pytest.mark.parametrize("granularity", ["unstructured", "n:m"])
+def test_training_from_init_masks_holds_them_exactly(tmp_path, granularity):
+    folder, masks = _oneshot_export(tmp_path, granularity)
+    trainer = make_trainer(tmp_path, prune_granularity=granularity, prune_init_masks=str(folder))
+    assert trainer.pruner.sparsity() == pytest.approx(0.5)
+    weights = target_weights(trainer.model)
+    assert all(torch.all(weights[n][~m] == 0) for n, m in masks.items())  # zeroed before the first step
+    before = {n: w.detach().clone() for n, w in weights.items()}
+    trainer.train()
+    for name, mask in masks.items():
+        assert torch.equal(trainer.pruner.masks[name], mask), name  # held: the target is already reached
+        w = target_weights(trainer.model)[name]
+        assert torch.all(w[~mask] == 0) and not torch.equal(w[mask], before[name][mask]), name
+    assert trainer.prune_events == []
+
+
+def test_init_masks_are_grown_further_by_the_schedule(tmp_path):
+    folder, masks = _oneshot_export(tmp_path)
+    trainer = make_trainer(
+        tmp_path, prune_init_masks=str(folder / "pruning_masks.safetensors"), prune_target_sparsity=0.75
+    )
+    trainer.train()
+    assert trainer.pruner.sparsity() == pytest.approx(0.75)
+    for name, mask in masks.items():
+        assert not torch.any(trainer.pruner.masks[name] & ~mask), f"{name}: a pruned weight came back"
+
+
+def test_init_masks_are_checked_before_the_model_loads(tmp_path):
+    with pytest.raises(ValueError, match="No masks at"):
+        tiny_args(tmp_path, prune_init_masks=str(tmp_path / "nowhere"))
+    folder, _ = _oneshot_export(tmp_path, "n:m")
+    with pytest.raises(ValueError, match="holds n:m masks, but `prune_granularity` is 'unstructured'"):
+        tiny_args(tmp_path, prune_init_masks=str(folder))
+    with pytest.raises(ValueError, match="needs pruning on"):
+        tiny_args(tmp_path, prune_init_masks=str(folder), prune_target_sparsity=0.0)
+
+
 # -------------------------------------------------------------------------------------------- save / resume
 def test_save_model_writes_zeros_masks_and_report(tmp_path):
     trainer = make_trainer(tmp_path)

@@ -366,6 +366,60 @@ class Pruner:
         return self._prune(float(sparsity))
 
     @torch.no_grad()
+    def start_from_masks(self, masks: dict[str, Tensor]) -> float:
+        """Begin from given keep-masks (e.g. a one-shot prune's, read from its export's mask sidecar) instead of
+        dense: they become the masks, the weights are zeroed where they say so, and :attr:`current_sparsity` is
+        what they reach. Later schedule events only prune further (masks are monotone); with a target equal to
+        the masks' sparsity they are held for the whole run.
+
+        Args:
+            masks: target module name -> full-size bool keep-mask ``[out, in]`` (True = keep), one per target.
+                Under FSDP2 every rank passes the full masks and keeps its own rows.
+
+        Returns:
+            the sparsity reached (fraction of the target weights pruned).
+
+        Raises:
+            ValueError: structured granularity (a unit mask is not recoverable from weight masks: train the sliced
+                export instead), masks already grown, names or shapes that differ from the targets, a non-bool
+                mask, or, for N:M, a group of M inputs keeping fewer than N weights.
+        """
+        if self.groups:
+            raise ValueError(
+                "Starting from masks needs `granularity` 'unstructured' or 'n:m': for structured pruning, train the "
+                "physically smaller export of the one-shot model instead (no masks needed)."
+            )
+        if self.current_sparsity > 0 or self.num_pruned():
+            raise ValueError("start_from_masks() must come before any prune event (the masks are already grown).")
+        missing, unexpected = sorted(set(self.masks) - set(masks)), sorted(set(masks) - set(self.masks))
+        if missing or unexpected:
+            raise ValueError(
+                f"The given masks do not match the pruning targets: missing {missing[:3]}, unexpected "
+                f"{unexpected[:3]} (masks from another model or `prune_targets`?)."
+            )
+        n_m = M.parse_n_m(self.settings.n_m) if self.settings.granularity == "n:m" else None
+        for name, mask in masks.items():
+            shape = tuple(self.targets[name].weight.shape)  # a DTensor's shape is the full one
+            if mask.dtype != torch.bool or tuple(mask.shape) != shape:
+                raise ValueError(
+                    f"Mask of {name}: expected a bool tensor of shape {shape}, got {mask.dtype} {tuple(mask.shape)}."
+                )
+            if n_m is not None:
+                kept = mask.reshape(shape[0], -1, n_m[1]).sum(-1)
+                if bool((kept < n_m[0]).any()):
+                    raise ValueError(
+                        f"Mask of {name} keeps fewer than {n_m[0]} of some {n_m[1]} consecutive inputs: it does not "
+                        f"follow n_m={self.settings.n_m!r}."
+                    )
+        for name, mask in masks.items():
+            mine = self.masks[name]
+            mask = mask.to(mine.device)
+            mine.copy_(self.layout.local_rows(name, mask) if self.layout is not None else mask)
+        self.apply_masks_()
+        self.current_sparsity = self.sparsity()
+        return self.current_sparsity
+
+    @torch.no_grad()
     def _new_masks(self, sparsity: float, scores: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """(weight masks, unit masks) at ``sparsity``, monotone w.r.t. the current ones."""
         s = self.settings
