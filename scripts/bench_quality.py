@@ -1,20 +1,31 @@
 """Quality of pruned SmolLM2-135M-Instruct, one-shot and after GRPO + distillation, per sparsity setting and scorer.
 
-For every sparsity setting and every scorer, the embedded model is measured in two conditions, plus the dense model
+For every sparsity setting, the embedded model is measured in up to three modes per scorer, plus the dense model
 once:
 
-* ``oneshot``: :func:`grpo_prune.prune_oneshot` on calibration batches (activation statistics from forward passes;
-  movement for ``movement``/``mama`` from one summed LM-loss backward pass), no recovery;
-* ``trained``: :class:`grpo_prune.MamaGRPOTrainer` from the dense model, with the same budget for every scorer:
-  GRPO on the ``arithmetic`` train prompts (reward ``math_answer``), sparsity rising on a cubic schedule from 0 at
-  ``--prune-start`` to the target at ``--prune-end`` (an event every ``--prune-every`` steps), then held while
-  training recovers; distillation from the frozen dense teacher (forward KL, ``distill_coef`` 1); constant
-  learning rate, no weight decay, ``beta`` 0, seed 0.
+* ``oneshot`` (scorers ``--scorers``): :func:`grpo_prune.prune_oneshot` on calibration batches (activation
+  statistics from forward passes; ``sparsegpt``: OBS reconstruction from their Gram matrices; the statistic of
+  ``movement``/``mama`` from one summed LM-loss backward pass), no recovery;
+* ``recovered`` (``--recovered-scorers``): that one-shot model, then trained with its masks held
+  (``prune_init_masks``; a structured model is trained as its physically smaller export, with no masks);
+* ``trained`` (``--trained-scorers``): :class:`grpo_prune.MamaGRPOTrainer` from the dense model, pruning during
+  training: sparsity rising on a cubic schedule from 0 at ``--prune-start`` to the target at ``--prune-end`` (an
+  event every ``--prune-every`` steps), scored from what training saw (activations of the rollouts and text windows;
+  for ``mama`` the reward statistic of the GRPO steps before each event), then held. ``sparsegpt`` has no
+  training-time form here.
+
+Every training run (``trained`` and ``recovered``) has the same budget: GRPO on ``--task`` train prompts with the
+partial-credit reward ``math_answer_partial``, distillation from the frozen dense teacher (forward KL) on the
+rollouts and on ``--text-windows`` windows of ``--text-length`` tokens of plain text per step (``distill_dataset``
+``python_docs``: the stdlib's documentation, never an evaluation set), constant learning rate, no weight decay,
+``beta`` 0, seed 0. The tokens it processed and its CPU-seconds (``time.process_time``: every thread of the process)
+are reported per condition, with TRL's ``frac_reward_zero_std`` and ``completions/clipped_ratio``.
 
 Settings: ``unstructured-50`` (50% of every decoder linear, per-layer ranking), ``2:4`` (N:M), ``mlp-25`` and
 ``mlp-50`` (structured: 25% / 50% of the MLP intermediate neurons of every layer). Scorers: ``magnitude``,
-``wanda``, ``movement`` and ``mama`` with each ``--mama-alpha`` (a row per alpha, e.g. ``mama(a=0.1)``; alpha 0 is
-wanda's score, so it is refused); ``random`` is accepted too.
+``wanda``, ``sparsegpt`` (unstructured and N:M, one-shot), ``movement`` and ``mama`` with each ``--mama-alpha`` and
+``--mama-statistic`` (a row each, e.g. ``mama(a=0.2,abs)``; alpha 0 is wanda's score, so it is refused); ``random``
+is accepted too. Combinations a scorer does not support are skipped (listed at the start).
 
 Every model is evaluated in memory with :func:`grpo_prune.evaluate.evaluate_model` on the same seeded items:
 LAMBADA perplexity (windows of 512 tokens), PIQA 0-shot ``acc_norm`` (chance 50%) and the accuracy of greedy answers
@@ -34,8 +45,9 @@ writes ``quality.md`` (tables), ``quality.json`` (everything) and ``quality.png`
 atomically, and prints the tables. ``--quick`` runs every condition with a tiny budget (a smoke test of a few
 minutes) into ``results/quality-quick``.
 
-    OMP_NUM_THREADS=2 python scripts/bench_quality.py [--output-dir results/quality] [--steps 12]
-        [--scorers magnitude wanda movement mama] [--mama-alpha 0.1] [--settings unstructured-50 2:4 mlp-25 mlp-50]
+    OMP_NUM_THREADS=2 python scripts/bench_quality.py [--output-dir results/quality] [--steps 24]
+        [--scorers magnitude wanda sparsegpt] [--recovered-scorers wanda sparsegpt] [--trained-scorers wanda mama]
+        [--mama-alpha 0.2] [--mama-statistic abs] [--settings unstructured-50 2:4 mlp-25]
         [--limit lambada=12 --limit piqa=150 --limit arithmetic=64] [--quick]
 
 matplotlib draws the plot; it is not a dependency of grpo-prune: ``pip install matplotlib``.
@@ -66,7 +78,7 @@ from grpo_prune import fileio
 
 MODEL = "smollm2-135m-instruct"
 EVAL_TASKS = ("lambada", "piqa", "arithmetic")
-MODES = ("oneshot", "trained")
+MODES = ("oneshot", "trained", "recovered")
 CALIBRATION_SOURCES = ("mixed", "text", "arithmetic")
 DEFAULT_OUTPUT_DIR = "results/quality"
 QUICK_OUTPUT_DIR = "results/quality-quick"
@@ -101,8 +113,12 @@ SETTINGS: dict[str, Setting] = {
         Setting("mlp-50", 0.5, "structured", structured_units="mlp"),
     )
 }
-SCORER_NAMES = ("magnitude", "wanda", "movement", "mama", "random")
-DEFAULT_SCORERS = ("magnitude", "wanda", "movement", "mama")
+SCORER_NAMES = ("magnitude", "wanda", "sparsegpt", "movement", "mama", "random")
+DEFAULT_SCORERS = {
+    "oneshot": ("magnitude", "wanda", "sparsegpt"),
+    "trained": ("wanda", "mama"),
+    "recovered": ("wanda", "sparsegpt"),
+}
 
 
 @dataclass(frozen=True)
@@ -146,6 +162,10 @@ class Budget:
     prune_end: int
     prune_every: int
     train_prompts: int
+    task: str = "arithmetic"
+    text_windows: int = 0
+    text_length: int = 256
+    text_coef: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -161,7 +181,7 @@ class Calibration:
 class Condition:
     """One measured model: ``dense``, or a (mode, setting, scorer) triple."""
 
-    mode: str  # "dense", "oneshot" or "trained"
+    mode: str  # "dense", "oneshot", "trained" or "recovered"
     setting: Setting | None = None
     scorer: Scorer | None = None
 
@@ -188,6 +208,7 @@ class Plan:
     overwrite: bool = False
     quick: bool = False
     conditions: list[Condition] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
 
     def fingerprint(self, condition: Condition) -> dict[str, Any]:
         """What a cached result of ``condition`` must have been made with to be reused."""
@@ -198,9 +219,9 @@ class Plan:
         if condition.mode != "dense":
             out["setting"] = asdict(condition.setting)
             out["scorer"] = condition.scorer.fingerprint()
-        if condition.mode == "oneshot":
+        if condition.mode in ("oneshot", "recovered"):
             out["calibration"] = asdict(self.calibration)
-        if condition.mode == "trained":
+        if condition.mode in ("trained", "recovered"):
             out["budget"] = asdict(self.budget)
         return out
 
@@ -209,20 +230,20 @@ class Plan:
 # Command line
 # --------------------------------------------------------------------------------------------------------------------
 
-# Sized so that the whole benchmark (dense + 4 settings x 4 scorers x 2 modes, 33 evaluations) takes about an hour
-# with OMP_NUM_THREADS=2 on the 2-core CPU. Measured with OMP_NUM_THREADS=1: a GRPO step (4 x 32 tokens, pruning and
-# distillation) ~10 s; a prune event ~3 s (unstructured), ~5 s (2:4), ~0.5 s (structured), ~29 s (mama, alpha > 0:
-# a rank sort per layer); an evaluation at these limits 72 s (dense) to 98 s (a collapsed model that fills the 48
-# answer tokens). Evaluation is about half of the total; the limits below keep the ratios readable (the same items
-# for every model) rather than precise in absolute terms.
+# Version 2 (issue 11): recovery is paid for by plain-text distillation (4 x 256 tokens per step, the measured recipe:
+# Wanda 50% went from 2.97x to 1.59x dense perplexity in 40 such steps at lr 1e-4), beside GRPO on 8 completions of a
+# task the dense model solves about 40% of the time (so most groups have reward variance). Measured with
+# OMP_NUM_THREADS=2 on the 2-core CPU: a step of this budget ~12 s; an evaluation at these limits ~60-100 s.
 DEFAULTS = {
-    "steps": 12,
-    "completions": 4,
+    "steps": 24,
+    "completions": 8,
     "tokens": 32,
-    "learning_rate": 1e-5,
+    "learning_rate": 1e-4,
     "temperature": 1.0,
-    "prune_start": 2,
-    "prune_every": 2,
+    "prune_start": 4,
+    "prune_every": 4,
+    "text_windows": 4,
+    "text_length": 256,
     "calibration_windows": 8,
     "calibration_length": 256,
     "limits": {"lambada": 12, "piqa": 150, "arithmetic": 64},
@@ -234,6 +255,8 @@ QUICK = {
     "prune_start": 1,
     "prune_end": 1,
     "prune_every": 1,
+    "text_windows": 1,
+    "text_length": 32,
     "calibration_windows": 2,
     "calibration_length": 64,
     "limits": {"lambada": 1, "piqa": 8, "arithmetic": 4},
@@ -246,9 +269,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--output-dir", help=f"results folder (default {DEFAULT_OUTPUT_DIR}; {QUICK_OUTPUT_DIR} with --quick)"
     )
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), help=f"subset of {', '.join(SETTINGS)}")
-    parser.add_argument(
-        "--scorers", nargs="+", default=list(DEFAULT_SCORERS), help=f"subset of {', '.join(SCORER_NAMES)}"
-    )
+    for mode in MODES:
+        flag = "--scorers" if mode == "oneshot" else f"--{mode}-scorers"
+        parser.add_argument(
+            flag,
+            dest=f"{mode}_scorers",
+            nargs="*",
+            default=list(DEFAULT_SCORERS[mode]),
+            help=f"scorers with a {mode} row, from {', '.join(SCORER_NAMES)} (default "
+            f"{' '.join(DEFAULT_SCORERS[mode])}; none: no {mode} rows)",
+        )
     parser.add_argument(
         "--compensate",
         action="store_true",
@@ -258,30 +288,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--mama-alpha",
         type=float,
         nargs="+",
-        default=[0.1],
+        default=[0.2],
         help="movement weight(s) of the mama rows, each in (0, 1]; one row per value",
     )
     parser.add_argument(
         "--mama-statistic",
         nargs="+",
-        default=["signed"],
+        default=["abs"],
         choices=["signed", "abs", "squared"],
         help="form(s) of mama's reward statistic (mama_statistic); one row per alpha and form",
     )
-    parser.add_argument("--modes", nargs="+", default=list(MODES), help="subset of oneshot, trained")
+    parser.add_argument(
+        "--task",
+        default="arithmetic",
+        help="GRPO task of the training runs (a built-in prompt set; default arithmetic)",
+    )
+    parser.add_argument("--text-windows", type=int, help="plain-text windows distilled per step (default 4; 0: off)")
+    parser.add_argument("--text-length", type=int, help="tokens per plain-text window (default 256)")
+    parser.add_argument("--text-coef", type=float, default=1.0, help="weight of the text distillation term")
     parser.add_argument("--steps", type=int, help=f"GRPO steps per trained condition (default {DEFAULTS['steps']})")
-    parser.add_argument("--completions", type=int, help="completions per step, one prompt group (default 4)")
+    parser.add_argument("--completions", type=int, help="completions per step, one prompt group (default 8)")
     parser.add_argument("--tokens", type=int, help="max completion length, tokens (default 32)")
-    parser.add_argument("--learning-rate", type=float, help="constant learning rate (default 1e-5)")
+    parser.add_argument("--learning-rate", type=float, help="constant learning rate (default 1e-4)")
     parser.add_argument("--temperature", type=float, help="sampling temperature of the rollouts (default 1.0)")
     parser.add_argument(
         "--prune-start",
         type=int,
-        help="schedule start (default 2; >= 1 so that movement has a gradient): sparsity is 0 there and rises at "
-        "the next events",
+        help="schedule start of trained rows (default 4, mama_min_updates: the reward statistic needs that many "
+        "steps with a signal): sparsity is 0 there and rises at the next events",
     )
     parser.add_argument("--prune-end", type=int, help="step of the last prune event (default: 2/3 of --steps)")
-    parser.add_argument("--prune-every", type=int, help="steps between prune events (default 2)")
+    parser.add_argument("--prune-every", type=int, help="steps between prune events (default 4)")
     parser.add_argument(
         "--calibration", choices=CALIBRATION_SOURCES, default="mixed", help="one-shot calibration text (see above)"
     )
@@ -338,26 +375,30 @@ def build_plan(args: argparse.Namespace) -> Plan:
     unknown = [s for s in args.settings if s not in SETTINGS]
     if unknown:
         raise ValueError(f"unknown setting(s) {', '.join(map(repr, unknown))}; choose from {', '.join(SETTINGS)}")
-    unknown = [s for s in args.scorers if s not in SCORER_NAMES]
-    if unknown:
-        raise ValueError(f"unknown scorer(s) {', '.join(map(repr, unknown))}; choose from {', '.join(SCORER_NAMES)}")
-    unknown = [m for m in args.modes if m not in MODES]
-    if unknown:
-        raise ValueError(f"unknown mode(s) {', '.join(map(repr, unknown))}; choose from {', '.join(MODES)}")
+    for mode in MODES:
+        unknown = [s for s in getattr(args, f"{mode}_scorers") if s not in SCORER_NAMES]
+        if unknown:
+            raise ValueError(
+                f"unknown {mode} scorer(s) {', '.join(map(repr, unknown))}; choose from {', '.join(SCORER_NAMES)}"
+            )
     alphas = _unique(args.mama_alpha)
     bad = [a for a in alphas if not (math.isfinite(a) and 0.0 < a <= 1.0)]
     if bad:
         raise ValueError(
             f"--mama-alpha must be in (0, 1], got {bad}: alpha 0 is wanda's score (|W0| * ||x||), use --scorers wanda"
         )
-    scorers = []
-    for name in _unique(args.scorers):
-        forms = _unique(args.mama_statistic)
-        scorers += (
-            [Scorer("mama", a, statistic=f) for a in alphas for f in forms] if name == "mama" else [Scorer(name)]
-        )
-    if args.compensate:
-        scorers += [Scorer(s.name, s.alpha, compensate=True, statistic=s.statistic) for s in scorers]
+    forms = _unique(args.mama_statistic)
+    by_mode: dict[str, list[Scorer]] = {}
+    for mode in MODES:
+        rows: list[Scorer] = []
+        for name in _unique(getattr(args, f"{mode}_scorers")):
+            rows += (
+                [Scorer("mama", a, statistic=f) for a in alphas for f in forms] if name == "mama" else [Scorer(name)]
+            )
+        if args.compensate:
+            rows += [Scorer(r.name, r.alpha, compensate=True, statistic=r.statistic) for r in rows]
+        by_mode[mode] = rows
+    scorers = _unique([r for rows in by_mode.values() for r in rows])
     settings = [SETTINGS[s] for s in _unique(args.settings)]
 
     q = args.quick
@@ -379,6 +420,10 @@ def build_plan(args: argparse.Namespace) -> Plan:
         prune_end=prune_end,
         prune_every=_pick(args.prune_every, "prune_every", q),
         train_prompts=max(64, steps),
+        task=args.task,
+        text_windows=_pick(args.text_windows, "text_windows", q),
+        text_length=_pick(args.text_length, "text_length", q),
+        text_coef=args.text_coef,
     )
     if budget.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {budget.steps}")
@@ -403,6 +448,12 @@ def build_plan(args: argparse.Namespace) -> Plan:
         )
     if budget.prune_every < 1:
         raise ValueError(f"--prune-every must be >= 1, got {budget.prune_every}")
+    if budget.text_windows < 0 or budget.text_length < 2 or budget.text_coef < 0:
+        raise ValueError("--text-windows must be >= 0, --text-length >= 2 and --text-coef >= 0")
+    from grpo_prune.data import BUILTIN_DATASETS
+
+    if budget.task not in BUILTIN_DATASETS:
+        raise ValueError(f"--task {budget.task!r}: choose from {', '.join(BUILTIN_DATASETS)}")
 
     calibration = Calibration(
         source=args.calibration,
@@ -418,8 +469,11 @@ def build_plan(args: argparse.Namespace) -> Plan:
     # Every (setting, scorer) through the library's own validation, so that e.g. an N:M sparsity mismatch fails now.
     from grpo_prune.pruning.pruner import PruningSettings
 
+    skipped: list[str] = []
     for setting in settings:
         for scorer in scorers:
+            if scorer.name == "sparsegpt":
+                continue  # validated by prune_oneshot's own checks (skipped below where unsupported)
             PruningSettings(
                 target_sparsity=setting.sparsity,
                 granularity=setting.granularity,
@@ -435,14 +489,26 @@ def build_plan(args: argparse.Namespace) -> Plan:
 
     output_dir = Path(args.output_dir or (QUICK_OUTPUT_DIR if q else DEFAULT_OUTPUT_DIR))
     plan = Plan(settings, scorers, budget, calibration, limits, args.eval_seed, output_dir, args.overwrite, q)
-    plan.conditions = [Condition("dense")] + [
-        Condition(mode, setting, scorer)
-        for mode in MODES
-        if mode in args.modes
-        for setting in settings
-        for scorer in scorers
-    ]
+    plan.conditions = [Condition("dense")]
+    for mode in MODES:
+        for setting in settings:
+            for scorer in by_mode[mode]:
+                why = unsupported(mode, setting, scorer)
+                if why:
+                    skipped.append(f"{mode} {setting.name} {scorer.label}: {why}")
+                else:
+                    plan.conditions.append(Condition(mode, setting, scorer))
+    plan.skipped = skipped
     return plan
+
+
+def unsupported(mode: str, setting: Setting, scorer: Scorer) -> str | None:
+    """Why a (mode, setting, scorer) combination is not measured, or None."""
+    if scorer.name == "sparsegpt" and setting.granularity == "structured":
+        return "sparsegpt reconstructs weights, not whole units"
+    if scorer.name == "sparsegpt" and mode == "trained":
+        return "sparsegpt has no training-time form (its recovered row starts from its one-shot model)"
+    return None
 
 
 def require_matplotlib() -> None:
@@ -633,7 +699,20 @@ def run_oneshot(plan: Plan, setting: Setting, scorer: Scorer) -> dict[str, Any]:
     }
 
 
-def run_trained(plan: Plan, setting: Setting, scorer: Scorer) -> dict[str, Any]:
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _train(
+    plan: Plan,
+    model: Any,
+    tokenizer: Any,
+    pruning: dict[str, Any],
+    teacher: str | None = None,
+    init_masks: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One training run of the plan's budget on ``model`` (in place); returns its record (``train``, ``seconds``)
+    and, under ``"trainer_pruner"``, the pruner's sparsity (None without pruning)."""
     from transformers import PrinterCallback, TrainerCallback
 
     import reward_fns
@@ -642,34 +721,36 @@ def run_trained(plan: Plan, setting: Setting, scorer: Scorer) -> dict[str, Any]:
 
     b = plan.budget
     t0 = time.perf_counter()
-    model, tokenizer = _load()
-    dataset = load_prompt_dataset("arithmetic", "train", num_samples=b.train_prompts)
+    dataset = load_prompt_dataset(b.task, "train", num_samples=b.train_prompts)
+    text = {}
+    if b.text_windows > 0 and b.text_coef > 0:
+        text = dict(
+            distill_dataset="python_docs",
+            distill_text_coef=b.text_coef,
+            distill_text_batch_size=b.text_windows,
+            distill_text_length=b.text_length,
+        )
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as output_dir:
         args = MamaGRPOConfig(
             **short_run_fields(output_dir, b.steps, b.completions, b.tokens, b.learning_rate, b.temperature),
-            prune_target_sparsity=setting.sparsity,
-            prune_granularity=setting.granularity,
-            prune_n_m=setting.n_m,
-            prune_structured_units=setting.structured_units,
-            prune_scorer=scorer.name,
-            mama_alpha=scorer.alpha,
-            mama_statistic=scorer.statistic,
-            prune_compensate=scorer.compensate,
-            prune_schedule="cubic",
-            prune_start_step=b.prune_start,
-            prune_end_step=b.prune_end,
-            prune_every=b.prune_every,
+            **pruning,
+            **text,
+            teacher_model_name_or_path=teacher,
             distill_coef=1.0,
             distill_loss="forward_kl",
+            reward_weights=[1.0, 0.0],
         )
         trainer = MamaGRPOTrainer(
             model=model,
-            reward_funcs=[reward_fns.get("math_answer")],
+            # Partial credit keeps groups informative; exact accuracy is logged beside it (weight 0).
+            reward_funcs=[reward_fns.get("math_answer_partial"), reward_fns.get("math_answer")],
             args=args,
             train_dataset=dataset,
             processing_class=tokenizer,
         )
         trainer.remove_callback(PrinterCallback)  # one line per condition is printed instead of every log dict
+        if init_masks is not None:
+            trainer.pruner.start_from_masks(init_masks)
         t_setup = time.perf_counter() - t0
 
         step_times: list[float] = []
@@ -683,35 +764,150 @@ def run_trained(plan: Plan, setting: Setting, scorer: Scorer) -> dict[str, Any]:
                 step_times.append(time.perf_counter() - self.t0)
 
         trainer.add_callback(StepTimer())
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         trainer.train()
-        t_train = time.perf_counter() - t0
+        t_train, cpu_train = time.perf_counter() - t0, time.process_time() - cpu0
 
-        student = trainer.accelerator.unwrap_model(trainer.model)
-        evaluation = _evaluate(student, tokenizer, plan)
-        log = [
-            {k: entry[k] for k in ("step", "reward", "distill/loss", "prune/sparsity") if k in entry}
-            for entry in trainer.state.log_history
-            if "reward" in entry
-        ]
+        history = [e for e in trainer.state.log_history if "reward" in e]
+        keys = (
+            "step",
+            "reward",
+            "rewards/math_answer/mean",
+            "distill/loss",
+            "distill/text_loss",
+            "prune/sparsity",
+            "frac_reward_zero_std",
+            "completions/clipped_ratio",
+            "completions/mean_length",
+        )
+        log = [{k: e[k] for k in keys if k in e} for e in history]
         events = [{k: v for k, v in e.items() if k != "layer_sparsity"} for e in trainer.prune_events]
-        sparsity = trainer.pruner.sparsity()
-    del trainer, student, model
+        sparsity = trainer.pruner.sparsity() if trainer.pruner is not None else None
+        # Tokens the student was trained on: prompts + completions of every rollout, and the text windows.
+        prompt_tokens = (
+            sum(
+                len(tokenizer.apply_chat_template(row["prompt"], tokenize=True, add_generation_prompt=True))
+                for row in dataset.select(range(min(b.steps, len(dataset))))
+            )
+            * b.completions
+        )
+        completion_tokens = sum(e.get("completions/mean_length", 0.0) for e in history) * b.completions
+        text_tokens = b.steps * b.text_windows * b.text_length if text else 0
+        trained = trainer.accelerator.unwrap_model(trainer.model)
+    del trainer
     gc.collect()
     rewards = [e["reward"] for e in log]
-    tail = rewards[-max(1, b.steps - b.prune_end) :] if rewards else []
     return {
+        "model": trained,
         "sparsity": sparsity,
-        "eval": evaluation,
         "train": {
             "step_seconds": step_times,
             "prune_event_seconds": [e["seconds"] for e in events],  # timed by the pruning callback
             "events": events,
             "log": log,
-            "mean_reward_after_last_event": statistics.fmean(tail) if tail else None,
+            "tokens": {
+                "rollout_prompt": int(prompt_tokens),
+                "rollout_completion": int(round(completion_tokens)),
+                "text": int(text_tokens),
+                "total": int(prompt_tokens + round(completion_tokens) + text_tokens),
+            },
+            "cpu_seconds": cpu_train,
+            "frac_reward_zero_std_median": _median(
+                [e["frac_reward_zero_std"] for e in log if "frac_reward_zero_std" in e]
+            ),
+            "clipped_ratio_median": _median(
+                [e["completions/clipped_ratio"] for e in log if "completions/clipped_ratio" in e]
+            ),
+            "mean_reward_last_quarter": statistics.fmean(rewards[-max(1, len(rewards) // 4) :]) if rewards else None,
         },
-        "seconds": {"setup": t_setup, "train": t_train, "eval": evaluation["seconds"]},
+        "seconds": {"setup": t_setup, "train": t_train},
     }
+
+
+def run_trained(plan: Plan, setting: Setting, scorer: Scorer) -> dict[str, Any]:
+    b = plan.budget
+    t0 = time.perf_counter()
+    model, tokenizer = _load()
+    t_load = time.perf_counter() - t0
+    pruning = dict(
+        prune_target_sparsity=setting.sparsity,
+        prune_granularity=setting.granularity,
+        prune_n_m=setting.n_m,
+        prune_structured_units=setting.structured_units,
+        prune_scorer=scorer.name,
+        mama_alpha=scorer.alpha,
+        mama_statistic=scorer.statistic,
+        prune_compensate=scorer.compensate,
+        prune_schedule="cubic",
+        prune_start_step=b.prune_start,
+        prune_end_step=b.prune_end,
+        prune_every=b.prune_every,
+    )
+    out = _train(plan, model, tokenizer, pruning)
+    student = out.pop("model")
+    evaluation = _evaluate(student, tokenizer, plan)
+    del student, model
+    gc.collect()
+    out["eval"] = evaluation
+    out["seconds"].update(load=t_load, eval=evaluation["seconds"])
+    return out
+
+
+def run_recovered(plan: Plan, setting: Setting, scorer: Scorer) -> dict[str, Any]:
+    """The one-shot model of (setting, scorer), trained with its masks held; a structured one as its sliced export
+    (physically smaller, no masks). The teacher is the dense model."""
+    from grpo_prune import prune_oneshot
+
+    t0 = time.perf_counter()
+    model, tokenizer = _load()
+    batches = calibration_batches(tokenizer, plan.calibration)
+    overrides: dict[str, Any] = {"alpha": scorer.alpha, "statistic": scorer.statistic} if scorer.name == "mama" else {}
+    if scorer.compensate:
+        overrides["compensate"] = True
+    if setting.granularity == "structured":
+        overrides["structured_units"] = setting.structured_units
+    report = prune_oneshot(
+        model,
+        sparsity=setting.sparsity,
+        granularity=setting.granularity,
+        n_m=setting.n_m,
+        scorer=scorer.name,
+        calibration=batches,
+        **overrides,
+    )
+    t_prune = time.perf_counter() - t0
+    sliced_params = None
+    with tempfile.TemporaryDirectory(prefix="bench-quality-sliced-") as folder:
+        if setting.granularity == "structured":
+            from transformers import AutoModelForCausalLM
+
+            from grpo_prune.export import export_pruned
+
+            dense_params = sum(p.numel() for p in model.parameters())
+            export_pruned(model, folder, pruner=report, tokenizer=tokenizer, structured=True)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype="float32")
+            sliced_params = sum(p.numel() for p in model.parameters()) / dense_params
+            pruning: dict[str, Any] = {"prune_target_sparsity": 0.0}
+            init_masks = None
+        else:
+            pruning = dict(
+                prune_target_sparsity=setting.sparsity,
+                prune_granularity=setting.granularity,
+                prune_n_m=setting.n_m,
+                prune_scorer="magnitude",  # never asked: the masks already reach the target
+            )
+            init_masks = report.masks
+        out = _train(plan, model, tokenizer, pruning, teacher=MODEL, init_masks=init_masks)
+    student = out.pop("model")
+    evaluation = _evaluate(student, tokenizer, plan)
+    del student, model
+    gc.collect()
+    out["eval"] = evaluation
+    if sliced_params is not None:
+        out["sparsity"] = report.global_sparsity
+        out["sliced_params_fraction"] = sliced_params
+    out["seconds"].update(prune=t_prune, eval=evaluation["seconds"])
+    return out
 
 
 def condition_record(plan: Plan, condition: Condition, result: dict[str, Any]) -> dict[str, Any]:
@@ -738,6 +934,8 @@ def run_condition(plan: Plan, condition: Condition) -> dict[str, Any]:
         result = run_dense(plan)
     elif condition.mode == "oneshot":
         result = run_oneshot(plan, condition.setting, condition.scorer)
+    elif condition.mode == "recovered":
+        result = run_recovered(plan, condition.setting, condition.scorer)
     else:
         result = run_trained(plan, condition.setting, condition.scorer)
     result["seconds"]["total"] = time.perf_counter() - start
@@ -866,7 +1064,8 @@ def markdown_tables(results: Mapping[str, Mapping[str, Any]], meta: Mapping[str,
     if pairs:
         lines += [
             "",
-            "One-shot -> trained (the recovery bought by the training budget):",
+            "One-shot -> trained -> recovered (what the training budget bought; trained prunes during training, "
+            "recovered starts from the one-shot model):",
             "",
             "| setting | scorer | ppl / dense | PIQA % of dense | arithmetic % of dense |",
             "| --- | --- | ---: | ---: | ---: |",
@@ -881,6 +1080,28 @@ def markdown_tables(results: Mapping[str, Mapping[str, Any]], meta: Mapping[str,
                 values = [fmt(ratios(modes[m], dense)[metric]) if m in modes else "-" for m in MODES]
                 cells.append(" -> ".join(values))
             lines.append(f"| {setting} | {scorer} | " + " | ".join(cells) + " |")
+    trained = [r for r in _order(results) if r["mode"] in ("trained", "recovered") and not r.get("error")]
+    if trained:
+        lines += [
+            "",
+            "Training cost and GRPO signal per trained condition (tokens the student was trained on: rollout prompts "
+            "and completions, and distilled text windows; CPU-seconds of the training loop, every thread):",
+            "",
+            "| setting | scorer | mode | tokens (rollouts + text) | CPU-s | median frac_reward_zero_std "
+            "| median clipped_ratio | reward, last quarter |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in trained:
+            t = r.get("train", {})
+            tok = t.get("tokens", {})
+            rollout = tok.get("rollout_prompt", 0) + tok.get("rollout_completion", 0)
+            lines.append(
+                f"| {r['setting']} | {r['scorer']} | {r['mode']} | {rollout:,} + {tok.get('text', 0):,} | "
+                f"{_fmt(t.get('cpu_seconds'), '.0f')} | {_fmt(t.get('frac_reward_zero_std_median'), '.2f')} | "
+                f"{_fmt(t.get('clipped_ratio_median'), '.2f')} | {_fmt(t.get('mean_reward_last_quarter'), '.2f')} |"
+            )
+    if meta.get("skipped"):
+        lines += ["", "Not measured: " + "; ".join(meta["skipped"])]
     failed = [r["key"] for r in results.values() if r.get("error")]
     if failed:
         lines += ["", f"Failed conditions (rerun to retry): {', '.join(failed)}"]
@@ -912,7 +1133,7 @@ def plot_results(results: Mapping[str, Mapping[str, Any]], path: str | os.PathLi
 
     def x_of(r: Mapping[str, Any]) -> float:
         zeros = headline(r)["zeros"]
-        return r["target_sparsity"] if zeros is None else zeros
+        return r["target_sparsity"] if zeros is None or r.get("sliced_params_fraction") else zeros
 
     for col, family in enumerate(families):
         # Ticks at the family's sparsities; scorers sit side by side around each one.
@@ -925,7 +1146,7 @@ def plot_results(results: Mapping[str, Mapping[str, Any]], path: str | os.PathLi
             for i, scorer in enumerate(scorers):
                 jitter = (i - (len(scorers) - 1) / 2) * 0.012  # scorers side by side at the same sparsity
                 for mode in MODES:
-                    shift = jitter + (0.004 if mode == "trained" else -0.004)  # filled must not hide hollow
+                    shift = jitter + {"oneshot": -0.004, "trained": 0.0}.get(mode, 0.004)  # no marker hides another
                     points = []
                     for r in done:
                         if r["family"] != family or r["scorer"] != scorer or r["mode"] != mode:
@@ -937,12 +1158,12 @@ def plot_results(results: Mapping[str, Mapping[str, Any]], path: str | os.PathLi
                         continue
                     points.sort()
                     xs, ys = zip(*points, strict=True)
-                    filled = mode == "trained"
+                    filled = mode != "oneshot"
                     ax.plot(
                         xs,
                         ys,
                         linestyle="-" if filled else ":",
-                        marker="o",
+                        marker="s" if mode == "recovered" else "o",
                         color=colours[scorer],
                         markerfacecolor=colours[scorer] if filled else "none",
                         label=f"{scorer}, {mode}",
@@ -970,7 +1191,9 @@ def plot_results(results: Mapping[str, Mapping[str, Any]], path: str | os.PathLi
                 labels.append(lab)
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize="small", frameon=False)
-    fig.suptitle(f"{MODEL}: quality after pruning (hollow: one-shot, filled: trained; dashed: dense)")
+    fig.suptitle(
+        f"{MODEL}: quality after pruning (hollow: one-shot; filled circle: trained, square: recovered; dashed: dense)"
+    )
     rows_of_legend = math.ceil(len(labels) / 4) if handles else 0
     fig.tight_layout(rect=(0, 0.03 * rows_of_legend + 0.02, 1, 0.97))
 
@@ -988,12 +1211,18 @@ def describe_plan(plan: Plan) -> dict[str, str]:
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     return {
         "model": f"{MODEL} (float32, CPU, OMP_NUM_THREADS={threads})",
-        "training budget (every trained condition)": (
+        "training budget (every trained and recovered condition)": (
             f"{b.steps} GRPO steps x {b.completions} completions x {b.tokens} tokens (temperature "
-            f"{b.temperature:g}), one prompt per step from {b.train_prompts} `arithmetic` train prompts, reward "
-            f"`math_answer`; learning rate {b.learning_rate:g} constant, weight decay 0, beta 0, seed 0; sparsity "
-            f"cubic from step {b.prune_start} to "
-            f"{b.prune_end}, an event every {b.prune_every} steps, then held; distillation forward KL, coef 1"
+            f"{b.temperature:g}), one prompt per step from {b.train_prompts} `{b.task}` train prompts, reward "
+            f"`math_answer_partial`; learning rate {b.learning_rate:g} constant, weight decay 0, beta 0, seed 0; "
+            f"distillation from the dense model, forward KL, coef 1 on the rollouts"
+            + (
+                f" and coef {b.text_coef:g} on {b.text_windows} x {b.text_length} tokens of `python_docs` per step"
+                if b.text_windows and b.text_coef
+                else ""
+            )
+            + f"; trained: sparsity cubic from step {b.prune_start} to {b.prune_end}, an event every "
+            f"{b.prune_every} steps, then held; recovered: the one-shot masks held from step 0"
         ),
         "one-shot calibration": describe_calibration(plan.calibration),
         "evaluation": (
@@ -1012,6 +1241,7 @@ def write_outputs(plan: Plan, results: Mapping[str, Mapping[str, Any]], elapsed:
         "description": describe_plan(plan),
         "settings": [asdict(s) for s in plan.settings],
         "scorers": [s.label for s in plan.scorers],
+        "skipped": plan.skipped,
         "budget": asdict(plan.budget),
         "calibration": asdict(plan.calibration),
         "limits": plan.limits,
