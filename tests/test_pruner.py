@@ -551,7 +551,8 @@ def test_indicator_memory_matches_docstring():
     n_weights = sum(w.numel() for w in weights)
     assert mem["masks"] == n_weights
     assert mem["magnitude"] == n_weights * 2  # 16-bit snapshot of fp32 weights
-    assert mem["movement"] == 4 * n_weights
+    rows = sum(w.shape[0] for w in weights)
+    assert mem["movement"] == 2 * n_weights + 2 * rows  # float16 data + an int16 exponent per row
     assert mem["activations"] == sum(16 * m.in_features + 8 for m in pruner.targets.values())
     assert Pruner(model, PruningSettings(scorer="random")).memory_bytes()["movement"] == 0
     teacher = copy.deepcopy(model)
@@ -642,8 +643,8 @@ def test_zero_or_tied_statistic_creates_no_positional_bias(statistic_value):
     model = tiny_model()
     pruner = Pruner(model, PruningSettings(scorer="mama", alpha=0.5, min_statistic_updates=1))
     feed(pruner, model, calib(), movement=False)
-    for t in pruner.movement.values():
-        t.fill_(statistic_value)
+    for acc in pruner.indicators.statistic.values():
+        acc.set_(torch.full(acc.shape, statistic_value))
     pruner.indicators.statistic_updates = 10
     event = pruner.prune_to(0.5)
     assert event["statistic_mixed"] is (statistic_value != 0.0)
@@ -680,7 +681,8 @@ def test_statistic_forms_follow_their_definition(form):
     pruner.accumulate_movement_()  # a second step adds the same amount again
     assert pruner.movement_updates == 2
     for name, t in pruner.movement.items():
-        torch.testing.assert_close(t, 2 * expected[name])
+        # Stored in float16 with a power-of-two scale per row: float16's relative precision.
+        torch.testing.assert_close(t, 2 * expected[name], rtol=2e-3, atol=1e-3 * float(expected[name].abs().max()))
         if form != "signed":
             assert (t >= 0).all()
 

@@ -11,8 +11,10 @@ state                     what                                                  
                                                                                 dtype if narrower)
 ``bias_magnitude``        ``|b0|`` of the unit producers' biases (structured,   one bias copy; absent on bias-free
                           where biases exist)                                   models (Llama, SmolLM2)
-``statistic``             fp32 reward-driven statistic ``R`` (movement, mama    4 bytes per target weight
-                          with alpha > 0), in the form ``settings.statistic``
+``statistic``             reward-driven statistic ``R`` (movement, mama with    2 bytes per target weight
+                          alpha > 0), in the form ``settings.statistic``:       (+ 2 bytes per row)
+                          float32 values held as float16 times a power of two
+                          per row (:class:`~.compact.RowScaledHalf`)
 ``activations``           per input feature: sum of squares, sum (fp64) and a   3 vectors per target layer input:
                           token count over real (non-padding) tokens            ``16 * in_features + 8`` bytes per layer
 ========================  ====================================================  =========================================
@@ -35,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from grpo_prune.pruning import scores as S
+from grpo_prune.pruning.compact import RowScaledHalf
 from grpo_prune.pruning.settings import PruningSettings
 from grpo_prune.pruning.sharding import local
 
@@ -152,8 +155,10 @@ class Indicators:
                 for n in bias_producers:
                     if self.targets[n].bias is not None:
                         self.bias_magnitude[n] = self.targets[n].bias.detach().abs()
-        self.statistic: dict[str, Tensor] = (
-            {n: torch.zeros_like(local(mod.weight), dtype=torch.float32) for n, mod in self.targets.items()}
+        # 2 bytes per weight instead of fp32's 4: the scorers rank it, and its ranking is kept (measured in
+        # scripts/measure_indicator_precision.py).
+        self.statistic: dict[str, RowScaledHalf] = (
+            {n: RowScaledHalf(local(mod.weight).shape, device=mod.weight.device) for n, mod in self.targets.items()}
             if settings.needs_movement
             else {}
         )
@@ -199,7 +204,9 @@ class Indicators:
             g = mod.weight.grad if grads is None else grads.get(name)
             if g is None:
                 continue
-            S.statistic_update_(self.statistic[name], local(mod.weight).detach(), local(g), self.settings.statistic)
+            self.statistic[name].add_(
+                S.statistic_increment(local(mod.weight).detach(), local(g), self.settings.statistic)
+            )
             seen = True
         return seen
 
@@ -220,7 +227,7 @@ class Indicators:
         need = self.settings.min_statistic_updates
         if self.statistic_updates < need:
             return False, f"{self.statistic_updates} reward-signal steps, fewer than min_statistic_updates={need}"
-        nonzero = any(bool(t.any()) for t in self.statistic.values())
+        nonzero = any(acc.any() for acc in self.statistic.values())
         if self.any_fn is not None:
             nonzero = self.any_fn(nonzero)
         if not nonzero:
@@ -230,9 +237,9 @@ class Indicators:
     def reduced_statistic(self, name: str) -> Tensor:
         """The statistic of ``name`` as the scorers must see it (summed across processes when accumulated
         locally)."""
-        t = self.statistic[name]
+        t = self.statistic[name].value()
         if self.statistic_is_local and self._reduce_fn is not None:
-            return self._reduce_fn(t.clone())
+            return self._reduce_fn(t)
         return t
 
     # ----------------------------------------------------------------------------------------------- activations
@@ -314,12 +321,26 @@ class Indicators:
         for prefix, store in (
             ("magnitude", stored_magnitude),
             ("bias_magnitude", self.bias_magnitude),
-            ("movement", self.statistic),
+            ("movement", {n: acc.data for n, acc in self.statistic.items()}),
+            ("movement_exponent", {n: acc.exponent for n, acc in self.statistic.items()}),
         ):
             sd.update({f"{prefix}/{n}": t for n, t in store.items()})
         for n, st in self.activations.items():
             sd.update({f"act_sumsq/{n}": st.sumsq, f"act_sum/{n}": st.sum, f"act_count/{n}": st.count})
         return sd
+
+    def upgrade_state(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``state_dict`` with a statistic saved in float32 (checkpoints before the 2-byte accumulator) converted to
+        this class's ``movement/`` + ``movement_exponent/`` tensors; anything else is returned unchanged."""
+        old = {k: v for k, v in state_dict.items() if k.startswith("movement/") and v.dtype == torch.float32}
+        if not old or any(k.startswith("movement_exponent/") for k in state_dict):
+            return state_dict
+        out = dict(state_dict)
+        for key, value in old.items():
+            acc = RowScaledHalf(value.shape)
+            acc.set_(value)
+            out[key], out["movement_exponent/" + key.split("/", 1)[1]] = acc.data, acc.exponent
+        return out
 
     def load_scalars(self, state_dict: Mapping[str, Tensor]) -> None:
         self.statistic_updates = int(state_dict["movement_updates"].item())
@@ -333,7 +354,7 @@ class Indicators:
         return {
             "magnitude": size(stored_magnitude),
             "bias_magnitude": size(self.bias_magnitude.values()),
-            "movement": size(self.statistic.values()),
+            "movement": sum(acc.nbytes for acc in self.statistic.values()),
             "activations": size(acts),
         }
 

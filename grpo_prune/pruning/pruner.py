@@ -174,8 +174,9 @@ class Pruner:
 
     @property
     def movement(self) -> dict[str, Tensor]:
-        """The reward-driven statistic per target (its form is ``settings.statistic``; empty when unused)."""
-        return self.indicators.statistic
+        """The reward-driven statistic per target in float32 (its form is ``settings.statistic``; empty when
+        unused). A copy: the statistic is stored in 2 bytes per weight (:class:`~.compact.RowScaledHalf`)."""
+        return {n: acc.value() for n, acc in self.indicators.statistic.items()}
 
     @property
     def movement_updates(self) -> int:
@@ -632,6 +633,7 @@ class Pruner:
         is exact whether the model weights were loaded before or after. Weights are not re-masked here: call
         :meth:`apply_masks_` if the model may hold values at pruned entries.
         """
+        state_dict = self.indicators.upgrade_state(state_dict)
         own = self.state_dict()
         own_keys = {k for k in own if not k.startswith("added_bias/")}
         given_keys = {k for k in state_dict if not k.startswith("added_bias/")}

@@ -33,6 +33,7 @@ __all__ = [
     "movement_update_",
     "normalize_scores",
     "random_scores",
+    "statistic_increment",
     "statistic_update_",
     "wanda_scores",
 ]
@@ -125,12 +126,22 @@ def statistic_update_(statistic: Tensor, weight: Tensor, grad: Tensor, form: str
     if form == "signed":
         movement_update_(statistic, weight, grad)
         return
-    if form not in STATISTICS:
-        raise ValueError(f"form must be one of {STATISTICS}; got {form!r}")
     _check_accumulator("statistic", statistic, weight, grad)
     with torch.no_grad():
+        statistic.add_(statistic_increment(weight, grad, form))
+
+
+def statistic_increment(weight: Tensor, grad: Tensor, form: str = "signed") -> Tensor:
+    """One step's term of the reward-driven statistic in float32 (see :func:`statistic_update_` for the forms)."""
+    if form not in STATISTICS:
+        raise ValueError(f"form must be one of {STATISTICS}; got {form!r}")
+    if grad.shape != weight.shape:
+        raise ValueError(f"weight and grad must have the same shape; got {tuple(weight.shape)}, {tuple(grad.shape)}")
+    with torch.no_grad():
         saliency = grad.to(torch.float32) * weight.to(torch.float32)
-        statistic.add_(saliency.abs_() if form == "abs" else saliency.square_())
+        if form == "signed":
+            return saliency.neg_()
+        return saliency.abs_() if form == "abs" else saliency.square_()
 
 
 def _seed_from(seed: int, salt: str) -> int:
