@@ -142,8 +142,12 @@ class MamaGRPOTrainer(GRPOTrainer):
             frozen_dense = self.accelerator.unwrap_model(self.teacher)
             if frozen_dense is self.accelerator.unwrap_model(self.model):  # LoRA's adapter-free view: not frozen
                 frozen_dense = None
+        # Otherwise from the checkpoint file the model was loaded from, when it still holds the model's weights.
         self.pruner = Pruner(
-            self.accelerator.unwrap_model(self.model), self.args.pruning_settings(), frozen_dense=frozen_dense
+            self.accelerator.unwrap_model(self.model),
+            self.args.pruning_settings(),
+            frozen_dense=frozen_dense,
+            magnitude_from_checkpoint=True,
         )
         if self.args.prune_init_masks is not None:
             from grpo_prune.export import load_masks_sidecar

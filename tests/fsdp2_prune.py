@@ -7,6 +7,7 @@ and the reference masks. Then a few AdamW steps (weight decay on) with masks enf
 the sharded pruner state, and an export of the gathered model through `export_pruned`.
 """
 
+import functools
 import json
 import os
 import sys
@@ -33,7 +34,10 @@ CASES = {
     "wanda_row": (dict(scorer="wanda", comparison="row"), {}, False, [0.5]),
     "random_layer": (dict(scorer="random"), {}, False, [0.5]),
     "wanda_2of4": (dict(scorer="wanda", granularity="n:m", n_m="2:4"), {}, False, [0.25, 0.5]),
+    # |W0| read from the safetensors file the model was loaded from (each rank reads its own rows).
+    "wanda_checkpoint": (dict(scorer="wanda"), dict(intermediate_size=67), False, [0.5]),
 }
+FROM_CHECKPOINT = {"wanda_checkpoint"}
 
 
 def batches(world_size: int, vocab: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -95,12 +99,24 @@ def main(out: str) -> None:
         if only and case not in only.split(","):
             continue
         settings = dict(target_sparsity=0.5, schedule="oneshot", **fields)
-        reference = build(overrides, ties)
-        ref_pruner = Pruner(reference, PruningSettings(**settings))
+        from_file = case in FROM_CHECKPOINT
+        if from_file:
+            from transformers import AutoModelForCausalLM
+
+            folder = f"{out}/{case}.checkpoint"
+            if rank == 0:
+                build(overrides, ties).save_pretrained(folder)
+            dist.barrier()
+            make = functools.partial(AutoModelForCausalLM.from_pretrained, folder)
+        else:
+            make = functools.partial(build, overrides, ties)
+
+        reference = make()
+        ref_pruner = Pruner(reference, PruningSettings(**settings), magnitude_from_checkpoint=from_file)
         calibrate_and_prune(ref_pruner, reference, data, sparsities)
 
-        model = shard(build(overrides, ties))
-        pruner = Pruner(model, PruningSettings(**settings))
+        model = shard(make())
+        pruner = Pruner(model, PruningSettings(**settings), magnitude_from_checkpoint=from_file)
         calibrate_and_prune(pruner, model, [data[rank]], sparsities)
         gathered = pruner.gathered_masks()
         local_bytes = pruner.memory_bytes()
@@ -109,6 +125,7 @@ def main(out: str) -> None:
             "ref_sparsity": ref_pruner.sparsity(),
             "local_mask_bytes": local_bytes["masks"],
             "ref_mask_bytes": ref_pruner.memory_bytes()["masks"],
+            "magnitude_source": [pruner.indicators.magnitude_source, ref_pruner.indicators.magnitude_source],
         }
         if rank == 0:
             save_file({k: v.contiguous() for k, v in gathered.items()}, f"{out}/{case}.sharded.safetensors")

@@ -29,6 +29,7 @@ CASES = (
     "wanda_row",
     "random_layer",
     "wanda_2of4",
+    "wanda_checkpoint",
 )
 
 
@@ -61,6 +62,8 @@ def test_sharded_masks_equal_one_process(fsdp2_run, case):
     for info in infos:  # figures are of the whole model on every rank; masks are held per shard
         assert info["cases"][case]["sparsity"] == pytest.approx(info["cases"][case]["ref_sparsity"])
         assert info["cases"][case]["local_mask_bytes"] < 0.6 * info["cases"][case]["ref_mask_bytes"]
+        sharded_source, ref_source = info["cases"][case]["magnitude_source"]
+        assert sharded_source == ref_source and (sharded_source == "checkpoint") is (case == "wanda_checkpoint")
 
 
 @pytest.mark.slow

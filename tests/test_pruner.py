@@ -760,3 +760,39 @@ def test_start_from_masks_checks_what_it_is_given():
     structured = Pruner(tiny_model(), PruningSettings(granularity="structured", scorer="magnitude"))
     with pytest.raises(ValueError, match="physically smaller export"):
         structured.start_from_masks(dict(structured.masks))
+
+
+def test_magnitude_read_from_the_checkpoint_file_costs_no_memory_and_gives_exact_masks(tmp_path):
+    tiny_model().save_pretrained(tmp_path / "ckpt")
+    masks = {}
+    for from_checkpoint in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+        # The reference reads exact fp32 |W0| from a frozen copy (a 16-bit snapshot could flip a near tie).
+        frozen = None if from_checkpoint else copy.deepcopy(model)
+        pruner = Pruner(model, PruningSettings(scorer="wanda"), frozen, magnitude_from_checkpoint=from_checkpoint)
+        expected = "checkpoint" if from_checkpoint else "frozen dense copy"
+        assert pruner.indicators.magnitude_source == expected
+        assert pruner.memory_bytes()["magnitude"] == 0 and "magnitude/" not in " ".join(pruner.state_dict())
+        feed(pruner, model, calib(), movement=False)
+        pruner.prune_to(0.3)
+        with torch.no_grad():  # |W0| stays the file's, whatever training does to the weights
+            for mod in pruner.targets.values():
+                mod.weight.mul_(-3.0)
+        pruner.prune_to(0.6)
+        masks[from_checkpoint] = pruner.masks
+    assert all(torch.equal(masks[True][n], masks[False][n]) for n in masks[False])
+
+
+def test_checkpoint_magnitude_is_not_used_when_the_model_changed_after_loading(tmp_path):
+    tiny_model().save_pretrained(tmp_path / "ckpt")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] += 1.0  # e.g. a one-shot prune or reconstruction
+    pruner = Pruner(model, PruningSettings(scorer="wanda"), magnitude_from_checkpoint=True)
+    assert pruner.indicators.magnitude_source == "snapshot"
+    assert (
+        Pruner(
+            tiny_model(), PruningSettings(scorer="wanda"), magnitude_from_checkpoint=True
+        ).indicators.magnitude_source
+        == "snapshot"
+    )  # built from a config: no file

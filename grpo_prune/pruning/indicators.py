@@ -6,9 +6,10 @@
 state                     what                                                  memory
 ========================  ====================================================  =========================================
 ``magnitude``             ``|W0|`` (magnitude, wanda, mama with alpha < 1):     0 B when read from a frozen dense copy
-                          read from the frozen dense copy of the model when     (the distillation teacher); else one
-                          there is one, else a snapshot at construction         copy, 2 B/weight (fp16, or the weight's
-                                                                                dtype if narrower)
+                          read from the frozen dense copy of the model when     (the distillation teacher) or from the
+                          there is one, else (if asked) from the checkpoint     checkpoint; else one copy, 2 B/weight
+                          file it was loaded from, else a snapshot at           (fp16, or the weight's dtype if
+                          construction                                          narrower)
 ``bias_magnitude``        ``|b0|`` of the unit producers' biases (structured,   one bias copy; absent on bias-free
                           where biases exist)                                   models (Llama, SmolLM2)
 ``statistic``             reward-driven statistic ``R`` (movement, mama with    2 bytes per target weight
@@ -29,8 +30,11 @@ whose advantages are all zero carries no reward signal and is not counted.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -103,6 +107,74 @@ class _FrozenMagnitude(Mapping):
         return len(self._modules)
 
 
+class _CheckpointMagnitude(Mapping):
+    """``|W0|`` read on demand from the pretrained checkpoint's safetensors files (memory-mapped, one layer at a
+    time): no memory of its own. Under FSDP2 only this rank's rows are read."""
+
+    def __init__(self, files: Mapping[str, str], rows: Mapping[str, tuple[int, int]], devices: Mapping[str, Any]):
+        self._files, self._rows, self._devices = dict(files), dict(rows), dict(devices)
+
+    def __getitem__(self, name: str) -> Tensor:
+        from safetensors import safe_open
+
+        start, stop = self._rows[name]
+        with safe_open(self._files[name], framework="pt") as f:
+            rows = f.get_slice(f"{name}.weight")[start:stop]
+        return rows.to(self._devices[name]).abs()
+
+    def __iter__(self):
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
+def checkpoint_magnitude(
+    model: nn.Module, targets: Mapping[str, nn.Linear], row_offset: Callable[[str], int] | None = None
+) -> _CheckpointMagnitude | None:
+    """A ``|W0|`` reader over the local safetensors checkpoint ``model`` was loaded from, or None when there is none
+    or it does not hold these weights (``model.name_or_path`` is not a local folder of safetensors files, a target
+    is missing or shaped differently, or the first local row of some target differs from the model's: the model
+    was changed after loading, so the file is not its starting point).
+
+    Args:
+        model: the bare model (``name_or_path`` as ``from_pretrained`` sets it).
+        targets: module name -> target ``nn.Linear`` (checkpoint key ``<name>.weight``).
+        row_offset: under FSDP2, the first global row of this rank's shard of a target.
+    """
+    from safetensors import safe_open
+
+    folder = Path(os.fspath(getattr(model, "name_or_path", "") or ""))
+    if not folder.is_dir():
+        return None
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = {n: str(folder / weight_map[f"{n}.weight"]) for n in targets if f"{n}.weight" in weight_map}
+    elif (folder / "model.safetensors").is_file():
+        files = {n: str(folder / "model.safetensors") for n in targets}
+    else:
+        return None
+    if len(files) != len(targets):
+        return None
+    rows, devices = {}, {}
+    for name, mod in targets.items():
+        shard = local(mod.weight)
+        start = row_offset(name) if row_offset is not None else 0
+        rows[name], devices[name] = (start, start + shard.shape[0]), shard.device
+        try:
+            with safe_open(files[name], framework="pt") as f:
+                sl = f.get_slice(f"{name}.weight")
+                if tuple(sl.get_shape()) != tuple(mod.weight.shape) or shard.shape[0] == 0:
+                    return None
+                first = sl[start : start + 1]
+        except Exception:  # a key the file lacks, or an unreadable file: not this model's checkpoint
+            return None
+        if not torch.equal(first.to(shard.dtype).to(shard.device), shard[:1].detach()):
+            return None
+    return _CheckpointMagnitude(files, rows, devices)
+
+
 #: Storage dtype of a ``|W0|`` snapshot, half the bytes of fp32. Measured (``scripts/measure_indicator_precision.py``,
 #: SmolLM2-135M, Wanda masks against fp32 |W0|): fp16 changes 0.005% of the keep/prune decisions at 50% unstructured
 #: and 0.004% at 2:4, bf16 0.058% and 0.041% (3 mantissa bits fewer), fp8-e4m3 0.93% and 0.73%. |W0| of an LLM lies
@@ -120,6 +192,10 @@ class Indicators:
         bias_producers: names of the targets whose ``|b0|`` is a bias indicator (structured unit producers).
         frozen_dense: a frozen, unpruned copy of the model (the distillation teacher built from the same weights),
             from whose modules of the same names ``|W0|`` is read instead of being copied. It must stay frozen.
+        magnitude_from_checkpoint: without ``frozen_dense``, read ``|W0|`` from the safetensors checkpoint the model
+            was loaded from when it still holds the model's weights (:func:`checkpoint_magnitude`), instead of a
+            2-byte snapshot; the file must not change during the run.
+        row_offset: under FSDP2, the first global row of this rank's shard of a target.
     """
 
     def __init__(
@@ -129,6 +205,8 @@ class Indicators:
         settings: PruningSettings,
         bias_producers: list[str] | tuple[str, ...] = (),
         frozen_dense: nn.Module | None = None,
+        magnitude_from_checkpoint: bool = False,
+        row_offset: Callable[[str], int] | None = None,
     ):
         self.model = model
         self.targets = dict(targets)
@@ -146,6 +224,13 @@ class Indicators:
                         )
                 self.magnitude = _FrozenMagnitude(frozen)
                 self.magnitude_source = "frozen dense copy"
+            elif (
+                settings.needs_magnitude
+                and magnitude_from_checkpoint
+                and (reader := checkpoint_magnitude(model, self.targets, row_offset))
+            ):
+                self.magnitude = reader
+                self.magnitude_source = "checkpoint"
             elif settings.needs_magnitude:
                 # local(): under FSDP2 the snapshot is of this rank's row shard, like the parameter.
                 self.magnitude = {n: _snapshot_abs(local(mod.weight)) for n, mod in self.targets.items()}

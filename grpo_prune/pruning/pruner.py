@@ -91,6 +91,8 @@ class Pruner:
             them after construction.
         frozen_dense: a frozen unpruned copy of ``model`` (e.g. the distillation teacher): ``|W0|`` is read from it
             rather than stored (see :class:`~grpo_prune.pruning.indicators.Indicators`).
+        magnitude_from_checkpoint: without ``frozen_dense``, read ``|W0|`` from the safetensors checkpoint the model
+            was loaded from, if it still holds the model's weights, rather than store it (the trainer's choice).
 
     Sharded models (FSDP2, ``fully_shard``: target weights are ``DTensor`` row shards) are detected here
     (:attr:`layout` is then set): masks and per-weight indicators are held for the local shard only, enforcement
@@ -107,7 +109,11 @@ class Pruner:
     """
 
     def __init__(
-        self, model: nn.Module, settings: PruningSettings | None = None, frozen_dense: nn.Module | None = None
+        self,
+        model: nn.Module,
+        settings: PruningSettings | None = None,
+        frozen_dense: nn.Module | None = None,
+        magnitude_from_checkpoint: bool = False,
     ):
         settings = PruningSettings() if settings is None else settings
         settings.validate()
@@ -151,7 +157,15 @@ class Pruner:
             for g in self.groups
         }
         bias_producers = [n for g in self.groups for n in g.producers]
-        self.indicators = Indicators(model, self.targets, settings, bias_producers, frozen_dense=frozen_dense)
+        self.indicators = Indicators(
+            model,
+            self.targets,
+            settings,
+            bias_producers,
+            frozen_dense=frozen_dense,
+            magnitude_from_checkpoint=magnitude_from_checkpoint,
+            row_offset=self.layout.row_offset if self.layout is not None else None,
+        )
         if self.layout is not None:
             self.indicators.any_fn = self.layout.any
             # Each rank's forwards see its own data: activation statistics are summed over the FSDP group (the
