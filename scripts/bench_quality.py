@@ -299,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="form(s) of mama's reward statistic (mama_statistic); one row per alpha and form",
     )
     parser.add_argument(
+        "--trained-settings",
+        nargs="+",
+        help="settings that get trained rows (default: every --settings one); the budget is best spent on fewer",
+    )
+    parser.add_argument(
         "--task",
         default="arithmetic",
         help="GRPO task of the training runs (a built-in prompt set; default arithmetic)",
@@ -492,6 +497,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
     plan.conditions = [Condition("dense")]
     for mode in ("oneshot", "recovered", "trained"):  # run order: each recovered row right after its one-shot start
         for setting in settings:
+            if mode == "trained" and args.trained_settings and setting.name not in args.trained_settings:
+                continue
             for scorer in by_mode[mode]:
                 why = unsupported(mode, setting, scorer)
                 if why:
