@@ -5,10 +5,10 @@ its pruned weights in the layout of compressed-tensors' sparse formats, the layo
 models (``config.json`` ``quantization_config`` with ``quant_method: compressed-tensors`` and a ``sparsity_config``):
 
 * ``sparse-bitmask`` (unstructured, and N:M other than 2:4): for a weight ``W [out, in]`` named ``{m}.weight`` the
-  checkpoint holds ``{m}.weight.compressed`` (the non-zero values, 1-D, row-major, in the weight's dtype),
-  ``{m}.weight.bitmask`` (uint8 ``[out, ceil(in / 8)]``, bit ``j % 8`` of byte ``j // 8`` set where ``W[:, j] != 0``,
-  little-endian bit order), ``{m}.weight.row_offsets`` (int64 ``[out]``, where each row starts in ``compressed``) and
-  ``{m}.weight.shape`` (int64 ``[2]``).
+  checkpoint holds ``{m}.compressed`` (the non-zero values, 1-D, row-major, in the weight's dtype), ``{m}.bitmask``
+  (uint8 ``[out, ceil(in / 8)]``, bit ``j % 8`` of byte ``j // 8`` set where ``W[:, j] != 0``, little-endian bit
+  order), ``{m}.row_offsets`` (int64 ``[out]``, where each row starts in ``compressed``) and ``{m}.shape`` (int64
+  ``[2]``). (Exports of earlier versions put ``.weight`` before these suffixes; they still load here.)
 * ``sparse-24-bitmask`` (2:4): ``{m}.compressed`` (the two kept values of every 4 inputs, ``[out, in / 2]``),
   ``{m}.bitmask`` (as above, exactly the 2:4 keep-mask) and ``{m}.shape`` (int64 ``[2, 1]``).
 
@@ -101,10 +101,10 @@ def compress_state_dict(state: dict[str, Tensor], masks: dict[str, Tensor], fmt:
             # nothing and still decompresses to zero, so the round trip is exact either way.
             keep = weight != 0
             counts = keep.sum(dim=1)
-            out[f"{key}.compressed"] = weight[keep].contiguous()
-            out[f"{key}.bitmask"] = pack_bitmasks(keep)
-            out[f"{key}.row_offsets"] = torch.cumsum(counts, 0) - counts
-            out[f"{key}.shape"] = torch.tensor([rows, cols])
+            out[f"{name}.compressed"] = weight[keep].contiguous()
+            out[f"{name}.bitmask"] = pack_bitmasks(keep)
+            out[f"{name}.row_offsets"] = torch.cumsum(counts, 0) - counts
+            out[f"{name}.shape"] = torch.tensor([rows, cols])
     return out
 
 
@@ -121,7 +121,8 @@ def decompress_state_dict(state: dict[str, Tensor], fmt: str) -> dict[str, Tenso
         out.pop(f"{prefix}.row_offsets", None)  # sparse-bitmask only; the bitmask alone places the values
         dense = torch.zeros(shape, dtype=values.dtype)
         dense[keep] = values.flatten()
-        out[prefix if fmt == SPARSE_BITMASK else f"{prefix}.weight"] = dense
+        # Earlier exports named the sparse-bitmask tensors after the weight ({m}.weight.bitmask): still read.
+        out[prefix if prefix.endswith(".weight") else f"{prefix}.weight"] = dense
     return out
 
 

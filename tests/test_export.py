@@ -225,6 +225,13 @@ def test_compressed_export_loads_back_to_exactly_the_masked_weights(tmp_path, gr
     assert sparsity.targets == ["Linear"] and not set(sparsity.ignore) & set(report.masks)
     assert not (tmp_path / "out" / MASKS_FILE).exists()  # the bitmask is the mask
 
+    # compressed-tensors' layout (what its sparse compressors, llm-compressor and vLLM read): tensors named after
+    # the module, {m}.compressed / .bitmask / .shape (/ .row_offsets), never {m}.weight.compressed.
+    stored_keys = set(load_file(tmp_path / "out" / "model.safetensors"))
+    for name in report.masks:
+        assert {f"{name}.compressed", f"{name}.bitmask", f"{name}.shape"} <= stored_keys, name
+        assert f"{name}.weight" not in stored_keys and f"{name}.weight.bitmask" not in stored_keys
+
     # Sizes: the pruned layers take at most 0.6x of their dense bytes; the whole file shrinks too.
     stored = load_file(tmp_path / "out" / "model.safetensors")
     dense_stored = load_file(tmp_path / "dense" / "model.safetensors")
@@ -430,3 +437,25 @@ def test_writing_is_atomic_and_replaces_an_earlier_export(tmp_path, monkeypatch)
     export_pruned(model, tmp_path / "out", pruner=report)  # an earlier export is replaced
     assert (tmp_path / "out" / "model.safetensors").read_bytes() != first
     assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_compressed_exports_of_the_earlier_layout_still_load(tmp_path):
+    from safetensors.torch import save_file
+
+    from grpo_prune.compress import load_compressed
+
+    model = make_model("qwen2")
+    report = prune_oneshot(model, 0.5, "unstructured", scorer="magnitude")
+    export_pruned(model, tmp_path / "out", pruner=report, compressed=True)
+    path = tmp_path / "out" / "model.safetensors"
+    stored = load_file(path)
+    suffixes = (".compressed", ".bitmask", ".shape", ".row_offsets")
+    renamed = {}
+    for key, value in stored.items():  # the earlier layout: {m}.weight.compressed, ...
+        suffix = next((x for x in suffixes if key.endswith(x)), None)
+        renamed[key.removesuffix(suffix) + ".weight" + suffix if suffix else key] = value
+    save_file(renamed, str(path), metadata={"format": "pt"})
+    restored = load_compressed(tmp_path / "out").state_dict()
+    for name, module in model.named_modules():
+        if name in report.masks:
+            assert torch.equal(restored[f"{name}.weight"], module.weight.detach()), name
