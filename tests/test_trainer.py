@@ -231,6 +231,18 @@ def test_reward_statistic_accumulates_with_a_varying_reward(tmp_path, form, dist
     assert report["source"] == ("separate GRPO-loss gradient" if distill_coef else "GRPO gradient")
 
 
+@pytest.mark.parametrize("distill_coef", [0.0, 1.0])
+def test_reward_statistic_stops_once_the_target_is_reached(tmp_path, distill_coef):
+    # Events at steps 0-2 (end 2): steps 3-8 cannot use the statistic, so it is not computed for them.
+    trainer = make_trainer(
+        tmp_path, distill_coef=distill_coef, mama_alpha=0.5, mama_min_updates=1, prune_end_step=2, max_steps=8
+    )
+    trainer.train()
+    assert trainer.pruner.sparsity() == pytest.approx(0.5)
+    assert 1 <= trainer.pruner.movement_updates <= 2
+    assert sum(v < 1.0 for v in logged(trainer, "frac_reward_zero_std")) >= 6  # later steps had a signal too
+
+
 def test_lora_with_pruning_is_refused(tmp_path):
     from peft import LoraConfig
 
