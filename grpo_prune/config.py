@@ -80,7 +80,11 @@ class MamaGRPOConfig(GRPOConfig):
         > Parameters that control the MAMA score
 
         prune_scorer (`str`, defaults to `"mama"`):
-            `"mama"`, or a baseline sharing the same machinery: `"magnitude"`, `"wanda"`, `"movement"`, `"random"`.
+            `"mama"`, or a baseline sharing the same machinery: `"magnitude"`, `"wanda"`, `"movement"`, `"random"`;
+            or `"sparsegpt"`: at each event, OBS reconstruction of the kept weights from the Gram matrices of the
+            layers' inputs seen in training (unstructured, or N:M with the whole pattern at the first event; `4 * in_features^2` bytes per distinct layer input,
+            e.g. 402 MB on SmolLM2-135M; not under FSDP2). Its one-shot form followed by `prune_init_masks` is the
+            cheaper route.
         mama_alpha (`float`, defaults to `0.0`):
             Weight of reward-weighted movement in the MAMA score (`0`: pretrained term only, `1`: movement only).
             `0` by measurement on SmolLM2-135M: at 25% sparsity one-shot, alpha 0.1 gives 2.37x the dense perplexity
@@ -196,7 +200,7 @@ class MamaGRPOConfig(GRPOConfig):
     )
     prune_scorer: str = field(
         default="mama",
-        metadata={"help": "Scorer.", "choices": ["mama", "magnitude", "wanda", "movement", "random"]},
+        metadata={"help": "Scorer.", "choices": ["mama", "magnitude", "wanda", "movement", "random", "sparsegpt"]},
     )
     mama_alpha: float = field(
         default=0.0, metadata={"help": "Weight of reward-weighted movement in the MAMA score, in [0, 1]."}

@@ -11,8 +11,8 @@ once:
 * ``trained`` (``--trained-scorers``): :class:`grpo_prune.MamaGRPOTrainer` from the dense model, pruning during
   training: sparsity rising on a cubic schedule from 0 at ``--prune-start`` to the target at ``--prune-end`` (an
   event every ``--prune-every`` steps), scored from what training saw (activations of the rollouts and text windows;
-  for ``mama`` the reward statistic of the GRPO steps before each event), then held. ``sparsegpt`` has no
-  training-time form here.
+  for ``mama`` the reward statistic of the GRPO steps before each event; for ``sparsegpt`` OBS reconstruction from
+  the Gram matrices of the inputs seen so far), then held.
 
 Every training run (``trained`` and ``recovered``) has the same budget: GRPO on ``--task`` train prompts with the
 partial-credit reward ``math_answer_partial``, distillation from the frozen dense teacher (forward KL) on the
@@ -383,8 +383,9 @@ def build_plan(args: argparse.Namespace) -> Plan:
     for mode in MODES:
         unknown = [s for s in getattr(args, f"{mode}_scorers") if s not in SCORER_NAMES]
         if unknown:
+            flag = "--scorers" if mode == "oneshot" else f"--{mode}-scorers"
             raise ValueError(
-                f"unknown {mode} scorer(s) {', '.join(map(repr, unknown))}; choose from {', '.join(SCORER_NAMES)}"
+                f"unknown scorer(s) {', '.join(map(repr, unknown))} in {flag}; choose from {', '.join(SCORER_NAMES)}"
             )
     alphas = _unique(args.mama_alpha)
     bad = [a for a in alphas if not (math.isfinite(a) and 0.0 < a <= 1.0)]
@@ -513,8 +514,6 @@ def unsupported(mode: str, setting: Setting, scorer: Scorer) -> str | None:
     """Why a (mode, setting, scorer) combination is not measured, or None."""
     if scorer.name == "sparsegpt" and setting.granularity == "structured":
         return "sparsegpt reconstructs weights, not whole units"
-    if scorer.name == "sparsegpt" and mode == "trained":
-        return "sparsegpt has no training-time form (its recovered row starts from its one-shot model)"
     return None
 
 

@@ -35,27 +35,47 @@ def plan_of(bq, *argv, tmp_path=None):
 def test_default_plan_covers_every_condition(bq):
     plan = plan_of(bq)
     labels = [s.label for s in plan.scorers]
-    assert labels == ["magnitude", "wanda", "movement", "mama(a=0.1)"]
+    assert labels == ["magnitude", "wanda", "sparsegpt", "mama(a=0.2,abs)"]
     assert [s.name for s in plan.settings] == ["unstructured-50", "2:4", "mlp-25", "mlp-50"]
-    assert len(plan.conditions) == 1 + 2 * 4 * 4 and plan.conditions[0].mode == "dense"
+    modes = [c.mode for c in plan.conditions]
+    # One-shot: 3 scorers x 4 settings but sparsegpt on the 2 structured ones; recovered: wanda and sparsegpt (not
+    # structured); trained: wanda and mama everywhere.
+    assert modes[0] == "dense" and modes.count("oneshot") == 10 and modes.count("recovered") == 6
+    assert modes.count("trained") == 8
     keys = [c.key for c in plan.conditions]
-    assert len(set(keys)) == len(keys) and "trained__2-4__mama-a-0.1" in keys
+    assert len(set(keys)) == len(keys) and "trained__2-4__mama-a-0.2-abs" in keys
+    assert "recovered__2-4__sparsegpt" in keys and "oneshot__mlp-25__sparsegpt" not in keys
+    assert any("mlp-25 sparsegpt" in line for line in plan.skipped)
     b = plan.budget
-    # Two thirds of the steps prune (from step 2, an event every 2), the last third recovers.
-    assert (b.steps, b.prune_start, b.prune_end, b.prune_every) == (12, 2, 8, 2)
+    # Two thirds of the steps prune (from step 4, an event every 4), the last third recovers; text distillation on.
+    assert (b.steps, b.prune_start, b.prune_end, b.prune_every) == (24, 4, 16, 4)
+    assert (b.text_windows, b.text_length, b.completions, b.task) == (4, 256, 8, "arithmetic")
     assert str(plan.output_dir) == bq.DEFAULT_OUTPUT_DIR
 
 
 def test_mama_alpha_list_gives_one_row_each_and_quick_is_tiny(bq):
-    plan = plan_of(bq, "--scorers", "mama", "wanda", "--mama-alpha", "0.1", "0.5", "0.1", "--quick")
-    assert [s.label for s in plan.scorers] == ["mama(a=0.1)", "mama(a=0.5)", "wanda"]
+    plan = plan_of(
+        bq,
+        "--scorers",
+        "mama",
+        "wanda",
+        "--mama-alpha",
+        "0.1",
+        "0.5",
+        "0.1",
+        "--quick",
+        "--trained-scorers",
+        "--recovered-scorers",
+    )
+    assert [s.label for s in plan.scorers] == ["mama(a=0.1,abs)", "mama(a=0.5,abs)", "wanda"]
+    assert {c.mode for c in plan.conditions} == {"dense", "oneshot"}
     assert plan.quick and plan.budget.steps == bq.QUICK["steps"] and plan.limits == bq.QUICK["limits"]
     assert str(plan.output_dir) == bq.QUICK_OUTPUT_DIR
 
 
 def test_compensate_adds_a_row_per_scorer_and_keeps_old_caches_valid(bq):
-    plan = plan_of(bq, "--scorers", "wanda", "mama", "--compensate")
-    assert [s.label for s in plan.scorers] == ["wanda", "mama(a=0.1)", "wanda+comp", "mama(a=0.1)+comp"]
+    plan = plan_of(bq, "--scorers", "wanda", "mama", "--compensate", "--trained-scorers", "--recovered-scorers")
+    assert [s.label for s in plan.scorers] == ["wanda", "mama(a=0.2,abs)", "wanda+comp", "mama(a=0.2,abs)+comp"]
     plain, compensated = plan.scorers[0], plan.scorers[2]
     assert "compensate" not in plain.fingerprint() and compensated.fingerprint()["compensate"] is True
     keys = {c.key for c in plan.conditions}
@@ -67,7 +87,9 @@ def test_compensate_adds_a_row_per_scorer_and_keeps_old_caches_valid(bq):
     [
         (["--scorers", "taylor"], "unknown scorer"),
         (["--settings", "mlp-75"], "unknown setting"),
-        (["--modes", "lora"], "unknown mode"),
+        (["--trained-scorers", "lora"], "unknown scorer.*--trained-scorers"),
+        (["--task", "nope"], "--task"),
+        (["--text-windows", "-1"], "text-windows"),
         (["--mama-alpha", "0"], "wanda"),
         (["--mama-alpha", "1.5"], "mama-alpha"),
         (["--steps", "6", "--prune-end", "8"], "prune-end"),
@@ -113,7 +135,7 @@ def fake(bq, tmp_path):
         if c.mode == "dense":
             r = fake_result(bq, plan, c, 20.0, 0.6, 0.2, 0.0)
         else:
-            r = fake_result(bq, plan, c, 40.0 + i, 0.55, 0.1 if c.mode == "trained" else 0.0, c.setting.sparsity)
+            r = fake_result(bq, plan, c, 40.0 + i, 0.55, 0.0 if c.mode == "oneshot" else 0.1, c.setting.sparsity)
         results[c.key] = r
     return plan, results
 
@@ -141,13 +163,20 @@ def test_markdown_tables(bq, fake):
     text = bq.markdown_tables(results, {"description": bq.describe_plan(plan)})
     lines = text.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("| setting | scorer | mode"))
-    rows = [line for line in lines[header + 2 :] if line.startswith("|")]
+    rows = []
+    for line in lines[header + 2 :]:  # the main table, up to its first non-table line
+        if not line.startswith("|"):
+            break
+        rows.append(line)
     assert rows[0].startswith("| dense | - | dense |")
-    assert len([r for r in rows if " | oneshot | " in r or " | trained | " in r]) == 8
-    assert "| unstructured-50 | mama(a=0.1) | oneshot |" in text
+    # One-shot 2 x 2, recovered wanda x 2 + sparsegpt (unstructured only), trained 2 x 2.
+    assert len([r for r in rows if any(f" | {m} | " in r for m in ("oneshot", "trained", "recovered"))]) == 11
+    assert "| unstructured-50 | mama(a=0.2,abs) | oneshot |" in text
     assert "92%" in text  # PIQA 0.55 / 0.6
     assert "failed: RuntimeError: boom" in text and "Failed conditions" in text
-    assert "One-shot -> trained" in text and "0% -> 50%" in text  # arithmetic 0.0 -> 0.1 of dense 0.2
+    assert "One-shot -> trained -> recovered" in text
+    assert "0% -> 50% -> 50%" in text  # arithmetic 0.0 -> 0.1 (trained, recovered) of dense 0.2
+    assert "Training cost and GRPO signal" in text
 
 
 def test_outputs_and_cache_are_written_and_reused(bq, fake):
@@ -160,7 +189,8 @@ def test_outputs_and_cache_are_written_and_reused(bq, fake):
     # Another budget: the trained conditions' cache no longer matches; one-shot and dense still do.
     other = plan_of(bq, "--settings", "unstructured-50", "mlp-25", "--scorers", "wanda", "mama", "--steps", "9")
     other.output_dir = plan.output_dir
-    assert sorted(bq.mismatched_cache(other)) == sorted(c.key for c in plan.conditions if c.mode == "trained")
+    trained = [c.key for c in plan.conditions if c.mode in ("trained", "recovered")]
+    assert sorted(bq.mismatched_cache(other)) == sorted(trained)
 
     markdown = bq.write_outputs(plan, results, elapsed=1.0)
     out = plan.output_dir

@@ -536,3 +536,58 @@ def test_end_to_end_on_embedded_smollm2(tmp_path):
     kd = logged(trainer, "distill/loss")
     assert kd and kd[-1] > 0  # the pruned student differs from its dense teacher
     assert all(v == v for v in logged(trainer, "loss"))
+
+
+# ------------------------------------------------------------------------------------ sparsegpt during training
+@pytest.mark.parametrize("granularity", ["unstructured", "n:m"])
+def test_sparsegpt_at_training_events_reaches_the_target_and_reconstructs(tmp_path, granularity):
+    trainer = make_trainer(tmp_path, prune_scorer="sparsegpt", prune_granularity=granularity)
+    trainer.train()
+    assert trainer.pruner.sparsity() == pytest.approx(0.5)
+    assert all(e.get("sparsity") for e in trainer.prune_events)
+    for name, w in target_weights(trainer.model).items():
+        mask = trainer.pruner.masks[name]
+        assert torch.all(w[~mask] == 0) and torch.all(w[mask] != 0), name
+        if granularity == "n:m":
+            assert torch.all(mask.reshape(w.shape[0], -1, 4).sum(-1) == 2), name
+    assert trainer.pruner.memory_bytes()["gram"] > 0
+    assert trainer.pruner.indicators.magnitude == {}  # no |W0|: OBS reads the Gram matrices
+
+
+def test_sparsegpt_reconstruction_lowers_the_layer_error_against_plain_masking():
+    from grpo_prune.pruning.pruner import Pruner, PruningSettings
+
+    ids = torch.randint(3, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    errors = {}
+    for scorer in ("magnitude", "sparsegpt"):
+        model = tiny_model()
+        dense = {n: m.weight.detach().clone() for n, m in model.named_modules() if n.endswith("down_proj")}
+        pruner = Pruner(model, PruningSettings(scorer=scorer, schedule="oneshot", target_sparsity=0.5))
+        pruner.attach_hooks()
+        inputs: dict[str, torch.Tensor] = {}
+        handle = model.model.layers[0].mlp.down_proj.register_forward_pre_hook(
+            lambda mod, args, store=inputs: store.setdefault("x", args[0].detach())
+        )
+        with torch.no_grad():
+            model(input_ids=ids)
+        handle.remove()
+        pruner.remove_hooks()
+        pruner.prune_to(0.5)
+        name = "model.layers.0.mlp.down_proj"
+        w = dict(model.named_modules())[name].weight.detach()
+        errors[scorer] = float((inputs["x"] @ (w - dense[name]).T).square().mean())
+    assert errors["sparsegpt"] < errors["magnitude"], errors
+
+
+def test_sparsegpt_resume_gives_the_same_masks(tmp_path):
+    overrides = dict(prune_scorer="sparsegpt", max_steps=4, prune_end_step=3, save_strategy="steps", save_steps=2)
+    full = make_trainer(tmp_path / "full", **overrides)
+    full.train()
+    first = make_trainer(tmp_path / "part", **overrides)
+    first.train()
+    resumed = make_trainer(tmp_path / "part", **overrides)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "part" / "out" / "checkpoint-2"))
+    for name, mask in full.pruner.masks.items():
+        assert torch.equal(mask, resumed.pruner.masks[name]), name
+    for (name, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)

@@ -18,6 +18,8 @@ state                     what                                                  
                           per row (:class:`~.compact.RowScaledHalf`)
 ``activations``           per input feature: sum of squares, sum (fp64) and a   3 vectors per target layer input:
                           token count over real (non-padding) tokens            ``16 * in_features + 8`` bytes per layer
+``gram``                  ``sparsegpt`` only: Gram matrix ``sum x x^T`` of      ``4 * in_features^2`` bytes per distinct
+                          each distinct target input over real tokens           input (q/k/v and gate/up share one)
 ========================  ====================================================  =========================================
 
 Nothing is allocated for an indicator the scorer does not use.
@@ -44,6 +46,7 @@ from grpo_prune.pruning import scores as S
 from grpo_prune.pruning.compact import RowScaledHalf
 from grpo_prune.pruning.settings import PruningSettings
 from grpo_prune.pruning.sharding import local
+from grpo_prune.pruning.sparsegpt import GramAccumulator
 
 __all__ = ["ActivationStats", "Indicators", "ReducedActivations"]
 
@@ -258,6 +261,7 @@ class Indicators:
                 self.activations[n] = ActivationStats(
                     torch.zeros(mod.in_features, **kw), torch.zeros(mod.in_features, **kw), torch.zeros(1, **kw)
                 )
+        self.gram: GramAccumulator | None = GramAccumulator(self.targets) if settings.needs_gram else None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._tokens = _TokenMask()
         self._reduce_fn: Callable[[Tensor], Tensor] | None = None
@@ -331,6 +335,9 @@ class Indicators:
     def attach_hooks(self) -> None:
         """Register forward hooks that accumulate per-input-feature statistics over real tokens (no-op if not
         tracked or already attached). Padded positions are left out using the forward's ``attention_mask``."""
+        if self.gram is not None and not self.gram._handles:
+            self.gram.watch_attention_mask(self.model)
+            self.gram.attach()
         if self._hooks or not self.activations:
             return
         self._hooks.append(self.model.register_forward_pre_hook(self._tokens.capture, with_kwargs=True))
@@ -342,6 +349,61 @@ class Indicators:
             handle.remove()
         self._hooks = []
         self._tokens.mask = None
+        if self.gram is not None:
+            self.gram.remove()
+            self.gram.token_mask = None
+
+    # ------------------------------------------------------------------------------------------ gram (sparsegpt)
+    def has_gram(self) -> bool:
+        """Whether every target's input has been seen (sparsegpt can reconstruct every layer)."""
+        if self.gram is None:
+            return False
+        try:
+            return all(self.gram.tokens(n) > 0 for n in self.targets)
+        except KeyError:
+            return False
+
+    def reduced_hessian(self, name: str) -> Tensor:
+        """``H = sum x x^T / tokens`` of ``name``'s input, summed over processes first (DDP ranks see their own
+        data), fp32 ``[in, in]``."""
+        gram, tokens = self.gram.gram(name).clone(), torch.tensor([float(self.gram.tokens(name))])
+        if self._reduce_fn is not None:
+            gram = self._reduce_fn(gram)
+            tokens = self._reduce_fn(tokens.to(gram.device))
+        return (gram / tokens.clamp_min(1).to(gram.device)).to(torch.float32)
+
+    def _gram_state(self) -> dict[str, Tensor]:
+        if self.gram is None:
+            return {}
+        names = list(self.targets)
+        sd: dict[str, Tensor] = {}
+        for name in names:
+            if name not in self.gram._key:
+                continue
+            owner = self.gram.key_of(name)
+            sd[f"gram_owner/{name}"] = torch.tensor([names.index(owner)], dtype=torch.int64)
+            if owner == name and name in self.gram._gram:
+                sd[f"gram/{name}"] = self.gram._gram[name]
+                sd[f"gram_tokens/{name}"] = torch.tensor([self.gram._count[name]], dtype=torch.int64)
+        return sd
+
+    def prepare_state(self, state_dict: Mapping[str, Tensor]) -> None:
+        """Before loading ``state_dict``: recreate the Gram matrices it holds (they exist only once inputs were
+        seen), with its values and token counts, so that its keys are this object's keys."""
+        if self.gram is None:
+            return
+        names = list(self.targets)
+        owners = {
+            k.split("/", 1)[1]: names[int(v.item())] for k, v in state_dict.items() if k.startswith("gram_owner/")
+        }
+        if not owners:
+            return
+        self.gram._key = dict(owners)
+        for owner in set(owners.values()):
+            if f"gram/{owner}" in state_dict:
+                device = self.targets[owner].weight.device
+                self.gram._gram[owner] = state_dict[f"gram/{owner}"].to(device=device, dtype=self.gram.dtype).clone()
+                self.gram._count[owner] = int(state_dict[f"gram_tokens/{owner}"].item())
 
     def _make_hook(self, stats: ActivationStats) -> Callable:
         tokens = self._tokens
@@ -412,6 +474,7 @@ class Indicators:
             sd.update({f"{prefix}/{n}": t for n, t in store.items()})
         for n, st in self.activations.items():
             sd.update({f"act_sumsq/{n}": st.sumsq, f"act_sum/{n}": st.sum, f"act_count/{n}": st.count})
+        sd.update(self._gram_state())
         return sd
 
     def upgrade_state(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -441,6 +504,7 @@ class Indicators:
             "bias_magnitude": size(self.bias_magnitude.values()),
             "movement": sum(acc.nbytes for acc in self.statistic.values()),
             "activations": size(acts),
+            "gram": self.gram.memory_bytes() if self.gram is not None else 0,
         }
 
 

@@ -294,6 +294,8 @@ class Pruner:
         return WeightContext(self.indicators, self.settings, acts, self.targets)
 
     def _score(self) -> tuple[dict[str, Tensor], ScoringContext]:
+        if self.settings.needs_gram:
+            raise ValueError("scorer='sparsegpt' has no scores: it selects and reconstructs at each event.")
         acts = self.indicators.reduced_activations() if self._scores_need_activations() else ReducedActivations()
         ctx = self._context(acts)
         return SCORERS[self.settings.scorer](ctx), ctx
@@ -349,6 +351,8 @@ class Pruner:
         missing = []
         if (self._scores_need_activations() or self.settings.compensate) and not self.indicators.has_activations():
             missing.append("activations")
+        if self.settings.needs_gram and not self.indicators.has_gram():
+            missing.append("inputs (Gram matrices)")
         needs_statistic = self.settings.scorer == "movement" or (
             self.settings.scorer == "mama" and self.settings.alpha >= 1.0
         )
@@ -513,7 +517,43 @@ class Pruner:
             delta = (mod.weight.float() * newly) @ acts.mean[name]
             mod.bias.add_(delta.to(mod.bias.dtype))
 
+    @torch.no_grad()
+    def _prune_sparsegpt(self, sparsity: float) -> dict[str, Any]:
+        """An event of ``scorer='sparsegpt'``: each target is pruned to ``sparsity`` with OBS reconstruction of its
+        kept weights from the Gram matrix of its inputs so far; the current masks stay pruned (monotone). N:M
+        prunes the final pattern at its first event (a partial N:M pattern is not an OBS selection)."""
+        from grpo_prune.pruning.sparsegpt import sparsegpt_prune_
+
+        n_m = self.settings.n_m if self.settings.granularity == "n:m" else None
+        if n_m is not None:  # OBS selects whole N:M groups: the final pattern at the first event
+            sparsity = self.settings.final_sparsity
+        before = self.num_pruned()
+        for name, mod in self.targets.items():
+            keep = sparsegpt_prune_(
+                mod.weight.data,
+                self.indicators.reduced_hessian(name),
+                sparsity,
+                n_m=n_m,
+                prev_keep=self.masks[name],
+                comparison=self.settings.comparison,
+            )
+            self.masks[name] = keep
+        self.apply_masks_()
+        self.current_sparsity = max(self.current_sparsity, sparsity)
+        return {
+            "step": self.step,
+            "target": sparsity,
+            "reached": self.sparsity(),
+            "num_pruned": self.num_pruned(),
+            "newly_pruned": self.num_pruned() - before,
+            "layer_sparsity": self.layer_sparsity(),
+            "compensated": False,
+            "reconstructed": True,
+        }
+
     def _prune(self, sparsity: float) -> dict[str, Any]:
+        if self.settings.needs_gram:
+            return self._prune_sparsegpt(sparsity)
         need_acts = self._scores_need_activations() or self.settings.compensate
         acts = self.indicators.reduced_activations() if need_acts else ReducedActivations()
         ctx = self._context(acts)
@@ -648,6 +688,7 @@ class Pruner:
         :meth:`apply_masks_` if the model may hold values at pruned entries.
         """
         state_dict = self.indicators.upgrade_state(state_dict)
+        self.indicators.prepare_state(state_dict)
         own = self.state_dict()
         own_keys = {k for k in own if not k.startswith("added_bias/")}
         given_keys = {k for k in state_dict if not k.startswith("added_bias/")}
@@ -665,7 +706,7 @@ class Pruner:
                     f"{tuple(mine.shape)}/{mine.dtype}."
                 )
         for key in own_keys:
-            if key not in _SCALARS:
+            if key not in _SCALARS and not key.startswith(("gram_owner/", "gram_tokens/")):  # loaded by prepare_state
                 own[key].copy_(state_dict[key])
         self.step = int(state_dict["step"].item())
         self.indicators.load_scalars(state_dict)

@@ -11,6 +11,10 @@ from grpo_prune.pruning.schedule import SCHEDULES
 from grpo_prune.pruning.scores import SCORERS as SCORER_NAMES
 from grpo_prune.pruning.scores import STATISTICS
 
+#: Scorers of the pruner: the score functions of :data:`~grpo_prune.pruning.scorers.SCORERS`, and ``sparsegpt``
+#: (selection with OBS reconstruction, from the Gram matrices of the targets' inputs).
+PRUNER_SCORERS = (*SCORER_NAMES, "sparsegpt")
+
 __all__ = ["COMPARISONS", "GRANULARITIES", "NORMALIZATIONS", "STATISTICS", "STRUCTURED_UNITS", "PruningSettings"]
 
 GRANULARITIES = ("unstructured", "n:m", "structured")
@@ -41,7 +45,10 @@ class PruningSettings:
             ``False`` ranks MLP neurons across layers (heads always stay uniform).
 
     Parameters that control the scores:
-        scorer: one of ``SCORERS`` (``magnitude``, ``wanda``, ``movement``, ``random``, ``mama``).
+        scorer: one of ``SCORERS`` (``magnitude``, ``wanda``, ``movement``, ``random``, ``mama``), or
+            ``sparsegpt``: no score, but OBS reconstruction at each event from the Gram matrices of the layers'
+            inputs seen since the start (unstructured or N:M, ``comparison`` ``layer`` or ``row``; see
+            :mod:`grpo_prune.pruning.sparsegpt`).
         alpha: MAMA weight of the movement indicator, in [0, 1].
         statistic: form of the reward-driven statistic ``R``, accumulated from the gradient ``g`` of the
             policy-gradient term only: ``"signed"`` ``R += -(g * W)`` (movement, Sanh et al. 2020; needs many
@@ -115,6 +122,11 @@ class PruningSettings:
         return self.activations_required or (self.scorer == "mama" and self.alpha < 1.0)
 
     @property
+    def needs_gram(self) -> bool:
+        """Whether the Gram matrices of the targets' inputs are collected (``sparsegpt``)."""
+        return self.scorer == "sparsegpt"
+
+    @property
     def final_sparsity(self) -> float:
         return float(self.target_sparsity)
 
@@ -125,8 +137,8 @@ class PruningSettings:
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"`granularity` must be one of {GRANULARITIES}, got {self.granularity!r}.")
         n, m = M.parse_n_m(self.n_m)  # raises ValueError naming `n_m`
-        if self.scorer not in SCORER_NAMES:
-            raise ValueError(f"`scorer` must be one of {tuple(SCORER_NAMES)}, got {self.scorer!r}.")
+        if self.scorer not in PRUNER_SCORERS:
+            raise ValueError(f"`scorer` must be one of {PRUNER_SCORERS}, got {self.scorer!r}.")
         if not _is_number(self.alpha) or not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"`alpha` must be a number in [0, 1], got {self.alpha!r}.")
         if self.statistic not in STATISTICS:
@@ -188,6 +200,19 @@ class PruningSettings:
                 f"units are selected within each layer; use uniform=False for a cross-layer MLP ranking), "
                 f"got {self.comparison!r}."
             )
+        if self.scorer == "sparsegpt":
+            if self.granularity == "structured":
+                raise ValueError(
+                    "`scorer`='sparsegpt' reconstructs weights, not whole units: use granularity 'unstructured' or "
+                    "'n:m', or a structured scorer such as 'wanda'."
+                )
+            if self.comparison not in ("layer", "row"):
+                raise ValueError(
+                    f"`comparison` must be 'layer' or 'row' for scorer='sparsegpt' (its saliencies are "
+                    f"reconstruction errors of one layer, not comparable across layers), got {self.comparison!r}."
+                )
+            if self.compensate:
+                raise ValueError("`compensate` is not supported with scorer='sparsegpt' (OBS already compensates).")
         if self.granularity == "structured" and not self.uniform and "heads" in self.structured_units:
             raise ValueError(
                 "`uniform=False` is only supported for structured_units='mlp': heads are pruned in equal numbers "

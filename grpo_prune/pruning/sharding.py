@@ -77,6 +77,12 @@ def check_supported(settings: Any) -> None:
             "`compensate`=True is not supported under FSDP2: it adds bias parameters, which cannot be added to a "
             "module after fully_shard. Use compensate=False, or DDP."
         )
+    if settings.scorer == "sparsegpt":
+        raise ValueError(
+            "`scorer`='sparsegpt' is not supported under FSDP2 (OBS needs whole rows and the Gram matrix of each "
+            "layer's full input on one rank); prune one-shot with sparsegpt and train with `prune_init_masks`, or "
+            "use DDP."
+        )
     mixes = settings.scorer == "mama" and 0.0 < settings.alpha < 1.0
     if mixes and settings.normalization != "rank":
         raise ValueError(
