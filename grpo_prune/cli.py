@@ -28,6 +28,7 @@ COMMANDS = {
     "train": "GRPO training with MAMA pruning and distillation, from a YAML config (TRL's TrlParser conventions).",
     "eval": "Evaluate a model (task accuracy, perplexity, multiple choice, throughput), optionally against another.",
     "export": "Export a pruned checkpoint: zeros + masks, or a physically smaller model for structured pruning.",
+    "oneshot": "Prune a model in one step on calibration text (sparsegpt, wanda, ...) and export it.",
 }
 
 
@@ -399,6 +400,10 @@ def _run_command(command: str, rest: list[str]) -> int:
         from grpo_prune.evaluate import main as eval_main
 
         return eval_main(rest)
+    if command == "oneshot":
+        from grpo_prune.pruning.oneshot import main as oneshot_main
+
+        return oneshot_main(rest)
     from grpo_prune.export import main as export_main
 
     return export_main(rest)

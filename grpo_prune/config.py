@@ -123,7 +123,8 @@ class MamaGRPOConfig(GRPOConfig):
             Optimizer steps between prune events.
         prune_init_masks (`str`, *optional*):
             Start from these masks instead of dense: a masked export (a folder holding `pruning_masks.safetensors`,
-            as `grpo-prune oneshot` or `export_pruned` write it) or that file. The weights are zeroed where the masks
+            as `grpo-prune oneshot` or `export_pruned` write it) or that file. When the model is that export itself
+            (e.g. sparsegpt's reconstructed weights), name the dense model in `teacher_model_name_or_path`. The weights are zeroed where the masks
             say so before the first step; schedule events only prune further, so with `prune_target_sparsity` equal
             to the masks' sparsity they are held while training recovers (the one-shot-then-recover recipe, e.g.
             from `sparsegpt`). `unstructured` and `n:m` only: a structured one-shot model is trained as its

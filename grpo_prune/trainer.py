@@ -152,7 +152,21 @@ class MamaGRPOTrainer(GRPOTrainer):
         if self.args.prune_init_masks is not None:
             from grpo_prune.export import load_masks_sidecar
 
-            self.pruner.start_from_masks(load_masks_sidecar(self.args.prune_init_masks))
+            masks = load_masks_sidecar(self.args.prune_init_masks)
+            teacher_is_self = self.teacher is not None and self.args.teacher_model_name_or_path is None
+            if teacher_is_self and self.pruner.layout is None:
+                targets = self.pruner.targets
+                if masks.keys() == targets.keys() and all(
+                    m.shape == targets[n].weight.shape
+                    and not bool(targets[n].weight[~m.to(targets[n].weight.device)].any())
+                    for n, m in masks.items()
+                ):
+                    raise ValueError(
+                        "`prune_init_masks`: the model already holds zeros at every masked weight (it is the pruned "
+                        "export itself), so the teacher built from its weights would be the pruned model. Set "
+                        "`teacher_model_name_or_path` to the dense model the masks were made from."
+                    )
+            self.pruner.start_from_masks(masks)
         if self.accelerator.num_processes > 1:
             self.pruner.set_reduce_fn(lambda t: self.accelerator.reduce(t, reduction="sum"))
         # With distillation in the loss, the statistic is taken from each process's own GRPO-loss gradients

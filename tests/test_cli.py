@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from tiny import char_tokenizer, tiny_model
 
@@ -274,3 +275,57 @@ def test_lora_with_distillation_and_text_runs_from_yaml(tmp_path, tiny_model_dir
     )
     summary = run_train(parse_train_args(["--config", str(config)]))
     assert summary["steps"] == 2
+
+
+# ------------------------------------------------------------------------------------------------ oneshot
+def test_oneshot_command_prunes_exports_and_feeds_prune_init_masks(tmp_path, tiny_model_dir, capsys):
+    from safetensors.torch import load_file
+
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog 12 + 7 = 19. " * 40)
+    out = tmp_path / "sparsegpt-50"
+    code = main(
+        [
+            "oneshot",
+            str(tiny_model_dir),
+            str(out),
+            "--scorer",
+            "sparsegpt",
+            "--calibration",
+            str(text),
+            "--calibration-windows",
+            "4",
+            "--calibration-length",
+            "32",
+        ]
+    )
+    assert code == 0 and "prune_init_masks" in capsys.readouterr().out
+    masks = load_file(out / "pruning_masks.safetensors")
+    assert sum(int((~m.bool()).sum()) for m in masks.values()) == sum(m.numel() for m in masks.values()) // 2
+    report = json.loads((out / "pruning_report.json").read_text())
+    assert report["pruning"]["scorer"] == "sparsegpt"
+    # The recipe's second half: train the export with its own masks held, the dense model as teacher.
+    config = write_config(
+        tmp_path, out, prune_init_masks=str(out), teacher_model_name_or_path=str(tiny_model_dir), max_steps=2
+    )
+    assert main(["train", "--config", str(config)]) == 0
+    trained = load_file(tmp_path / "run" / "pruning_masks.safetensors")
+    assert all(torch.equal(trained[n].bool(), m.bool()) for n, m in masks.items())
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--scorer", "sparsegpt", "--granularity", "structured"], "not whole units"),
+        (["--calibration", "nowhere.txt"], "neither a built-in text"),
+        (["--sparsity", "1.5"], "target_sparsity"),
+        (["--scorer", "obs"], "invalid choice"),
+    ],
+)
+def test_oneshot_command_refuses_bad_input_before_loading(tmp_path, capsys, argv, match):
+    try:
+        code = main(["oneshot", str(tmp_path / "no-such-model"), str(tmp_path / "out"), *argv])
+    except SystemExit as exit_:  # argparse's own errors (one line, status 2)
+        code = exit_.code
+    assert code == 2 and match in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -591,3 +591,15 @@ def test_sparsegpt_resume_gives_the_same_masks(tmp_path):
         assert torch.equal(mask, resumed.pruner.masks[name]), name
     for (name, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_init_masks_on_the_pruned_export_itself_need_a_named_teacher(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    folder, _ = _oneshot_export(tmp_path)
+    pruned = AutoModelForCausalLM.from_pretrained(folder)
+    with pytest.raises(ValueError, match="teacher built from its weights would be the pruned model"):
+        make_trainer(tmp_path, model=pruned, prune_init_masks=str(folder), distill_coef=1.0)
+    # Without distillation there is no teacher to get wrong.
+    trainer = make_trainer(tmp_path, model=AutoModelForCausalLM.from_pretrained(folder), prune_init_masks=str(folder))
+    assert trainer.pruner.sparsity() == pytest.approx(0.5)
