@@ -671,20 +671,16 @@ def run_dense(plan: Plan) -> dict[str, Any]:
     return {"sparsity": 0.0, "eval": evaluation, "seconds": {"load": t_load, "eval": evaluation["seconds"]}}
 
 
-def run_oneshot(plan: Plan, setting: Setting, scorer: Scorer) -> dict[str, Any]:
+def _prune_oneshot(model: Any, batches: list[Any], setting: Setting, scorer: Scorer) -> Any:
+    """``prune_oneshot`` of ``model`` in place for (setting, scorer); returns its ``PruneReport``."""
     from grpo_prune import prune_oneshot
 
-    t0 = time.perf_counter()
-    model, tokenizer = _load()
-    batches = calibration_batches(tokenizer, plan.calibration)
-    t_load = time.perf_counter() - t0
     overrides: dict[str, Any] = {"alpha": scorer.alpha, "statistic": scorer.statistic} if scorer.name == "mama" else {}
     if scorer.compensate:
         overrides["compensate"] = True
     if setting.granularity == "structured":
         overrides["structured_units"] = setting.structured_units
-    t0 = time.perf_counter()
-    report = prune_oneshot(
+    return prune_oneshot(
         model,
         sparsity=setting.sparsity,
         granularity=setting.granularity,
@@ -693,6 +689,16 @@ def run_oneshot(plan: Plan, setting: Setting, scorer: Scorer) -> dict[str, Any]:
         calibration=batches,
         **overrides,
     )
+
+
+def run_oneshot(plan: Plan, setting: Setting, scorer: Scorer) -> dict[str, Any]:
+
+    t0 = time.perf_counter()
+    model, tokenizer = _load()
+    batches = calibration_batches(tokenizer, plan.calibration)
+    t_load = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    report = _prune_oneshot(model, batches, setting, scorer)
     t_prune = time.perf_counter() - t0
     evaluation = _evaluate(model, tokenizer, plan)
     del model
@@ -862,25 +868,11 @@ def run_trained(plan: Plan, setting: Setting, scorer: Scorer) -> dict[str, Any]:
 def run_recovered(plan: Plan, setting: Setting, scorer: Scorer) -> dict[str, Any]:
     """The one-shot model of (setting, scorer), trained with its masks held; a structured one as its sliced export
     (physically smaller, no masks). The teacher is the dense model."""
-    from grpo_prune import prune_oneshot
 
     t0 = time.perf_counter()
     model, tokenizer = _load()
     batches = calibration_batches(tokenizer, plan.calibration)
-    overrides: dict[str, Any] = {"alpha": scorer.alpha, "statistic": scorer.statistic} if scorer.name == "mama" else {}
-    if scorer.compensate:
-        overrides["compensate"] = True
-    if setting.granularity == "structured":
-        overrides["structured_units"] = setting.structured_units
-    report = prune_oneshot(
-        model,
-        sparsity=setting.sparsity,
-        granularity=setting.granularity,
-        n_m=setting.n_m,
-        scorer=scorer.name,
-        calibration=batches,
-        **overrides,
-    )
+    report = _prune_oneshot(model, batches, setting, scorer)
     t_prune = time.perf_counter() - t0
     sliced_params = None
     with tempfile.TemporaryDirectory(prefix="bench-quality-sliced-") as folder:

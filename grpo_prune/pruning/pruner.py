@@ -540,15 +540,17 @@ class Pruner:
             self.masks[name] = keep
         self.apply_masks_()
         self.current_sparsity = max(self.current_sparsity, sparsity)
+        return {**self._event_record(sparsity, before, compensated=False), "reconstructed": True}
+
+    def _event_record(self, sparsity: float, pruned_before: int, compensated: bool) -> dict[str, Any]:
         return {
             "step": self.step,
             "target": sparsity,
             "reached": self.sparsity(),
             "num_pruned": self.num_pruned(),
-            "newly_pruned": self.num_pruned() - before,
+            "newly_pruned": self.num_pruned() - pruned_before,
             "layer_sparsity": self.layer_sparsity(),
-            "compensated": False,
-            "reconstructed": True,
+            "compensated": compensated,
         }
 
     def _prune(self, sparsity: float) -> dict[str, Any]:
@@ -566,15 +568,7 @@ class Pruner:
         self.unit_masks.update(new_units)
         self.apply_masks_()
         self.current_sparsity = max(self.current_sparsity, sparsity)
-        record: dict[str, Any] = {
-            "step": self.step,
-            "target": sparsity,
-            "reached": self.sparsity(),
-            "num_pruned": self.num_pruned(),
-            "newly_pruned": self.num_pruned() - before,
-            "layer_sparsity": self.layer_sparsity(),
-            "compensated": bool(self.settings.compensate),
-        }
+        record = self._event_record(sparsity, before, compensated=bool(self.settings.compensate))
         if self.unit_masks:
             record["unit_sparsity"] = self.unit_sparsity()
         record.update(ctx.notes)
