@@ -299,6 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="form(s) of mama's reward statistic (mama_statistic); one row per alpha and form",
     )
     parser.add_argument(
+        "--skip",
+        nargs="+",
+        default=[],
+        metavar="KEY",
+        help="condition keys to leave out, e.g. recovered__2-4__wanda (as in OUTPUT_DIR/conditions/KEY.json)",
+    )
+    parser.add_argument(
         "--trained-settings",
         nargs="+",
         help="settings that get trained rows (default: every --settings one); the budget is best spent on fewer",
@@ -502,10 +509,13 @@ def build_plan(args: argparse.Namespace) -> Plan:
                 continue
             for scorer in by_mode[mode]:
                 why = unsupported(mode, setting, scorer)
+                condition = Condition(mode, setting, scorer)
                 if why:
                     skipped.append(f"{mode} {setting.name} {scorer.label}: {why}")
+                elif condition.key in args.skip:
+                    skipped.append(f"{mode} {setting.name} {scorer.label}: left out (--skip)")
                 else:
-                    plan.conditions.append(Condition(mode, setting, scorer))
+                    plan.conditions.append(condition)
     plan.skipped = skipped
     return plan
 
