@@ -577,7 +577,8 @@ def load_text_documents(name_or_path: str | os.PathLike[str]) -> list[str]:
 def text_token_stream(tokenizer: Any, name_or_path: str | os.PathLike[str] = "python_docs") -> list[int]:
     """Token ids of a plain-text source, its documents joined by blank lines, without special tokens."""
     text = "\n\n".join(load_text_documents(name_or_path))
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    # verbose=False: a whole text is longer than the model context by design (it is cut into windows).
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
 class TextWindowSampler:

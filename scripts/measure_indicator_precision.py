@@ -5,11 +5,13 @@ documentation, builds the per-layer masks of 50% unstructured Wanda and of 2:4 W
 fp32 (the reference), bf16, fp16 and float8 (e4m3), and reports the fraction of weights whose keep/prune decision
 differs from fp32, plus the held-out LAMBADA perplexity of the model pruned with each (4 windows of 512 tokens).
 
-Then the same for the reward statistic's storage: the split-half-free question is whether a bf16 accumulator keeps
-the fp32 accumulator's per-layer ranking after N noisy steps; it is simulated with N random gradient draws
-(Spearman between the fp32 and the bf16 sums, median over layers).
+Then the same for the reward statistic's storage: does a 2-byte accumulator keep the fp32 accumulator's per-layer
+ranking after N noisy steps? Simulated with N random saliency draws of the size of |g * W| (1e-6 relative to the
+weights, heavy-tailed) on 21 of the model's matrices: Spearman between the fp32 sum and a plain bf16 sum, a plain
+fp16 sum, and the row-scaled fp16 accumulator the pruner uses (:class:`grpo_prune.pruning.compact.RowScaledHalf`),
+median over layers, and the fraction of 50% keep/prune decisions (statistic alone, per layer) that differ.
 
-    OMP_NUM_THREADS=2 python scripts/measure_indicator_precision.py
+    OMP_NUM_THREADS=2 python scripts/measure_indicator_precision.py [--statistic-only] [--steps 50 200 1000]
 """
 
 from __future__ import annotations
@@ -27,14 +29,22 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ppl-windows", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=50, help="simulated statistic updates")
+    parser.add_argument("--steps", type=int, nargs="+", default=[50, 200, 1000], help="simulated statistic updates")
+    parser.add_argument("--statistic-only", action="store_true", help="only the statistic section (no model run)")
     args = parser.parse_args(argv)
+    if args.statistic_only:
+        from grpo_prune.models import load_model
+
+        weights = [
+            m.weight.detach() for n, m in load_model("smollm2-135m-instruct").named_modules() if n.endswith("_proj")
+        ]
+        statistic_table(weights, args.steps)
+        return 0
 
     from grpo_prune.evaluate import load_lambada_passages, perplexity
     from grpo_prune.models import load_model, load_tokenizer
     from grpo_prune.pruning import masks as M
     from grpo_prune.pruning.pruner import Pruner, PruningSettings
-    from grpo_prune.pruning.scores import normalize_scores
 
     torch.manual_seed(0)
     model = load_model("smollm2-135m-instruct")
@@ -81,32 +91,52 @@ def main(argv: list[str] | None = None) -> int:
         size = torch.tensor([], dtype=DTYPES[label]).element_size()
         print(f"| {label} | {size} | {setting} | {100 * frac:.3f}% | {ratio:.3f}x |")
 
-    # Statistic accumulators: fp32 vs bf16 sums of the same noisy per-step saliencies.
-    g = torch.Generator().manual_seed(0)
-    corr = {"bf16": [], "fp16": []}
-    for w in list(dense.values())[:: max(1, len(dense) // 21)]:
-        acc32 = torch.zeros_like(w, dtype=torch.float32)
-        low = {k: torch.zeros_like(w, dtype=DTYPES[k]) for k in corr}
-        signal = torch.randn(w.shape, generator=g) * w.abs()
-        for _ in range(args.steps):
-            step = (signal + 3 * torch.randn(w.shape, generator=g) * w.abs()).abs() * 1e-6
-            acc32 += step
-            for k in low:
-                low[k] += step.to(DTYPES[k])
-        r32 = normalize_scores(acc32, "rank").double().flatten()
-        for k in corr:
-            rl = normalize_scores(low[k].float(), "rank").double().flatten()
-            a, b = r32 - r32.mean(), rl - rl.mean()
-            corr[k].append(float((a @ b) / (a.norm() * b.norm())))
-    print(
-        f"\nReward statistic (abs form), {args.steps} simulated noisy steps: Spearman of a low-precision accumulator"
-    )
-    print("with the fp32 one, median over 21 layers\n")
-    print("| accumulator | bytes/weight | Spearman with fp32 |")
-    print("|---|---|---|")
-    for k, values in corr.items():
-        print(f"| {k} | 2 | {statistics.median(values):.4f} |")
+    statistic_table(list(dense.values()), args.steps)
     return 0
+
+
+def statistic_table(weights: list[torch.Tensor], steps_list: list[int]) -> None:
+    """Print the statistic-storage table (see the module docstring)."""
+    from grpo_prune.pruning import masks as M
+    from grpo_prune.pruning.compact import RowScaledHalf
+    from grpo_prune.pruning.scores import normalize_scores
+
+    def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+        ra = normalize_scores(a, "rank").double().flatten()
+        rb = normalize_scores(b, "rank").double().flatten()
+        ra, rb = ra - ra.mean(), rb - rb.mean()
+        return float((ra @ rb) / (ra.norm() * rb.norm()))
+
+    chosen = weights[:: max(1, len(weights) // 21)][:21]
+    print("\nReward statistic (abs form): a 2-byte accumulator against the fp32 sum of the same noisy saliencies,")
+    print(f"median over {len(chosen)} of SmolLM2's matrices\n")
+    print("| steps | accumulator | Spearman with fp32 | 50% decisions differing |")
+    print("|---|---|---|---|")
+    for steps in steps_list:
+        corr: dict[str, list[float]] = {"bf16 sum": [], "fp16 sum": [], "row-scaled fp16 (used)": []}
+        differ: dict[str, list[float]] = {k: [] for k in corr}
+        g = torch.Generator().manual_seed(0)
+        for w in chosen:
+            w = w.float()
+            acc32 = torch.zeros_like(w)
+            low = {
+                "bf16 sum": torch.zeros_like(w, dtype=torch.bfloat16),
+                "fp16 sum": torch.zeros_like(w, dtype=torch.float16),
+            }
+            scaled = RowScaledHalf(w.shape)
+            signal = torch.randn(w.shape, generator=g) * w.abs()
+            for _ in range(steps):
+                step = (signal + 3 * torch.randn(w.shape, generator=g) * w.abs()).abs() * 1e-6
+                acc32 += step
+                for k in low:
+                    low[k] += step.to(low[k].dtype)
+                scaled.add_(step)
+            ref_mask = M.unstructured_mask(acc32, 0.5)
+            for k, value in (*((k, v.float()) for k, v in low.items()), ("row-scaled fp16 (used)", scaled.value())):
+                corr[k].append(spearman(value, acc32))
+                differ[k].append(float((M.unstructured_mask(value, 0.5) != ref_mask).float().mean()))
+        for k in corr:
+            print(f"| {steps} | {k} | {statistics.median(corr[k]):.4f} | {100 * statistics.median(differ[k]):.3f}% |")
 
 
 if __name__ == "__main__":
