@@ -725,6 +725,14 @@ def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def _prompt_tokens(tokenizer: Any, dataset: Any, steps: int) -> int:
+    """Prompt tokens of ``steps`` prompt groups as the chat template renders them: the dataset's mean prompt length
+    times ``steps`` (the trainer draws the prompts in a seeded random order)."""
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in dataset["prompt"]]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    return round(sum(lengths) / max(1, len(lengths)) * steps)
+
+
 def _train(
     plan: Plan,
     model: Any,
@@ -806,13 +814,7 @@ def _train(
         events = [{k: v for k, v in e.items() if k != "layer_sparsity"} for e in trainer.prune_events]
         sparsity = trainer.pruner.sparsity() if trainer.pruner is not None else None
         # Tokens the student was trained on: prompts + completions of every rollout, and the text windows.
-        prompt_tokens = (
-            sum(
-                len(tokenizer.apply_chat_template(row["prompt"], tokenize=True, add_generation_prompt=True))
-                for row in dataset.select(range(min(b.steps, len(dataset))))
-            )
-            * b.completions
-        )
+        prompt_tokens = _prompt_tokens(tokenizer, dataset, b.steps) * b.completions
         completion_tokens = sum(e.get("completions/mean_length", 0.0) for e in history) * b.completions
         text_tokens = b.steps * b.text_windows * b.text_length if text else 0
         trained = trainer.accelerator.unwrap_model(trainer.model)
