@@ -45,7 +45,7 @@ writes ``quality.md`` (tables), ``quality.json`` (everything) and ``quality.png`
 atomically, and prints the tables. ``--quick`` runs every condition with a tiny budget (a smoke test of a few
 minutes) into ``results/quality-quick``.
 
-    OMP_NUM_THREADS=2 python scripts/bench_quality.py [--output-dir results/quality] [--steps 24]
+    OMP_NUM_THREADS=2 python scripts/bench_quality.py [--output-dir results/quality] [--steps 20]
         [--scorers magnitude wanda sparsegpt] [--recovered-scorers wanda sparsegpt] [--trained-scorers wanda mama]
         [--mama-alpha 0.2] [--mama-statistic abs] [--settings unstructured-50 2:4 mlp-25]
         [--limit lambada=12 --limit piqa=150 --limit arithmetic=64] [--quick]
@@ -166,6 +166,16 @@ class Budget:
     text_windows: int = 0
     text_length: int = 256
     text_coef: float = 1.0
+    distill_coef: float = 1.0  # forward KL on the rollouts
+    hidden_coef: float = 0.0  # per-layer normalised hidden-state MSE (distill_hidden_coef)
+    seed: int = 0  # of the training run (sampling, text windows, prompt order)
+
+    def fingerprint(self) -> dict[str, Any]:
+        out = asdict(self)
+        for name, default in (("distill_coef", 1.0), ("hidden_coef", 0.0), ("seed", 0)):
+            if out[name] == default:  # results cached before the option existed stay valid
+                del out[name]
+        return out
 
 
 @dataclass(frozen=True)
@@ -207,6 +217,7 @@ class Plan:
     output_dir: Path
     overwrite: bool = False
     quick: bool = False
+    device: str = "cpu"
     conditions: list[Condition] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
@@ -222,7 +233,7 @@ class Plan:
         if condition.mode in ("oneshot", "recovered"):
             out["calibration"] = asdict(self.calibration)
         if condition.mode in ("trained", "recovered"):
-            out["budget"] = asdict(self.budget)
+            out["budget"] = self.budget.fingerprint()
         return out
 
 
@@ -234,11 +245,13 @@ class Plan:
 # Wanda 50% went from 2.97x to 1.59x dense perplexity in 40 such steps at lr 1e-4), beside GRPO on 8 completions of a
 # task the dense model solves about 40% of the time (so most groups have reward variance). Measured with
 # OMP_NUM_THREADS=2 on the 2-core CPU: a step of this budget ~12 s; an evaluation at these limits ~60-100 s.
+# The learning rate is the recovery sweep's (scripts/sweep_recovery.py, results/sweep/): at 1e-4 and 3e-4 perplexity
+# recovers most but the task is lost (50% sparsegpt: 16-36% of dense arithmetic); at 3e-5 the task is kept (80-84%).
 DEFAULTS = {
-    "steps": 24,
+    "steps": 20,
     "completions": 8,
     "tokens": 32,
-    "learning_rate": 1e-4,
+    "learning_rate": 3e-5,
     "temperature": 1.0,
     "prune_start": 4,
     "prune_every": 4,
@@ -318,10 +331,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text-windows", type=int, help="plain-text windows distilled per step (default 4; 0: off)")
     parser.add_argument("--text-length", type=int, help="tokens per plain-text window (default 256)")
     parser.add_argument("--text-coef", type=float, default=1.0, help="weight of the text distillation term")
+    parser.add_argument(
+        "--distill-coef", type=float, default=1.0, help="weight of the forward KL on the rollouts (distill_coef)"
+    )
+    parser.add_argument(
+        "--hidden-coef",
+        type=float,
+        default=0.0,
+        help="weight of the per-layer hidden-state term (distill_hidden_coef; default 0: off)",
+    )
     parser.add_argument("--steps", type=int, help=f"GRPO steps per trained condition (default {DEFAULTS['steps']})")
     parser.add_argument("--completions", type=int, help="completions per step, one prompt group (default 8)")
     parser.add_argument("--tokens", type=int, help="max completion length, tokens (default 32)")
-    parser.add_argument("--learning-rate", type=float, help="constant learning rate (default 1e-4)")
+    parser.add_argument("--learning-rate", type=float, help="constant learning rate (default 3e-5)")
     parser.add_argument("--temperature", type=float, help="sampling temperature of the rollouts (default 1.0)")
     parser.add_argument(
         "--prune-start",
@@ -349,6 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="recompute cached conditions made with other settings"
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: every condition, tiny budget and eval")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every training run (default 0)")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where models are pruned, trained and evaluated: cpu (default; the figures in the README) or an "
+        "accelerator such as cuda. Recorded with every condition; not part of the cache key",
+    )
     return parser
 
 
@@ -437,6 +466,9 @@ def build_plan(args: argparse.Namespace) -> Plan:
         text_windows=_pick(args.text_windows, "text_windows", q),
         text_length=_pick(args.text_length, "text_length", q),
         text_coef=args.text_coef,
+        distill_coef=args.distill_coef,
+        hidden_coef=args.hidden_coef,
+        seed=args.seed,
     )
     if budget.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {budget.steps}")
@@ -463,6 +495,9 @@ def build_plan(args: argparse.Namespace) -> Plan:
         raise ValueError(f"--prune-every must be >= 1, got {budget.prune_every}")
     if budget.text_windows < 0 or budget.text_length < 2 or budget.text_coef < 0:
         raise ValueError("--text-windows must be >= 0, --text-length >= 2 and --text-coef >= 0")
+    if not (budget.distill_coef >= 0 and budget.hidden_coef >= 0):
+        raise ValueError("--distill-coef and --hidden-coef must be >= 0")
+    device = _check_device(args.device)
     from grpo_prune.data import BUILTIN_DATASETS
 
     if budget.task not in BUILTIN_DATASETS:
@@ -501,7 +536,9 @@ def build_plan(args: argparse.Namespace) -> Plan:
             ).validate()
 
     output_dir = Path(args.output_dir or (QUICK_OUTPUT_DIR if q else DEFAULT_OUTPUT_DIR))
-    plan = Plan(settings, scorers, budget, calibration, limits, args.eval_seed, output_dir, args.overwrite, q)
+    plan = Plan(
+        settings, scorers, budget, calibration, limits, args.eval_seed, output_dir, args.overwrite, q, device=device
+    )
     plan.conditions = [Condition("dense")]
     for mode in ("oneshot", "recovered", "trained"):  # run order: each recovered row right after its one-shot start
         for setting in settings:
@@ -518,6 +555,24 @@ def build_plan(args: argparse.Namespace) -> Plan:
                     plan.conditions.append(condition)
     plan.skipped = skipped
     return plan
+
+
+def _check_device(name: str) -> str:
+    """``name`` as a torch device string, if this machine has it; ``ValueError`` otherwise."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name!r}: {err}") from None
+    if device.type != "cpu":
+        backend = getattr(torch, device.type, None)
+        if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+            raise ValueError(f"--device {name!r}: no {device.type} device is available on this machine")
+        count = backend.device_count() if hasattr(backend, "device_count") else None
+        if device.index is not None and count is not None and device.index >= count:
+            raise ValueError(f"--device {name!r}: this machine has {count} {device.type} device(s)")
+    return str(device)
 
 
 def unsupported(mode: str, setting: Setting, scorer: Scorer) -> str | None:
@@ -664,18 +719,18 @@ def _evaluate(model: Any, tokenizer: Any, plan: Plan) -> dict[str, Any]:
     )
 
 
-def _load() -> tuple[Any, Any]:
+def _load(plan: Plan) -> tuple[Any, Any]:
     import torch
 
     from grpo_prune.models import load_model, load_tokenizer
 
     torch.manual_seed(0)
-    return load_model(MODEL), load_tokenizer(MODEL)
+    return load_model(MODEL).to(plan.device), load_tokenizer(MODEL)
 
 
 def run_dense(plan: Plan) -> dict[str, Any]:
     t0 = time.perf_counter()
-    model, tokenizer = _load()
+    model, tokenizer = _load(plan)
     t_load = time.perf_counter() - t0
     evaluation = _evaluate(model, tokenizer, plan)
     return {"sparsity": 0.0, "eval": evaluation, "seconds": {"load": t_load, "eval": evaluation["seconds"]}}
@@ -704,7 +759,7 @@ def _prune_oneshot(model: Any, batches: list[Any], setting: Setting, scorer: Sco
 def run_oneshot(plan: Plan, setting: Setting, scorer: Scorer) -> dict[str, Any]:
 
     t0 = time.perf_counter()
-    model, tokenizer = _load()
+    model, tokenizer = _load(plan)
     batches = calibration_batches(tokenizer, plan.calibration)
     t_load = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -761,13 +816,17 @@ def _train(
             distill_text_length=b.text_length,
         )
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as output_dir:
+        fields = short_run_fields(output_dir, b.steps, b.completions, b.tokens, b.learning_rate, b.temperature)
+        fields["seed"] = b.seed
         args = MamaGRPOConfig(
-            **short_run_fields(output_dir, b.steps, b.completions, b.tokens, b.learning_rate, b.temperature),
+            **fields,
             **pruning,
             **text,
             teacher_model_name_or_path=teacher,
-            distill_coef=1.0,
+            distill_coef=b.distill_coef,
+            distill_hidden_coef=b.hidden_coef,
             distill_loss="forward_kl",
+            use_cpu=plan.device == "cpu",
             reward_weights=[1.0, 0.0],
         )
         trainer = MamaGRPOTrainer(
@@ -851,7 +910,7 @@ def _train(
 def run_trained(plan: Plan, setting: Setting, scorer: Scorer) -> dict[str, Any]:
     b = plan.budget
     t0 = time.perf_counter()
-    model, tokenizer = _load()
+    model, tokenizer = _load(plan)
     t_load = time.perf_counter() - t0
     pruning = dict(
         prune_target_sparsity=setting.sparsity,
@@ -882,7 +941,7 @@ def run_recovered(plan: Plan, setting: Setting, scorer: Scorer) -> dict[str, Any
     (physically smaller, no masks). The teacher is the dense model."""
 
     t0 = time.perf_counter()
-    model, tokenizer = _load()
+    model, tokenizer = _load(plan)
     batches = calibration_batches(tokenizer, plan.calibration)
     report = _prune_oneshot(model, batches, setting, scorer)
     t_prune = time.perf_counter() - t0
@@ -895,7 +954,7 @@ def run_recovered(plan: Plan, setting: Setting, scorer: Scorer) -> dict[str, Any
 
             dense_params = sum(p.numel() for p in model.parameters())
             export_pruned(model, folder, pruner=report, tokenizer=tokenizer, structured=True)
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype="float32")
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype="float32").to(plan.device)
             sliced_params = sum(p.numel() for p in model.parameters()) / dense_params
             pruning: dict[str, Any] = {"prune_target_sparsity": 0.0}
             init_masks = None
@@ -932,6 +991,7 @@ def condition_record(plan: Plan, condition: Condition, result: dict[str, Any]) -
         "target_sparsity": setting.sparsity if setting else 0.0,
         "scorer": scorer.label if scorer else None,
         "fingerprint": plan.fingerprint(condition),
+        "device": plan.device,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **result,
     }
@@ -1220,12 +1280,15 @@ def describe_plan(plan: Plan) -> dict[str, str]:
     b = plan.budget
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     return {
-        "model": f"{MODEL} (float32, CPU, OMP_NUM_THREADS={threads})",
+        "model": f"{MODEL} (float32, "
+        + ("CPU" if plan.device == "cpu" else plan.device)
+        + f", OMP_NUM_THREADS={threads})",
         "training budget (every trained and recovered condition)": (
             f"{b.steps} GRPO steps x {b.completions} completions x {b.tokens} tokens (temperature "
             f"{b.temperature:g}), one prompt per step from {b.train_prompts} `{b.task}` train prompts, reward "
-            f"`math_answer_partial`; learning rate {b.learning_rate:g} constant, weight decay 0, beta 0, seed 0; "
-            f"distillation from the dense model, forward KL, coef 1 on the rollouts"
+            f"`math_answer_partial`; learning rate {b.learning_rate:g} constant, weight decay 0, beta 0, seed {b.seed}; "
+            f"distillation from the dense model, forward KL, coef {b.distill_coef:g} on the rollouts"
+            + (f", hidden-state term coef {b.hidden_coef:g}" if b.hidden_coef else "")
             + (
                 f" and coef {b.text_coef:g} on {b.text_windows} x {b.text_length} tokens of `python_docs` per step"
                 if b.text_windows and b.text_coef

@@ -48,9 +48,38 @@ def test_default_plan_covers_every_condition(bq):
     assert any("mlp-25 sparsegpt" in line for line in plan.skipped)
     b = plan.budget
     # Two thirds of the steps prune (from step 4, an event every 4), the last third recovers; text distillation on.
-    assert (b.steps, b.prune_start, b.prune_end, b.prune_every) == (24, 4, 16, 4)
+    assert (b.steps, b.prune_start, b.prune_end, b.prune_every) == (20, 4, 13, 4)
     assert (b.text_windows, b.text_length, b.completions, b.task) == (4, 256, 8, "arithmetic")
+    # The recovery sweep's learning rate; rollout KD coef 1, no hidden-state term, seed 0.
+    assert (b.learning_rate, b.distill_coef, b.hidden_coef, b.seed) == (3e-5, 1.0, 0.0, 0)
     assert str(plan.output_dir) == bq.DEFAULT_OUTPUT_DIR
+    assert plan.device == "cpu"
+
+
+def test_budget_cache_key_names_only_non_default_new_fields(bq):
+    """distill_coef / hidden_coef / seed came after results were cached: at their defaults they stay out of the key
+    (old caches remain valid); any other value is in it, so a cached run of another budget is never reused."""
+    condition = bq.Condition("recovered", bq.SETTINGS["unstructured-50"], bq.Scorer("wanda"))
+    default = plan_of(bq).fingerprint(condition)["budget"]
+    assert not {"distill_coef", "hidden_coef", "seed"} & default.keys()
+    for flag, key, value in (("--distill-coef", "distill_coef", 0.5), ("--hidden-coef", "hidden_coef", 1.0)):
+        assert plan_of(bq, flag, str(value)).fingerprint(condition)["budget"][key] == value
+    assert plan_of(bq, "--seed", "1").fingerprint(condition)["budget"]["seed"] == 1
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--distill-coef", "-1"], "--distill-coef"),
+        (["--hidden-coef", "-0.5"], "--hidden-coef"),
+        (["--device", "nonsense"], "--device 'nonsense'"),
+        # No machine has 99 GPUs: refused before anything loads, with or without CUDA.
+        (["--device", "cuda:99"], r"no cuda device is available|this machine has \d+ cuda device"),
+    ],
+)
+def test_budget_and_device_flags_are_validated(bq, argv, match):
+    with pytest.raises(ValueError, match=match):
+        plan_of(bq, *argv)
 
 
 def test_mama_alpha_list_gives_one_row_each_and_quick_is_tiny(bq):
