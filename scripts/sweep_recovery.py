@@ -59,13 +59,14 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "lr1e-4-hidden1": ("lr 1e-4, hidden-state term coef 1", ["--learning-rate", "1e-4", "--hidden-coef", "1"]),
     "lr3e-5-hidden1": ("lr 3e-5, hidden-state term coef 1", ["--learning-rate", "3e-5", "--hidden-coef", "1"]),
     "lr1e-4-early": (
-        "lr 1e-4, prune early (events at 2, 4, 6, 8), recover late",
+        "lr 1e-4, prune early (events at 2, 4, 6, 8), recover late; changes only the trained rows (recovered rows "
+        "hold their one-shot masks from step 0, so they repeat lr1e-4's exactly)",
         ["--learning-rate", "1e-4", "--prune-start", "2", "--prune-end", "8", "--prune-every", "2"],
     ),
     "lr1e-4-seed1": ("lr 1e-4, training seed 1", ["--learning-rate", "1e-4", "--seed", "1"]),
     "lr3e-5-seed1": ("lr 3e-5, training seed 1", ["--learning-rate", "3e-5", "--seed", "1"]),
     "lr3e-5-early": (
-        "lr 3e-5, prune early (events at 2, 4, 6, 8), recover late",
+        "lr 3e-5, prune early (events at 2, 4, 6, 8), recover late; changes only the trained rows",
         ["--learning-rate", "3e-5", "--prune-start", "2", "--prune-end", "8", "--prune-every", "2"],
     ),
 }
@@ -182,9 +183,52 @@ def collect(out: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def reference_rows(path: Path) -> list[dict[str, Any]]:
+    """The one-shot starting points of ``CONDITIONS`` from a bench_quality ``quality.json`` (e.g. the committed
+    ``results/quality``), as rows of variant ``one-shot``; none if the file is missing."""
+    if not path.exists():
+        return []
+    results = json.loads(path.read_text())["results"]
+    dense = results.get("dense")
+    rows = []
+    for _, setting, scorer in CONDITIONS:
+        condition = bq.Condition("oneshot", bq.SETTINGS[setting], _scorer(scorer))
+        r = results.get(condition.key)
+        if (
+            r is None
+            or r.get("error")
+            or any(row["setting"] == setting and row["scorer"] == r["scorer"] for row in rows)
+        ):
+            continue
+        for m in ("recovered", "trained"):
+            if (m, setting, scorer) in CONDITIONS:
+                rows.append(
+                    {
+                        "variant": "one-shot",
+                        "changes": f"the one-shot start, from {path}",
+                        "key": r["key"],
+                        "mode": m,
+                        "setting": setting,
+                        "scorer": r["scorer"],
+                        "device": r.get("device", "cpu"),
+                        "sparsity": r.get("sparsity"),
+                        **{f"{k}_ratio": v for k, v in bq.ratios(r, dense).items()},
+                        **bq.headline(r),
+                        "tokens": None,
+                        "train_seconds": None,
+                        "cpu_seconds": None,
+                        "frac_reward_zero_std_median": None,
+                        "clipped_ratio_median": None,
+                        "mean_reward_last_quarter": None,
+                    }
+                )
+                break
+    return rows
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     order = {(m, s, _scorer(c).label): i for i, (m, s, c) in enumerate(CONDITIONS)}
-    variant_rank = {name: i for i, name in enumerate(VARIANTS)}
+    variant_rank = {name: i for i, name in enumerate(["one-shot", *VARIANTS])}
     rows = sorted(
         rows, key=lambda r: (order.get((r["mode"], r["setting"], r["scorer"]), 99), variant_rank[r["variant"]])
     )
@@ -217,7 +261,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 def _variant_summary(rows: list[dict[str, Any]]) -> dict[str, str]:
     out = {}
     for name in VARIANTS:
-        mine = [r for r in rows if r["variant"] == name and r["ppl_ratio"] is not None]
+        mine = [
+            r for r in rows if r["variant"] == name and r["ppl_ratio"] is not None and r["arith_ratio"] is not None
+        ]
         if mine:
             ppl = statistics.median(r["ppl_ratio"] for r in mine)
             arith = statistics.median(r["arith_ratio"] or 0.0 for r in mine)
@@ -234,6 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float, help="seconds after which running variants are stopped")
     parser.add_argument("--collect", action="store_true", help="only rebuild sweep.md / sweep.json from the folders")
     parser.add_argument("--quick", action="store_true", help="smoke run: bench_quality --quick budgets (tiny)")
+    parser.add_argument(
+        "--reference",
+        default="results/quality/quality.json",
+        help="bench_quality results whose one-shot rows are shown as the starting points (default: the committed "
+        "benchmark; rows of a missing file are left out)",
+    )
     args = parser.parse_args(argv)
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
@@ -248,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         run_sweep(args, args.variants)
     out = Path(args.output_dir)
     rows = collect(out)
-    text = markdown(rows)
+    measured = {(r["mode"], r["setting"], r["scorer"]) for r in rows}
+    starts = [r for r in reference_rows(Path(args.reference)) if (r["mode"], r["setting"], r["scorer"]) in measured]
+    text = markdown(starts + rows)
     bq.write_json_atomic(out / "sweep.json", {"conditions": [list(c) for c in CONDITIONS], "rows": rows})
     tmp = out / "sweep.md.tmp"
     tmp.write_text(text)
