@@ -89,8 +89,8 @@ def test_hidden_term_carries_gradient_to_the_student(tmp_path):
     student = trainer.model
     with torch.no_grad():
         student.model.layers[0].mlp.down_proj.weight.mul_(0.5)  # the student differs from the teacher
-    ids = torch.randint(3, 40, (2, 6))
-    mask = torch.ones(2, 5)
+    ids = torch.randint(3, 40, (2, 6), device=student.device)
+    mask = torch.ones(2, 5, device=student.device)
     with trainer._capture_student_hidden(layers=True):
         student(input_ids=ids)
     layers = [trainer._captured_layers[i] for i in sorted(trainer._captured_layers)]
@@ -172,8 +172,9 @@ def test_lora_teacher_is_the_base_model_with_adapters_disabled(tmp_path):
     assert sum(p.numel() for p in trainer.model.parameters()) == params  # no second copy of the weights
     assert logged(trainer, "distill/loss")
 
-    ids = torch.randint(3, 40, (2, 10))
+    ids = torch.randint(3, 40, (2, 10), device=trainer.model.device)
     mask = torch.ones_like(ids)
+    reference.to(ids.device)
     with torch.no_grad():
         expected = reference(input_ids=ids, attention_mask=mask).logits[:, -6:-1]
         student = trainer.model(input_ids=ids, attention_mask=mask).logits[:, -6:-1]
@@ -225,7 +226,7 @@ def test_kd_and_hidden_term_are_exactly_zero_on_a_softcapped_gemma2_student_equa
     trainer.train()
     for key in ("distill/loss", "distill/hidden_loss", "distill/text_loss", "distill/text_hidden_loss"):
         assert logged(trainer, key) == [0.0, 0.0], key
-    ids = torch.randint(3, 40, (2, 8))
+    ids = torch.randint(3, 40, (2, 8), device=trainer.model.device)
     mask = torch.ones_like(ids)
     with torch.no_grad():
         expected = trainer.model(input_ids=ids, attention_mask=mask).logits[:, -5:-1]

@@ -301,7 +301,7 @@ def test_distillation_loss_logged_and_teacher_frozen(tmp_path):
     for name, p in trainer.teacher.named_parameters():
         assert torch.equal(p, teacher_before[name]), name
     # The teacher really is a separate dense model: its logits differ from the pruned student's.
-    ids = torch.tensor([[5, 6, 7, 8]])
+    ids = torch.tensor([[5, 6, 7, 8]], device=trainer.model.device)
     with torch.no_grad():
         t = trainer.teacher(input_ids=ids).logits
         s = trainer.model(input_ids=ids).logits
@@ -378,6 +378,7 @@ def test_training_from_init_masks_holds_them_exactly(tmp_path, granularity):
     before = {n: w.detach().clone() for n, w in weights.items()}
     trainer.train()
     for name, mask in masks.items():
+        mask = mask.to(trainer.pruner.masks[name].device)
         assert torch.equal(trainer.pruner.masks[name], mask), name  # held: the target is already reached
         w = target_weights(trainer.model)[name]
         assert torch.all(w[~mask] == 0) and not torch.equal(w[mask], before[name][mask]), name
@@ -392,7 +393,8 @@ def test_init_masks_are_grown_further_by_the_schedule(tmp_path):
     trainer.train()
     assert trainer.pruner.sparsity() == pytest.approx(0.75)
     for name, mask in masks.items():
-        assert not torch.any(trainer.pruner.masks[name] & ~mask), f"{name}: a pruned weight came back"
+        grown = trainer.pruner.masks[name].cpu()
+        assert not torch.any(grown & ~mask), f"{name}: a pruned weight came back"
 
 
 def test_init_masks_are_checked_before_the_model_loads(tmp_path):
@@ -414,7 +416,7 @@ def test_save_model_writes_zeros_masks_and_report(tmp_path):
     weights = load_file(out / "model.safetensors")
     for name, mask in trainer.pruner.masks.items():
         w = weights[f"{name}.weight"]
-        assert torch.all(w[~mask] == 0)
+        assert torch.all(w[~mask.cpu()] == 0)
     report = json.loads((out / "pruning_report.json").read_text())
     assert report["global_sparsity"] == pytest.approx(0.5)
     assert set(report["layer_sparsity"]) == set(trainer.pruner.masks)

@@ -135,6 +135,7 @@ def tiny_trainer(output_dir, *, model=None, reward=varied_reward, **overrides):
 
 def kl_to_teacher(trainer, ids: torch.Tensor) -> float:
     """Mean per-token KL(teacher || student) of a trainer's two models on ``ids`` ``[B, T]``."""
+    ids = ids.to(trainer.model.device)  # the trainer put the models on the accelerator, when there is one
     with torch.no_grad():
         t = torch.log_softmax(trainer.teacher(input_ids=ids).logits, -1)
         s = torch.log_softmax(trainer.model(input_ids=ids).logits, -1)
