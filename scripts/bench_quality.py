@@ -17,8 +17,9 @@ once:
 Every training run (``trained`` and ``recovered``) has the same budget: GRPO on ``--task`` train prompts with the
 partial-credit reward ``math_answer_partial``, distillation from the frozen dense teacher (forward KL) on the
 rollouts and on ``--text-windows`` windows of ``--text-length`` tokens of plain text per step (``distill_dataset``
-``python_docs``: the stdlib's documentation, never an evaluation set), constant learning rate, no weight decay,
-``beta`` 0, seed 0. The tokens it processed and its CPU-seconds (``time.process_time``: every thread of the process)
+``python_docs``: the stdlib's documentation, never an evaluation set), constant learning rate (each mode at the
+rate the recovery sweep found best for it: 3e-5 to recover a one-shot model, 1e-4 to prune during training), no
+weight decay, ``beta`` 0, seed 0. The tokens it processed and its CPU-seconds (``time.process_time``: every thread of the process)
 are reported per condition, with TRL's ``frac_reward_zero_std`` and ``completions/clipped_ratio``.
 
 Settings: ``unstructured-50`` (50% of every decoder linear, per-layer ranking), ``2:4`` (N:M), ``mlp-25`` and
@@ -67,7 +68,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -218,6 +219,14 @@ class Plan:
     overwrite: bool = False
     quick: bool = False
     device: str = "cpu"
+    trained_learning_rate: float | None = None  # of the trained rows; None: the budget's
+
+    def budget_of(self, mode: str) -> Budget:
+        """The budget of a ``trained`` or ``recovered`` condition: the same but for the learning rate of trained rows."""
+        if mode == "trained" and self.trained_learning_rate is not None:
+            return replace(self.budget, learning_rate=self.trained_learning_rate)
+        return self.budget
+
     conditions: list[Condition] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
@@ -233,7 +242,7 @@ class Plan:
         if condition.mode in ("oneshot", "recovered"):
             out["calibration"] = asdict(self.calibration)
         if condition.mode in ("trained", "recovered"):
-            out["budget"] = self.budget.fingerprint()
+            out["budget"] = self.budget_of(condition.mode).fingerprint()
         return out
 
 
@@ -252,6 +261,9 @@ DEFAULTS = {
     "completions": 8,
     "tokens": 32,
     "learning_rate": 3e-5,
+    # Pruning during training needs the higher rate: at 3e-5 the same budget left wanda 50% at 2.62x dense perplexity,
+    # at 1e-4 at 2.06x, with the task equally low (results/sweep/, CPU rows).
+    "trained_learning_rate": 1e-4,
     "temperature": 1.0,
     "prune_start": 4,
     "prune_every": 4,
@@ -343,7 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help=f"GRPO steps per trained condition (default {DEFAULTS['steps']})")
     parser.add_argument("--completions", type=int, help="completions per step, one prompt group (default 8)")
     parser.add_argument("--tokens", type=int, help="max completion length, tokens (default 32)")
-    parser.add_argument("--learning-rate", type=float, help="constant learning rate (default 3e-5)")
+    parser.add_argument(
+        "--learning-rate", type=float, help="constant learning rate of the recovered rows (default 3e-5)"
+    )
+    parser.add_argument(
+        "--trained-learning-rate",
+        type=float,
+        help="constant learning rate of the trained rows (default 1e-4; --learning-rate when that is given)",
+    )
     parser.add_argument("--temperature", type=float, help="sampling temperature of the rollouts (default 1.0)")
     parser.add_argument(
         "--prune-start",
@@ -478,8 +497,15 @@ def build_plan(args: argparse.Namespace) -> Plan:
         )
     if budget.tokens < 1:
         raise ValueError(f"--tokens must be >= 1, got {budget.tokens}")
-    if not (math.isfinite(budget.learning_rate) and budget.learning_rate > 0):
-        raise ValueError(f"--learning-rate must be > 0, got {budget.learning_rate}")
+    if args.trained_learning_rate is not None:
+        trained_lr = args.trained_learning_rate
+    elif args.learning_rate is not None:
+        trained_lr = args.learning_rate
+    else:
+        trained_lr = DEFAULTS["trained_learning_rate"]
+    for flag, value in (("--learning-rate", budget.learning_rate), ("--trained-learning-rate", trained_lr)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{flag} must be > 0, got {value}")
     if not (math.isfinite(budget.temperature) and budget.temperature > 0):
         raise ValueError(f"--temperature must be > 0, got {budget.temperature}")
     if budget.prune_start < 1:
@@ -537,7 +563,17 @@ def build_plan(args: argparse.Namespace) -> Plan:
 
     output_dir = Path(args.output_dir or (QUICK_OUTPUT_DIR if q else DEFAULT_OUTPUT_DIR))
     plan = Plan(
-        settings, scorers, budget, calibration, limits, args.eval_seed, output_dir, args.overwrite, q, device=device
+        settings,
+        scorers,
+        budget,
+        calibration,
+        limits,
+        args.eval_seed,
+        output_dir,
+        args.overwrite,
+        q,
+        device=device,
+        trained_learning_rate=trained_lr,
     )
     plan.conditions = [Condition("dense")]
     for mode in ("oneshot", "recovered", "trained"):  # run order: each recovered row right after its one-shot start
@@ -790,13 +826,14 @@ def _prompt_tokens(tokenizer: Any, dataset: Any, steps: int) -> int:
 
 def _train(
     plan: Plan,
+    b: Budget,
     model: Any,
     tokenizer: Any,
     pruning: dict[str, Any],
     teacher: str | None = None,
     init_masks: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One training run of the plan's budget on ``model`` (in place); returns its record (``train``, ``seconds``)
+    """One training run of budget ``b`` on ``model`` (in place); returns its record (``train``, ``seconds``)
     and, under ``"trainer_pruner"``, the pruner's sparsity (None without pruning)."""
     from transformers import PrinterCallback, TrainerCallback
 
@@ -804,7 +841,6 @@ def _train(
     from grpo_prune import MamaGRPOConfig, MamaGRPOTrainer
     from grpo_prune.data import load_prompt_dataset
 
-    b = plan.budget
     t0 = time.perf_counter()
     dataset = load_prompt_dataset(b.task, "train", num_samples=b.train_prompts)
     text = {}
@@ -908,7 +944,7 @@ def _train(
 
 
 def run_trained(plan: Plan, setting: Setting, scorer: Scorer) -> dict[str, Any]:
-    b = plan.budget
+    b = plan.budget_of("trained")
     t0 = time.perf_counter()
     model, tokenizer = _load(plan)
     t_load = time.perf_counter() - t0
@@ -926,7 +962,7 @@ def run_trained(plan: Plan, setting: Setting, scorer: Scorer) -> dict[str, Any]:
         prune_end_step=b.prune_end,
         prune_every=b.prune_every,
     )
-    out = _train(plan, model, tokenizer, pruning)
+    out = _train(plan, b, model, tokenizer, pruning)
     student = out.pop("model")
     evaluation = _evaluate(student, tokenizer, plan)
     del student, model
@@ -966,7 +1002,9 @@ def run_recovered(plan: Plan, setting: Setting, scorer: Scorer) -> dict[str, Any
                 prune_scorer="magnitude",  # never asked: the masks already reach the target
             )
             init_masks = report.masks
-        out = _train(plan, model, tokenizer, pruning, teacher=MODEL, init_masks=init_masks)
+        out = _train(
+            plan, plan.budget_of("recovered"), model, tokenizer, pruning, teacher=MODEL, init_masks=init_masks
+        )
     student = out.pop("model")
     evaluation = _evaluate(student, tokenizer, plan)
     del student, model
@@ -1286,7 +1324,8 @@ def describe_plan(plan: Plan) -> dict[str, str]:
         "training budget (every trained and recovered condition)": (
             f"{b.steps} GRPO steps x {b.completions} completions x {b.tokens} tokens (temperature "
             f"{b.temperature:g}), one prompt per step from {b.train_prompts} `{b.task}` train prompts, reward "
-            f"`math_answer_partial`; learning rate {b.learning_rate:g} constant, weight decay 0, beta 0, seed {b.seed}; "
+            f"`math_answer_partial`; learning rate {b.learning_rate:g} constant (trained rows: "
+            f"{plan.budget_of('trained').learning_rate:g}), weight decay 0, beta 0, seed {b.seed}; "
             f"distillation from the dense model, forward KL, coef {b.distill_coef:g} on the rollouts"
             + (f", hidden-state term coef {b.hidden_coef:g}" if b.hidden_coef else "")
             + (
@@ -1316,6 +1355,7 @@ def write_outputs(plan: Plan, results: Mapping[str, Mapping[str, Any]], elapsed:
         "scorers": [s.label for s in plan.scorers],
         "skipped": plan.skipped,
         "budget": asdict(plan.budget),
+        "trained_learning_rate": plan.budget_of("trained").learning_rate,
         "calibration": asdict(plan.calibration),
         "limits": plan.limits,
         "eval_seed": plan.eval_seed,

@@ -52,8 +52,29 @@ def test_default_plan_covers_every_condition(bq):
     assert (b.text_windows, b.text_length, b.completions, b.task) == (4, 256, 8, "arithmetic")
     # The recovery sweep's learning rate; rollout KD coef 1, no hidden-state term, seed 0.
     assert (b.learning_rate, b.distill_coef, b.hidden_coef, b.seed) == (3e-5, 1.0, 0.0, 0)
+    assert plan.budget_of("trained") == bq.Budget(**{**vars(b), "learning_rate": 1e-4})  # pruning during training
     assert str(plan.output_dir) == bq.DEFAULT_OUTPUT_DIR
     assert plan.device == "cpu"
+
+
+@pytest.mark.parametrize(
+    "argv, recovered, trained",
+    [
+        ([], 3e-5, 1e-4),
+        (["--learning-rate", "2e-5"], 2e-5, 2e-5),  # one rate given: both modes train at it
+        (["--trained-learning-rate", "5e-5"], 3e-5, 5e-5),
+        (["--learning-rate", "2e-5", "--trained-learning-rate", "5e-5"], 2e-5, 5e-5),
+    ],
+)
+def test_each_mode_trains_at_its_learning_rate_and_is_cached_under_it(bq, argv, recovered, trained):
+    plan = plan_of(bq, *argv)
+    assert plan.budget_of("recovered").learning_rate == recovered
+    assert plan.budget_of("trained").learning_rate == trained
+    rec = bq.Condition("recovered", bq.SETTINGS["unstructured-50"], bq.Scorer("wanda"))
+    tra = bq.Condition("trained", bq.SETTINGS["unstructured-50"], bq.Scorer("wanda"))
+    assert plan.fingerprint(rec)["budget"]["learning_rate"] == recovered
+    assert plan.fingerprint(tra)["budget"]["learning_rate"] == trained
+    assert plan.fingerprint(tra)["budget"].keys() == plan.fingerprint(rec)["budget"].keys()
 
 
 def test_budget_cache_key_names_only_non_default_new_fields(bq):
@@ -72,6 +93,7 @@ def test_budget_cache_key_names_only_non_default_new_fields(bq):
     [
         (["--distill-coef", "-1"], "--distill-coef"),
         (["--hidden-coef", "-0.5"], "--hidden-coef"),
+        (["--trained-learning-rate", "0"], "--trained-learning-rate must be > 0"),
         (["--device", "nonsense"], "--device 'nonsense'"),
         # No machine has 99 GPUs: refused before anything loads, with or without CUDA.
         (["--device", "cuda:99"], r"no cuda device is available|this machine has \d+ cuda device"),
