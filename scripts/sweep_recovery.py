@@ -12,8 +12,9 @@ folders alone (e.g. after ``--deadline`` stopped a run).
     OMP_NUM_THREADS=2 python scripts/sweep_recovery.py [--output-dir results/sweep] [--variants lr1e-4 lr3e-5]
         [--jobs 1] [--device cpu] [--deadline SECONDS] [--collect]
 
-On this 2-core machine a variant takes about 1.5 hours (one condition ~15-20 min); the recorded sweep ran on an
-accelerator (``--device cuda --jobs 8``), where a variant takes a few minutes. Figures are comparable within a sweep,
+On this 2-core machine one condition takes 15-25 minutes, so a variant about 2 hours and the whole sweep a day; the
+recorded sweep ran on one GPU (``--device cuda --jobs 13 --deadline 430``), where 13 variants at once finished two
+conditions each in 7 minutes. Figures are comparable within a sweep,
 not bit-identical to the CPU benchmark (other kernels, other sampling).
 """
 
