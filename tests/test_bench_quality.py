@@ -88,22 +88,6 @@ def test_budget_cache_key_names_only_non_default_new_fields(bq):
     assert plan_of(bq, "--seed", "1").fingerprint(condition)["budget"]["seed"] == 1
 
 
-@pytest.mark.parametrize(
-    "argv, match",
-    [
-        (["--distill-coef", "-1"], "--distill-coef"),
-        (["--hidden-coef", "-0.5"], "--hidden-coef"),
-        (["--trained-learning-rate", "0"], "--trained-learning-rate must be > 0"),
-        (["--device", "nonsense"], "--device 'nonsense'"),
-        # No machine has 99 GPUs: refused before anything loads, with or without CUDA.
-        (["--device", "cuda:99"], r"no cuda device is available|this machine has \d+ cuda device"),
-    ],
-)
-def test_budget_and_device_flags_are_validated(bq, argv, match):
-    with pytest.raises(ValueError, match=match):
-        plan_of(bq, *argv)
-
-
 def test_mama_alpha_list_gives_one_row_each_and_quick_is_tiny(bq):
     plan = plan_of(
         bq,
@@ -150,6 +134,12 @@ def test_compensate_adds_a_row_per_scorer_and_keeps_old_caches_valid(bq):
         (["--limit", "hellaswag=5"], "TASK=N"),
         (["--limit", "piqa=0"], "positive"),
         (["--calibration-windows", "1"], "calibration-windows"),
+        (["--distill-coef", "-1"], "--distill-coef"),
+        (["--hidden-coef", "-0.5"], "--hidden-coef"),
+        (["--trained-learning-rate", "0"], "--trained-learning-rate must be > 0"),
+        (["--device", "nonsense"], "--device 'nonsense'"),
+        # No machine has 99 GPUs: refused before anything loads, with or without CUDA.
+        (["--device", "cuda:99"], r"no cuda device is available|this machine has \d+ cuda device"),
     ],
 )
 def test_bad_arguments_fail_before_anything_loads(bq, argv, match):
