@@ -1,6 +1,6 @@
 """Training arguments shared by the scripts' short GRPO runs on the embedded model (`bench_overhead.py`,
 `bench_quality.py`, `measure_movement_signal.py`): one prompt group per step, constant learning rate, no weight
-decay or KL term, no checkpoints, no trackers, fp32, seed 0. Spread into a `GRPOConfig` or `MamaGRPOConfig`."""
+decay or KL term, no checkpoints, no trackers, fp32, seed 0 unless given. Spread into a `GRPOConfig` or `MamaGRPOConfig`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ def short_run_fields(
     tokens: int,
     learning_rate: float = 1e-5,
     temperature: float = 1.0,
+    seed: int = 0,
 ) -> dict[str, Any]:
     return dict(
         output_dir=output_dir,
@@ -31,6 +32,6 @@ def short_run_fields(
         report_to="none",
         activation_checkpointing=False,  # TRL defaults it on; `gradient_checkpointing` is its deprecated alias
         bf16=False,
-        seed=0,
+        seed=seed,
         disable_tqdm=True,
     )

@@ -852,10 +852,10 @@ def _train(
             distill_text_length=b.text_length,
         )
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as output_dir:
-        fields = short_run_fields(output_dir, b.steps, b.completions, b.tokens, b.learning_rate, b.temperature)
-        fields["seed"] = b.seed
         args = MamaGRPOConfig(
-            **fields,
+            **short_run_fields(
+                output_dir, b.steps, b.completions, b.tokens, b.learning_rate, b.temperature, seed=b.seed
+            ),
             **pruning,
             **text,
             teacher_model_name_or_path=teacher,

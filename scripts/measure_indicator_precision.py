@@ -99,13 +99,7 @@ def statistic_table(weights: list[torch.Tensor], steps_list: list[int]) -> None:
     """Print the statistic-storage table (see the module docstring)."""
     from grpo_prune.pruning import masks as M
     from grpo_prune.pruning.compact import RowScaledHalf
-    from grpo_prune.pruning.scores import normalize_scores
-
-    def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-        ra = normalize_scores(a, "rank").double().flatten()
-        rb = normalize_scores(b, "rank").double().flatten()
-        ra, rb = ra - ra.mean(), rb - rb.mean()
-        return float((ra @ rb) / (ra.norm() * rb.norm()))
+    from grpo_prune.pruning.scores import rank_correlation
 
     chosen = weights[:: max(1, len(weights) // 21)][:21]
     print("\nReward statistic (abs form): a 2-byte accumulator against the fp32 sum of the same noisy saliencies,")
@@ -133,7 +127,7 @@ def statistic_table(weights: list[torch.Tensor], steps_list: list[int]) -> None:
                 scaled.add_(step)
             ref_mask = M.unstructured_mask(acc32, 0.5)
             for k, value in (*((k, v.float()) for k, v in low.items()), ("row-scaled fp16 (used)", scaled.value())):
-                corr[k].append(spearman(value, acc32))
+                corr[k].append(rank_correlation(value, acc32))
                 differ[k].append(float((M.unstructured_mask(value, 0.5) != ref_mask).float().mean()))
         for k in corr:
             print(f"| {steps} | {k} | {statistics.median(corr[k]):.4f} | {100 * statistics.median(differ[k]):.3f}% |")

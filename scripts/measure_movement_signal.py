@@ -33,14 +33,9 @@ MAX_ENTRIES = 50_000  # per layer, strided: enough for a stable Spearman, and 21
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    from grpo_prune.pruning.scores import normalize_scores
+    from grpo_prune.pruning.scores import rank_correlation
 
-    stride = max(1, a.numel() // MAX_ENTRIES)
-    ra = normalize_scores(a.flatten()[::stride], "rank").double()
-    rb = normalize_scores(b.flatten()[::stride], "rank").double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denom = ra.norm() * rb.norm()
-    return float((ra @ rb) / denom) if denom > 0 else float("nan")
+    return rank_correlation(a, b, max_entries=MAX_ENTRIES)
 
 
 def _median_p10(values: list[float]) -> tuple[float | None, float | None]:

@@ -148,6 +148,29 @@ def run_sweep(args: argparse.Namespace, names: list[str]) -> None:
             break
 
 
+def _row(variant: str, changes: str, r: dict[str, Any], dense: dict[str, Any] | None, mode: str) -> dict[str, Any]:
+    """A table row of one cached bench_quality record (a one-shot record has no training figures: None)."""
+    t = r.get("train", {})
+    return {
+        "variant": variant,
+        "changes": changes,
+        "key": r["key"],
+        "mode": mode,
+        "setting": r["setting"],
+        "scorer": r["scorer"],
+        "device": r.get("device", "cpu"),
+        "sparsity": r.get("sparsity"),
+        **{f"{k}_ratio": v for k, v in bq.ratios(r, dense).items()},
+        **bq.headline(r),
+        "tokens": t.get("tokens", {}).get("total"),
+        "train_seconds": r.get("seconds", {}).get("train"),
+        "cpu_seconds": t.get("cpu_seconds"),
+        "frac_reward_zero_std_median": t.get("frac_reward_zero_std_median"),
+        "clipped_ratio_median": t.get("clipped_ratio_median"),
+        "mean_reward_last_quarter": t.get("mean_reward_last_quarter"),
+    }
+
+
 def collect(out: Path) -> list[dict[str, Any]]:
     """One row per finished condition of every variant folder under ``out``."""
     rows = []
@@ -158,72 +181,26 @@ def collect(out: Path) -> list[dict[str, Any]]:
         dense = json.loads((folder / "dense.json").read_text()) if (folder / "dense.json").exists() else None
         for path in sorted(folder.glob("*.json")):
             r = json.loads(path.read_text())
-            if r.get("mode") == "dense":
-                continue
-            t = r.get("train", {})
-            rows.append(
-                {
-                    "variant": name,
-                    "changes": what,
-                    "key": r["key"],
-                    "mode": r["mode"],
-                    "setting": r["setting"],
-                    "scorer": r["scorer"],
-                    "device": r.get("device", "cpu"),
-                    "sparsity": r.get("sparsity"),
-                    **{f"{k}_ratio": v for k, v in bq.ratios(r, dense).items()},
-                    **bq.headline(r),
-                    "tokens": t.get("tokens", {}).get("total"),
-                    "train_seconds": r.get("seconds", {}).get("train"),
-                    "cpu_seconds": t.get("cpu_seconds"),
-                    "frac_reward_zero_std_median": t.get("frac_reward_zero_std_median"),
-                    "clipped_ratio_median": t.get("clipped_ratio_median"),
-                    "mean_reward_last_quarter": t.get("mean_reward_last_quarter"),
-                }
-            )
+            if r.get("mode") != "dense":
+                rows.append(_row(name, what, r, dense, r["mode"]))
     return rows
 
 
 def reference_rows(path: Path) -> list[dict[str, Any]]:
     """The one-shot starting points of ``CONDITIONS`` from a bench_quality ``quality.json`` (e.g. the committed
-    ``results/quality``), as rows of variant ``one-shot``; none if the file is missing."""
+    ``results/quality``), as rows of variant ``one-shot``, one per (setting, scorer) under its first mode in
+    ``CONDITIONS``; none if the file is missing."""
     if not path.exists():
         return []
     results = json.loads(path.read_text())["results"]
-    dense = results.get("dense")
-    rows = []
-    for _, setting, scorer in CONDITIONS:
-        condition = bq.Condition("oneshot", bq.SETTINGS[setting], _scorer(scorer))
-        r = results.get(condition.key)
-        if (
-            r is None
-            or r.get("error")
-            or any(row["setting"] == setting and row["scorer"] == r["scorer"] for row in rows)
-        ):
+    rows, seen = [], set()
+    for mode, setting, scorer in CONDITIONS:
+        if (setting, scorer) in seen:
             continue
-        for m in ("recovered", "trained"):
-            if (m, setting, scorer) in CONDITIONS:
-                rows.append(
-                    {
-                        "variant": "one-shot",
-                        "changes": f"the one-shot start, from {path}",
-                        "key": r["key"],
-                        "mode": m,
-                        "setting": setting,
-                        "scorer": r["scorer"],
-                        "device": r.get("device", "cpu"),
-                        "sparsity": r.get("sparsity"),
-                        **{f"{k}_ratio": v for k, v in bq.ratios(r, dense).items()},
-                        **bq.headline(r),
-                        "tokens": None,
-                        "train_seconds": None,
-                        "cpu_seconds": None,
-                        "frac_reward_zero_std_median": None,
-                        "clipped_ratio_median": None,
-                        "mean_reward_last_quarter": None,
-                    }
-                )
-                break
+        seen.add((setting, scorer))
+        r = results.get(bq.Condition("oneshot", bq.SETTINGS[setting], _scorer(scorer)).key)
+        if r is not None and not r.get("error"):
+            rows.append(_row("one-shot", f"the one-shot start, from {path}", r, results.get("dense"), mode))
     return rows
 
 

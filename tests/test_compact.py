@@ -6,14 +6,7 @@ import pytest
 import torch
 
 from grpo_prune.pruning.compact import RowScaledHalf
-from grpo_prune.pruning.scores import normalize_scores
-
-
-def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ra = normalize_scores(a, "rank").double().flatten()
-    rb = normalize_scores(b, "rank").double().flatten()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra @ rb) / (ra.norm() * rb.norm()))
+from grpo_prune.pruning.scores import rank_correlation as _spearman
 
 
 def test_tiny_saliencies_keep_their_relative_precision():

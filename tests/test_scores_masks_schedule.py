@@ -29,6 +29,7 @@ from grpo_prune.pruning.scores import (
     movement_update_,
     normalize_scores,
     random_scores,
+    rank_correlation,
     wanda_scores,
 )
 
@@ -574,3 +575,14 @@ def test_schedule_rejects_bad_arguments_naming_them(kwargs, name):
             prune_event_steps(**step_args)
         with pytest.raises(ValueError, match=name):
             is_prune_event(3, **step_args)
+
+
+def test_rank_correlation_is_spearman_with_averaged_ties():
+    a = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    assert rank_correlation(a, a * 10 + 5) == pytest.approx(1.0)
+    assert rank_correlation(a, -a) == pytest.approx(-1.0)
+    # Ranks 1, 2.5, 2.5, 4 against 1..4: Pearson of the ranks = 4.5 / sqrt(5 * 4.5).
+    assert rank_correlation(a, torch.tensor([0.0, 1.0, 1.0, 2.0])) == pytest.approx(4.5 / (5 * 4.5) ** 0.5)
+    assert math.isnan(rank_correlation(a, torch.zeros(4)))  # a constant ranks nothing
+    big = torch.arange(1000.0)
+    assert rank_correlation(big, big.flip(0), max_entries=100) == pytest.approx(-1.0)

@@ -216,6 +216,20 @@ def normalize_scores(scores: Tensor, method: str) -> Tensor:
     return (centred / std).to(torch.float32).reshape(scores.shape)
 
 
+def rank_correlation(a: Tensor, b: Tensor, max_entries: int | None = None) -> float:
+    """Spearman correlation of two score tensors of one layer (ranks as :func:`normalize_scores` gives them, ties
+    averaged); NaN when either is constant. ``max_entries``: compare a strided subset of about that many entries."""
+    a, b = a.detach().reshape(-1), b.detach().reshape(-1)
+    if max_entries is not None:
+        stride = max(1, a.numel() // max_entries)
+        a, b = a[::stride], b[::stride]
+    ra = normalize_scores(a, "rank").double()
+    rb = normalize_scores(b, "rank").double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = ra.norm() * rb.norm()
+    return float((ra @ rb) / denom) if denom > 0 else float("nan")
+
+
 def mama_scores(
     magnitude: Tensor,
     movement: Tensor,
