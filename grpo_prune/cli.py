@@ -401,7 +401,7 @@ def _run_command(command: str, rest: list[str]) -> int:
 
         return eval_main(rest)
     if command == "oneshot":
-        from grpo_prune.pruning.oneshot import main as oneshot_main
+        from grpo_prune.oneshot_cli import main as oneshot_main
 
         return oneshot_main(rest)
     from grpo_prune.export import main as export_main

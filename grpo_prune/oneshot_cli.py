@@ -1,0 +1,113 @@
+"""The ``grpo-prune oneshot`` command: prune a model in one step on calibration text and export it.
+
+It lives here, beside the other commands, and not in :mod:`grpo_prune.pruning.oneshot`, so that the pruning engine
+stays pure torch (it imports nothing from the rest of ``grpo_prune`` except :mod:`grpo_prune.fileio`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from grpo_prune.data import text_token_stream, validate_text_source
+from grpo_prune.pruning.oneshot import ONESHOT_SCORERS, prune_oneshot
+from grpo_prune.pruning.pruner import PruningSettings
+from grpo_prune.usage import OneLineArgumentParser
+
+__all__ = ["calibration_windows", "main"]
+
+
+def calibration_windows(tokenizer: Any, source: str, windows: int, length: int) -> Tensor:
+    """``[windows, length]`` token ids spread evenly over a plain-text source (a built-in name such as
+    ``python_docs``, a ``.txt`` file or a ``.jsonl`` file with a ``"text"`` field; see
+    :func:`grpo_prune.data.text_token_stream`)."""
+    stream = text_token_stream(tokenizer, source)
+    if len(stream) < windows * length:
+        raise ValueError(
+            f"`--calibration` {source!r} gives {len(stream)} tokens, fewer than {windows} windows x {length}: use "
+            "fewer or shorter windows, or a longer text."
+        )
+    stride = len(stream) // windows
+    return torch.tensor([stream[i * stride : i * stride + length] for i in range(windows)], dtype=torch.long)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``grpo-prune oneshot MODEL OUTPUT_DIR [--scorer sparsegpt] [--sparsity 0.5] ...``: prune a model in one
+    step on calibration text and export it (the start of the one-shot-then-recover recipe: train the export with
+    ``prune_init_masks`` pointing at it)."""
+    parser = OneLineArgumentParser(
+        prog="grpo-prune oneshot",
+        description="Prune a model in one step on calibration text (Wanda, SparseGPT, magnitude, ...) and export it: "
+        "zeros + mask sidecar (train it further with `prune_init_masks: OUTPUT_DIR`), compressed, or a physically "
+        "smaller model for structured pruning.",
+    )
+    parser.add_argument("model", help="a local model folder or an embedded model name (e.g. smollm2-135m-instruct)")
+    parser.add_argument("output_dir", help="folder to write (an earlier export there is replaced)")
+    parser.add_argument("--scorer", default="sparsegpt", choices=ONESHOT_SCORERS, help="default: sparsegpt")
+    parser.add_argument("--sparsity", type=float, default=0.5, help="fraction pruned, in [0, 1) (default 0.5)")
+    parser.add_argument("--granularity", default="unstructured", choices=("unstructured", "n:m", "structured"))
+    parser.add_argument("--n-m", default="2:4", help="N:M pattern for --granularity n:m (default 2:4)")
+    parser.add_argument("--structured-units", default="mlp", choices=("mlp", "heads", "mlp+heads"))
+    parser.add_argument(
+        "--calibration",
+        default="python_docs",
+        help="plain text to calibrate on: 'python_docs' (built in), a .txt file or a .jsonl file with a 'text' field",
+    )
+    parser.add_argument("--calibration-windows", type=int, default=8, help="windows of calibration text (default 8)")
+    parser.add_argument("--calibration-length", type=int, default=256, help="tokens per window (default 256)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--format", choices=("dense", "compressed"), default="dense", help="as in `grpo-prune export`")
+    args = parser.parse_args(argv)
+
+    # Everything is checked before the model loads.
+    validate_text_source(args.calibration)
+    if args.calibration_windows < 1 or args.calibration_length < 2:
+        raise ValueError("`--calibration-windows` must be >= 1 and `--calibration-length` >= 2.")
+    overrides: dict[str, Any] = {}
+    if args.granularity == "structured":
+        overrides["structured_units"] = args.structured_units
+    settings_scorer = "random" if args.scorer == "sparsegpt" else args.scorer  # sparsegpt: its own checks below
+    if args.scorer == "sparsegpt" and args.granularity == "structured":
+        raise ValueError(
+            "`--scorer sparsegpt` reconstructs weights, not whole units: use --granularity unstructured "
+            "or n:m, or a structured scorer such as wanda."
+        )
+    PruningSettings(
+        target_sparsity=args.sparsity, granularity=args.granularity, n_m=args.n_m, scorer=settings_scorer, **overrides
+    ).validate()
+    if args.scorer in ("movement", "mama"):
+        overrides["min_statistic_updates"] = 1
+
+    from grpo_prune.export import export_pruned  # heavy (transformers); only once the arguments are checked
+    from grpo_prune.models import load_model, load_tokenizer
+
+    model = load_model(args.model, dtype=args.dtype)
+    tokenizer = load_tokenizer(args.model)
+    model.eval()
+    batches = calibration_windows(tokenizer, args.calibration, args.calibration_windows, args.calibration_length)
+    report = prune_oneshot(
+        model,
+        sparsity=args.sparsity,
+        granularity=args.granularity,
+        n_m=args.n_m,
+        scorer=args.scorer,
+        calibration=[batches],
+        **overrides,
+    )
+    exported = export_pruned(
+        model, args.output_dir, pruner=report, tokenizer=tokenizer, compressed=args.format == "compressed"
+    )
+    print(
+        f"Pruned {args.model} one-shot with {args.scorer}: {report.global_sparsity:.1%} of the targeted weights "
+        f"({args.calibration_windows} x {args.calibration_length} tokens of {args.calibration}); exported "
+        f"{exported['mode']} to {args.output_dir}"
+        + (
+            f". Train it further with `model_name_or_path: {args.output_dir}`, `prune_init_masks: {args.output_dir}` "
+            f"and `teacher_model_name_or_path: {args.model}`."
+            if exported["mode"] == "masked"
+            else "."
+        )
+    )
+    return 0
