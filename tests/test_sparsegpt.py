@@ -276,3 +276,140 @@ def test_prune_oneshot_sparsegpt_refusals():
         prune_oneshot(model, 0.5, scorer="obs", calibration=ids)
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), f"{n} changed by a refused call"
+
+
+# ------------------------------------------------------------------------ Gram matrices end at the target sparsity
+
+
+def _count_gram_adds(monkeypatch) -> list[int]:
+    """Patch GramAccumulator._add to record each call (one per distinct input per forward); returns the log."""
+    calls: list[int] = []
+    original = GramAccumulator._add
+
+    def counting(self, key, x):
+        calls.append(1)
+        return original(self, key, x)
+
+    monkeypatch.setattr(GramAccumulator, "_add", counting)
+    return calls
+
+
+def _forward(model, seed: int = 0) -> None:
+    with torch.no_grad():
+        model(input_ids=calib_ids(seed, 2, 12))
+
+
+def test_gram_freed_and_unhooked_once_the_target_is_reached(monkeypatch):
+    from grpo_prune.pruning.pruner import Pruner, PruningSettings
+
+    calls = _count_gram_adds(monkeypatch)
+    model = tiny_model()
+    settings = PruningSettings(scorer="sparsegpt", schedule="linear", target_sparsity=0.5, start_step=0, end_step=2)
+    pruner = Pruner(model, settings)
+    for step in (1, 2):
+        pruner.attach_hooks()
+        _forward(model, step)
+        pruner.remove_hooks()
+        assert pruner.maybe_prune(step) is not None
+        if step == 1:  # below the target: the matrices stay and keep growing
+            assert pruner.memory_bytes()["gram"] > 0 and any(k.startswith("gram/") for k in pruner.state_dict())
+    assert pruner.reached_target and pruner.sparsity() == pytest.approx(0.5)
+    assert pruner.memory_bytes()["gram"] == 0 and pruner.indicators.gram is None
+    assert not any(k.startswith("gram") for k in pruner.state_dict())
+    masks = {n: m.clone() for n, m in pruner.masks.items()}
+    fired = len(calls)
+    pruner.attach_hooks()
+    _forward(model, 3)
+    pruner.remove_hooks()
+    assert len(calls) == fired  # no Gram hook after the final event
+    assert pruner.maybe_prune(3) is None
+    assert all(torch.equal(masks[n], m) for n, m in pruner.masks.items())
+    # A one-shot request beyond the target has nothing to reconstruct from and says why.
+    with pytest.raises(ValueError, match="freed when the masks reached the target"):
+        pruner.prune_to(0.6)
+
+
+def test_gram_not_recreated_on_resume_after_the_target(monkeypatch, tmp_path):
+    from grpo_prune.pruning.pruner import Pruner, PruningSettings
+
+    settings = PruningSettings(scorer="sparsegpt", schedule="oneshot", target_sparsity=0.5, start_step=1, end_step=1)
+    model = tiny_model()
+    pruner = Pruner(model, settings)
+    pruner.attach_hooks()
+    _forward(model)
+    pruner.remove_hooks()
+    before_target = pruner.state_dict()  # what a version that kept the matrices wrote after the target, below
+    assert pruner.maybe_prune(1) is not None and pruner.reached_target
+    pruner.save(tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "pruner_state.safetensors"), framework="pt") as f:
+        assert not [k for k in f.keys() if k.startswith("gram")]
+
+    calls = _count_gram_adds(monkeypatch)
+    resumed = Pruner(tiny_model(), settings)
+    resumed.load(tmp_path)
+    resumed.attach_hooks()
+    _forward(resumed.model)
+    resumed.remove_hooks()
+    assert calls == [] and resumed.memory_bytes()["gram"] == 0
+    assert all(torch.equal(pruner.masks[n], m) for n, m in resumed.masks.items())
+
+    # An older checkpoint that still carried the matrices after the target loads, and they are dropped.
+    old = {k: v.clone() for k, v in pruner.state_dict().items()}
+    old.update({k: v.clone() for k, v in before_target.items() if k.startswith("gram")})
+    again = Pruner(tiny_model(), settings)
+    again.load_state_dict(old)
+    assert again.memory_bytes()["gram"] == 0 and not any(k.startswith("gram") for k in again.state_dict())
+
+    # A resume with a higher target accumulates again (from an empty matrix) and reconstructs at its events.
+    raised = Pruner(tiny_model(), PruningSettings(**{**settings.__dict__, "target_sparsity": 0.6}))
+    raised.load_state_dict(pruner.state_dict())
+    raised.attach_hooks()
+    _forward(raised.model)
+    raised.remove_hooks()
+    assert calls and raised.memory_bytes()["gram"] > 0
+    raised.prune_to(0.6)
+    assert raised.sparsity() == pytest.approx(0.6, abs=0.01) and raised.memory_bytes()["gram"] == 0
+
+
+def test_training_stops_gram_at_the_final_event_and_resumes_without_it(monkeypatch, tmp_path):
+    """Through the trainer: Gram hooks fire only before the last event, checkpoints after it carry no matrices, and
+    a resume from such a checkpoint neither recreates them nor changes the masks."""
+    from safetensors import safe_open
+    from tiny import tiny_trainer
+    from transformers import TrainerCallback
+
+    steps_seen: list[int] = []
+    original = GramAccumulator._add
+
+    def counting(self, key, x):
+        steps_seen.append(trainer.state.global_step)  # forwards of step k run at global_step k - 1
+        return original(self, key, x)
+
+    monkeypatch.setattr(GramAccumulator, "_add", counting)
+    overrides = dict(prune_scorer="sparsegpt", max_steps=6, prune_end_step=3, save_strategy="steps", save_steps=2)
+    trainer = tiny_trainer(tmp_path / "out", **overrides)
+    masks_at_target: dict[str, torch.Tensor] = {}
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                masks_at_target.update({n: m.clone() for n, m in trainer.pruner.masks.items()})
+
+    trainer.add_callback(Snapshot())
+    trainer.train()
+    final_event = max(e["step"] for e in trainer.prune_events)
+    assert final_event == 3 and trainer.pruner.sparsity() == pytest.approx(0.5)
+    assert steps_seen and max(steps_seen) < final_event
+    assert trainer.pruner.memory_bytes()["gram"] == 0
+    for step, carries in ((2, True), (4, False), (6, False)):
+        with safe_open(str(tmp_path / "out" / f"checkpoint-{step}" / "pruner_state.safetensors"), "pt") as f:
+            assert any(k.startswith("gram/") for k in f.keys()) == carries, step
+    assert all(torch.equal(masks_at_target[n], m) for n, m in trainer.pruner.masks.items())
+
+    steps_seen.clear()
+    trainer = tiny_trainer(tmp_path / "out", **overrides)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
+    assert steps_seen == [] and trainer.pruner.memory_bytes()["gram"] == 0
+    assert all(torch.equal(masks_at_target[n], m) for n, m in trainer.pruner.masks.items())

@@ -554,7 +554,7 @@ def test_sparsegpt_at_training_events_reaches_the_target_and_reconstructs(tmp_pa
         assert torch.all(w[~mask] == 0) and torch.all(w[mask] != 0), name
         if granularity == "n:m":
             assert torch.all(mask.reshape(w.shape[0], -1, 4).sum(-1) == 2), name
-    assert trainer.pruner.memory_bytes()["gram"] > 0
+    assert trainer.pruner.memory_bytes()["gram"] == 0  # freed at the target (tests/test_sparsegpt.py)
     assert trainer.pruner.indicators.magnitude == {}  # no |W0|: OBS reads the Gram matrices
 
 

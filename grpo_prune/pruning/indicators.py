@@ -19,7 +19,8 @@ state                     what                                                  
 ``activations``           per input feature: sum of squares, sum (fp64) and a   3 vectors per target layer input:
                           token count over real (non-padding) tokens            ``16 * in_features + 8`` bytes per layer
 ``gram``                  ``sparsegpt`` only: Gram matrix ``sum x x^T`` of      ``4 * in_features^2`` bytes per distinct
-                          each distinct target input over real tokens           input (q/k/v and gate/up share one)
+                          each distinct target input over real tokens, until    input (q/k/v and gate/up share one);
+                          the masks reach the target (:meth:`release_gram`)     0 B once released
 ========================  ====================================================  =========================================
 
 Nothing is allocated for an indicator the scorer does not use.
@@ -262,6 +263,8 @@ class Indicators:
                     torch.zeros(mod.in_features, **kw), torch.zeros(mod.in_features, **kw), torch.zeros(1, **kw)
                 )
         self.gram: GramAccumulator | None = GramAccumulator(self.targets) if settings.needs_gram else None
+        # True once the Gram matrices were freed because no later event reads them (see :meth:`release_gram`).
+        self.gram_released = False
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._tokens = _TokenMask()
         self._reduce_fn: Callable[[Tensor], Tensor] | None = None
@@ -354,6 +357,23 @@ class Indicators:
             self.gram.token_mask = None
 
     # ------------------------------------------------------------------------------------------ gram (sparsegpt)
+    def release_gram(self) -> None:
+        """Stop accumulating the Gram matrices and free them: the masks have reached the target, so no later event
+        reads them. Saves one ``[in, tokens] @ [tokens, in]`` product per distinct input at every training forward
+        (about one extra linear forward per token) and ``4 * in^2`` bytes per distinct input in memory and in every
+        checkpoint. Idempotent; :meth:`restore_gram` undoes it (a resumed run with a higher target)."""
+        if self.gram is not None:
+            self.gram.remove()
+            self.gram = None
+        self.gram_released = self.settings.needs_gram
+
+    def restore_gram(self) -> None:
+        """A fresh, empty Gram accumulator after :meth:`release_gram` (the target was raised): accumulation starts
+        again from the next forward pass."""
+        if self.gram_released:
+            self.gram = GramAccumulator(self.targets)
+            self.gram_released = False
+
     def has_gram(self) -> bool:
         """Whether every target's input has been seen (sparsegpt can reconstruct every layer)."""
         if self.gram is None:
@@ -370,7 +390,8 @@ class Indicators:
         if self._reduce_fn is not None:
             gram = self._reduce_fn(gram)
             tokens = self._reduce_fn(tokens.to(gram.device))
-        return (gram / tokens.clamp_min(1).to(gram.device)).to(torch.float32)
+        # In place: one [in, in] copy, not two (this runs at every event, for every target).
+        return gram.div_(tokens.clamp_min(1).to(device=gram.device, dtype=gram.dtype)).to(torch.float32)
 
     def _gram_state(self) -> dict[str, Tensor]:
         if self.gram is None:
@@ -389,7 +410,8 @@ class Indicators:
 
     def prepare_state(self, state_dict: Mapping[str, Tensor]) -> None:
         """Before loading ``state_dict``: recreate the Gram matrices it holds (they exist only once inputs were
-        seen), with its values and token counts, so that its keys are this object's keys."""
+        seen), with its values and token counts, so that its keys are this object's keys. After
+        :meth:`release_gram` they are not recreated (:meth:`drop_released_state` removes them from the state)."""
         if self.gram is None:
             return
         names = list(self.targets)
@@ -404,6 +426,13 @@ class Indicators:
                 device = self.targets[owner].weight.device
                 self.gram._gram[owner] = state_dict[f"gram/{owner}"].to(device=device, dtype=self.gram.dtype).clone()
                 self.gram._count[owner] = int(state_dict[f"gram_tokens/{owner}"].item())
+
+    def drop_released_state(self, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``state_dict`` without Gram entries when they were released here (a checkpoint written after the target
+        by a version that still saved them): they are not loaded back."""
+        if not self.gram_released:
+            return dict(state_dict)
+        return {k: v for k, v in state_dict.items() if not k.startswith(("gram/", "gram_owner/", "gram_tokens/"))}
 
     def _make_hook(self, stats: ActivationStats) -> Callable:
         tokens = self._tokens

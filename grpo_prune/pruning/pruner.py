@@ -201,8 +201,27 @@ class Pruner:
         return self.indicators.activations
 
     def attach_hooks(self) -> None:
-        """Start recording activation statistics over real tokens (see :meth:`Indicators.attach_hooks`)."""
+        """Start recording activation statistics over real tokens (see :meth:`Indicators.attach_hooks`), and the
+        Gram matrices of ``sparsegpt`` while a later event can still read them (:meth:`_sync_gram`)."""
+        self._sync_gram()
         self.indicators.attach_hooks()
+
+    @property
+    def reached_target(self) -> bool:
+        """Whether the masks have reached the final target sparsity: no later schedule event prunes anything. The
+        same on every rank (it follows the masks, which are identical everywhere)."""
+        return self.current_sparsity >= self.settings.final_sparsity - 1e-9
+
+    def _sync_gram(self) -> None:
+        """``sparsegpt``: free the Gram matrices once the target is reached (nothing reads them any more, and they
+        would cost a forward-sized product per token plus ``4 * in^2`` bytes per input in memory and in every
+        checkpoint), and start a fresh accumulator if a resumed run raised the target."""
+        if not self.settings.needs_gram:
+            return
+        if self.reached_target:
+            self.indicators.release_gram()
+        else:
+            self.indicators.restore_gram()
 
     def remove_hooks(self) -> None:
         self.indicators.remove_hooks()
@@ -436,6 +455,7 @@ class Pruner:
             mine.copy_(self.layout.local_rows(name, mask) if self.layout is not None else mask)
         self.apply_masks_()
         self.current_sparsity = self.sparsity()
+        self._sync_gram()
         return self.current_sparsity
 
     @torch.no_grad()
@@ -524,6 +544,15 @@ class Pruner:
         prunes the final pattern at its first event (a partial N:M pattern is not an OBS selection)."""
         from grpo_prune.pruning.sparsegpt import sparsegpt_prune_
 
+        if not self.indicators.has_gram():
+            freed = (
+                " (they were freed when the masks reached the target sparsity)"
+                if self.indicators.gram_released
+                else ""
+            )
+            raise ValueError(
+                f"scorer='sparsegpt' needs the Gram matrices of every target's inputs; none are held{freed}."
+            )
         n_m = self.settings.n_m if self.settings.granularity == "n:m" else None
         if n_m is not None:  # OBS selects whole N:M groups: the final pattern at the first event
             sparsity = self.settings.final_sparsity
@@ -540,6 +569,7 @@ class Pruner:
             self.masks[name] = keep
         self.apply_masks_()
         self.current_sparsity = max(self.current_sparsity, sparsity)
+        self._sync_gram()  # the last event: the Gram matrices go now, before any checkpoint is written
         return {**self._event_record(sparsity, before, compensated=False), "reconstructed": True}
 
     def _event_record(self, sparsity: float, pruned_before: int, compensated: bool) -> dict[str, Any]:
@@ -682,6 +712,12 @@ class Pruner:
         :meth:`apply_masks_` if the model may hold values at pruned entries.
         """
         state_dict = self.indicators.upgrade_state(state_dict)
+        if self.settings.needs_gram and "current_sparsity" in state_dict:
+            # At the target the Gram matrices are not needed: never recreated, and dropped from an older state.
+            saved = float(state_dict["current_sparsity"].item())
+            if saved >= self.settings.final_sparsity - 1e-9:
+                self.indicators.release_gram()
+            state_dict = self.indicators.drop_released_state(state_dict)
         self.indicators.prepare_state(state_dict)
         own = self.state_dict()
         own_keys = {k for k in own if not k.startswith("added_bias/")}
@@ -705,6 +741,7 @@ class Pruner:
         self.step = int(state_dict["step"].item())
         self.indicators.load_scalars(state_dict)
         self.current_sparsity = float(state_dict["current_sparsity"].item())
+        self._sync_gram()
         for key, value in state_dict.items():
             if not key.startswith("added_bias/"):
                 continue
