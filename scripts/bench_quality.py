@@ -90,7 +90,13 @@ from _quality_plan import (  # noqa: F401 (re-exported: tests and sweep_recovery
     unsupported,
     write_json_atomic,
 )
-from _quality_runs import calibration_batches, condition_record, run_condition  # noqa: F401 (re-exported)
+from _quality_runs import (  # noqa: F401 (re-exported)
+    _text_stream,
+    _windows,
+    calibration_batches,
+    condition_record,
+    run_condition,
+)
 from _quality_tables import (  # noqa: F401 (re-exported)
     _fmt,
     _fmt_ppl,
