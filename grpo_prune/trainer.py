@@ -11,11 +11,8 @@ The subclass is thin. The pruning engine (`grpo_prune.pruning`) does the math; t
   masked gradients Adam and SGD keep them at zero anyway; their moments are zeroed once, when entries are pruned);
 * after each optimizer step: the pruning callback (`grpo_prune.pruning_callback`) advances the schedule clock
   (unless the reward guard holds it) and runs the prune event it calls for;
-* `_compute_loss`: add the distillation terms, each divided by `gradient_accumulation_steps`, to TRL's GRPO loss:
-  ``distill_coef * L_KD + distill_hidden_coef * L_hidden`` on the completions, from the hidden states of the very
-  forward pass TRL runs for the policy loss (no second student pass), plus, with `distill_dataset`,
-  ``distill_text_coef * L_KD + distill_hidden_coef * L_hidden`` on a batch of plain-text windows (one more student
-  forward). Logits are computed from hidden states in chunks (`chunked_distillation_loss`);
+* `_compute_loss`: add the distillation terms that the `Distiller` (`grpo_prune.distiller`, the owner of the frozen
+  teacher) computes from the student's captured forward, divided by `gradient_accumulation_steps`, to TRL's GRPO loss;
 * `_save_checkpoint` / `save_model`: checkpoints carry the pruner's training state (resuming restores it exactly);
   the final `output_dir` gets only what a user ships (model with zeros, tokenizer, masks sidecar, report).
 """
@@ -25,17 +22,15 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
 from trl import GRPOTrainer
-from trl.trainer.utils import disable_dropout_in_model
 
 from grpo_prune.config import MamaGRPOConfig
-from grpo_prune.data import TextWindowSampler, text_token_stream
-from grpo_prune.distill import chunked_distillation_loss, hidden_state_loss, postprocess_logits
+from grpo_prune.data import TextWindowSampler
+from grpo_prune.distiller import Distiller, has_adapters
 from grpo_prune.fileio import relax_private_modes, write_json_atomic, write_text_atomic
 from grpo_prune.pruning.pruner import Pruner
 from grpo_prune.pruning.reward_guard import RewardGuard
@@ -66,7 +61,9 @@ class MamaGRPOTrainer(GRPOTrainer):
         pruner: the [`~grpo_prune.pruning.pruner.Pruner`] that owns masks and indicators (None when pruning is off).
         teacher: the frozen dense teacher (None when distillation is off); TRL's `ref_model` when `beta > 0`; under
             LoRA with no `teacher_model_name_or_path`, the policy itself, run with its adapters disabled (use
-            `teacher_logits`, which disables them).
+            `teacher_logits`, which disables them). Owned by `distiller`.
+        distiller: the [`~grpo_prune.distiller.Distiller`] that owns the teacher and computes the distillation terms
+            (None when distillation is off).
         pruning_callback: the [`~grpo_prune.pruning_callback.PruningCallback`] that runs the schedule (None when
             pruning is off); `reward_guard`, `prune_events`, `prune_clock` and `last_score_sample` are its.
     """
@@ -83,7 +80,7 @@ class MamaGRPOTrainer(GRPOTrainer):
                 f"`args` must be a MamaGRPOConfig (it extends GRPOConfig with the pruning fields), got "
                 f"{type(args).__name__}. Build it with MamaGRPOConfig(**grpo_config.to_dict())."
             )
-        if args.pruning_enabled and (kwargs.get("peft_config") is not None or _has_adapters(model)):
+        if args.pruning_enabled and (kwargs.get("peft_config") is not None or has_adapters(model)):
             # A model that already carries adapters would otherwise slip through: the pruner would mask the frozen
             # base weights and the lora_A / lora_B matrices alike.
             raise ValueError(
@@ -104,20 +101,16 @@ class MamaGRPOTrainer(GRPOTrainer):
         if self._sharded_pruner:
             self._check_fsdp2(args)
 
-        self._teacher_is_disabled_adapters = False
-        self.teacher = self._build_teacher() if args.distillation_enabled else None
-        self._student_backbone = self._backbone(self.accelerator.unwrap_model(self.model))
-        self._captured_hidden: torch.Tensor | None = None
-        self._captured_layers: dict[int, torch.Tensor] = {}
-        self.text_sampler: TextWindowSampler | None = None
-        if self.teacher is not None and args.text_distillation_enabled:
-            stream = text_token_stream(self.processing_class, args.distill_dataset)
-            # One seed per process, so that data-parallel ranks distil different windows.
-            self.text_sampler = TextWindowSampler(
-                stream,
-                args.distill_text_length,
-                args.distill_text_batch_size,
-                seed=args.seed + self.accelerator.process_index,
+        self.distiller: Distiller | None = None
+        if args.distillation_enabled:
+            self.distiller = Distiller(
+                args,
+                self.accelerator,
+                self.model,
+                ref_model=self.ref_model,
+                processing_class=self.processing_class,
+                deepspeed=self.is_deepspeed_enabled,
+                fsdp=self.is_fsdp_enabled,
             )
 
         self._grads_processed = False
@@ -138,10 +131,8 @@ class MamaGRPOTrainer(GRPOTrainer):
         # |W0| is read from the teacher when it is this model's own dense copy (built from the same weights, or
         # TRL's reference model), instead of being stored again.
         frozen_dense = None
-        if self.teacher is not None and self.args.teacher_model_name_or_path is None:
+        if self.distiller is not None and self.distiller.is_student_copy:
             frozen_dense = self.accelerator.unwrap_model(self.teacher)
-            if frozen_dense is self.accelerator.unwrap_model(self.model):  # LoRA's adapter-free view: not frozen
-                frozen_dense = None
         # Otherwise from the checkpoint file the model was loaded from, when it still holds the model's weights.
         self.pruner = Pruner(
             self.accelerator.unwrap_model(self.model),
@@ -217,116 +208,22 @@ class MamaGRPOTrainer(GRPOTrainer):
     def last_score_sample(self) -> torch.Tensor | None:
         return self.pruning_callback.last_score_sample if self.pruning_callback else None
 
-    # ----------------------------------------------------------------------------------------------------- teacher
-    @staticmethod
-    def _backbone(model: torch.nn.Module) -> torch.nn.Module:
-        """The decoder stack whose `last_hidden_state` feeds the LM head (PEFT-aware)."""
-        if hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        return model.base_model
-
-    def _build_teacher(self) -> PreTrainedModel:
-        """One frozen dense copy. Reuses TRL's reference model when `beta > 0` rather than holding two; under LoRA,
-        the policy with its adapters disabled is the base model, so no copy at all."""
-        args = self.args
-        if args.teacher_model_name_or_path is None and _has_adapters(self.accelerator.unwrap_model(self.model)):
-            # Pruning is refused with adapters, so the frozen base weights are exactly the dense start.
-            self._teacher_is_disabled_adapters = True
-            return self.accelerator.unwrap_model(self.model)
-        if self.ref_model is not None and args.teacher_model_name_or_path is None:
-            return self.ref_model
-        if args.teacher_model_name_or_path is not None:
-            from grpo_prune.models import load_model
-
-            teacher = load_model(args.teacher_model_name_or_path, **dict(args.model_init_kwargs or {}))
-        else:
-            # Built from the weights, not with copy.deepcopy: TRL patches the policy's `forward` (an instance
-            # attribute bound to the policy), and a deep copy would keep calling the student.
-            student = self.accelerator.unwrap_model(self.model)
-            if hasattr(student, "get_base_model"):
-                student = student.get_base_model()
-            teacher = AutoModelForCausalLM.from_config(student.config, dtype=student.dtype)
-            teacher.load_state_dict(student.state_dict())
-        teacher.requires_grad_(False)
-        teacher.eval()
-        disable_dropout_in_model(teacher)
-        if self.is_deepspeed_enabled:
-            from trl.models.utils import prepare_deepspeed
-
-            return prepare_deepspeed(teacher, self.accelerator)
-        if self.is_fsdp_enabled:
-            from trl.models.utils import prepare_fsdp
-
-            return prepare_fsdp(teacher, self.accelerator)
-        return self.accelerator.prepare_model(teacher.to(self.accelerator.device), evaluation_mode=True)
-
-    @contextmanager
-    def _teacher_module(self):
-        """The teacher, ready for a no-grad forward: under LoRA, the policy with adapters disabled and in eval mode
-        (no dropout, no gradient checkpointing), restored afterwards."""
-        if not self._teacher_is_disabled_adapters:
-            yield self.accelerator.unwrap_model(self.teacher)
-            return
-        model = self.teacher
-        was_training = model.training
-        model.eval()
-        try:
-            with model.disable_adapter():
-                yield model
-        finally:
-            model.train(was_training)
-
-    def _logits_head(self, teacher: bool = False):
-        """``[n, H] -> [n, V]``: the LM head of the student (or teacher) then that model's own logit post-processing
-        (soft-capping, scaling). The teacher's head under LoRA is the head's frozen base layer, so it stays
-        adapter-free outside `_teacher_module` too (the head runs again in backward, under activation checkpointing)."""
-        model = self.accelerator.unwrap_model(self.teacher if teacher else self.model)
-        head = model.get_output_embeddings()
-        if teacher and self._teacher_is_disabled_adapters and hasattr(head, "get_base_layer"):
-            head = head.get_base_layer()
-        config = model.config
-
-        def logits(hidden: torch.Tensor) -> torch.Tensor:
-            return postprocess_logits(config, head(hidden.to(head.weight.dtype)))
-
-        return logits
-
-    @torch.no_grad()
-    def _teacher_hidden(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: bool
-    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        """The teacher's final hidden states ``[B, L, H]`` and, if ``layers``, every decoder layer's output."""
-        with self._teacher_module() as teacher:
-            backbone = self._backbone(teacher)
-            captured: dict[int, torch.Tensor] = {}
-            with _capture_layer_outputs(backbone, captured) if layers else nullcontext():
-                out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return out.last_hidden_state, [captured[i] for i in sorted(captured)] if layers else None
-
-    @torch.no_grad()
-    def teacher_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_tokens: int) -> torch.Tensor:
-        """Teacher logits ``[B, n_tokens, V]`` predicting the last ``n_tokens`` tokens of ``input_ids`` (post-processed
-        as the teacher's forward does). Materialises the logits: for inspection; the loss uses chunks."""
-        hidden, _ = self._teacher_hidden(input_ids, attention_mask, layers=False)
-        return self._logits_head(teacher=True)(hidden[:, -n_tokens - 1 : -1])
-
-    @contextmanager
-    def _capture_student_hidden(self, layers: bool = False):
-        """Keep the student's final hidden states (and, if ``layers``, each decoder layer's output) from the policy
-        forward that TRL runs inside `_compute_loss`."""
-
-        def hook(module, args, output):
-            self._captured_hidden = output.last_hidden_state
-
-        self._captured_layers = {}
-        handle = self._student_backbone.register_forward_hook(hook)
-        try:
-            with _capture_layer_outputs(self._student_backbone, self._captured_layers) if layers else nullcontext():
-                yield
-        finally:
-            handle.remove()
-
     # ---------------------------------------------------------------------------------------------- distillation
+    @property
+    def teacher(self) -> torch.nn.Module | None:
+        """The frozen dense teacher (`Distiller.teacher`), None when distillation is off."""
+        return self.distiller.teacher if self.distiller is not None else None
+
+    @property
+    def text_sampler(self) -> TextWindowSampler | None:
+        """The text windows of text distillation (`Distiller.text_sampler`), None when off."""
+        return self.distiller.text_sampler if self.distiller is not None else None
+
+    def teacher_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_tokens: int) -> torch.Tensor:
+        """Teacher logits ``[B, n_tokens, V]`` predicting the last ``n_tokens`` tokens of ``input_ids`` (see
+        `Distiller.teacher_logits`; under LoRA the adapters are disabled)."""
+        return self.distiller.teacher_logits(input_ids, attention_mask, n_tokens)
+
     @contextmanager
     def _record_activations(self):
         """Activation statistics come from the training forward over whole rollouts (prompt + completion), one
@@ -342,112 +239,24 @@ class MamaGRPOTrainer(GRPOTrainer):
             self.pruner.remove_hooks()
 
     def _compute_loss(self, model, inputs):
-        if self.teacher is None:
+        if self.distiller is None:
             with self._record_activations():
                 loss = super()._compute_loss(model, inputs)
             self._reward_statistic_seam(inputs, loss)
             return loss
-        args = self.args
-        self._captured_hidden = None
-        with self._capture_student_hidden(layers=args.distill_hidden_coef > 0), self._record_activations():
+        with (
+            self.distiller.capture_student(layers=self.args.distill_hidden_coef > 0) as captured,
+            self._record_activations(),
+        ):
             loss = super()._compute_loss(model, inputs)
         self._reward_statistic_seam(inputs, loss)
-        hidden, self._captured_hidden = self._captured_hidden, None
-        student_layers = [self._captured_layers[i] for i in sorted(self._captured_layers)]
-        self._captured_layers = {}
-        if hidden is None:
-            raise RuntimeError("the student's hidden states were not captured; the model forward is not a decoder")
-
         mode = "train" if self.model.training else "eval"
+        extra, metrics = self.distiller.loss(inputs, captured, train=mode == "train")
+        for key, value in metrics.items():
+            self._log_metric(mode, key, value)
         # Scaled for gradient accumulation like TRL's own auxiliary losses (HF's loss scaling is off in GRPO).
         normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        if args.distill_coef > 0 or args.distill_hidden_coef > 0:
-            completion_ids = inputs["completion_ids"]
-            n_tokens = completion_ids.size(1)
-            mask = inputs["completion_mask"]
-            if "tool_mask" in inputs:
-                mask = mask * inputs["tool_mask"]
-            input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
-            attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-            # Position t predicts token t + 1: the completion is predicted from the positions just before it, and
-            # the hidden-state term is taken at the same positions.
-            positions = slice(-n_tokens - 1, -1)
-            kd, hidden_term = self._distillation_terms(
-                input_ids, attention_mask, mask, positions, hidden, student_layers, args.distill_coef > 0
-            )
-            if kd is not None:
-                self._log_metric(mode, "distill/loss", kd)
-                loss = loss + args.distill_coef * kd / normalizer
-            if hidden_term is not None:
-                self._log_metric(mode, "distill/hidden_loss", hidden_term)
-                loss = loss + args.distill_hidden_coef * hidden_term / normalizer
-        if self.text_sampler is not None and mode == "train":
-            loss = loss + self._text_distillation_loss() / normalizer
-        return loss
-
-    def _distillation_terms(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        mask: torch.Tensor,
-        positions: slice,
-        student_hidden: torch.Tensor,
-        student_layers: list[torch.Tensor],
-        logits_term: bool,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Logit KD and the hidden-state term (each None when off) between the student's captured forward over
-        ``input_ids`` ``[B, L]`` and the teacher's, at ``positions`` of the sequence, over the tokens ``mask``
-        (``[B, len(positions)]``) keeps."""
-        args = self.args
-        want_layers = args.distill_hidden_coef > 0
-        teacher_hidden, teacher_layers = self._teacher_hidden(input_ids, attention_mask, layers=want_layers)
-        kd = None
-        if logits_term:
-            kd = chunked_distillation_loss(
-                student_hidden[:, positions],
-                teacher_hidden[:, positions],
-                self._logits_head(),
-                self._logits_head(teacher=True),
-                mask,
-                divergence=args.distill_loss,
-                temperature=args.distill_temperature,
-                jsd_beta=args.distill_jsd_beta,
-                chunk_size=args.distill_chunk_size,
-            )
-        hidden_term = None
-        if want_layers:
-            if len(student_layers) != len(teacher_layers):
-                raise RuntimeError(
-                    f"the hidden-state term needs the student's and teacher's decoder layers paired; captured "
-                    f"{len(student_layers)} and {len(teacher_layers)}"
-                )
-            hidden_term = hidden_state_loss(
-                [h[:, positions] for h in student_layers], [h[:, positions] for h in teacher_layers], mask
-            )
-        return kd, hidden_term
-
-    def _text_distillation_loss(self) -> torch.Tensor:
-        """``distill_text_coef * KD + distill_hidden_coef * L_hidden`` on the next batch of text windows, every
-        position scored. One extra student forward (with gradient) and one teacher forward."""
-        args = self.args
-        input_ids = self.text_sampler.next_batch().to(self.accelerator.device)
-        attention_mask = torch.ones_like(input_ids)
-        want_layers = args.distill_hidden_coef > 0
-        captured: dict[int, torch.Tensor] = {}
-        # The backbone only: the student's full [B, T, V] logits are never needed, only chunks of them.
-        with _capture_layer_outputs(self._student_backbone, captured) if want_layers else nullcontext():
-            out = self._student_backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        student_hidden = out.last_hidden_state
-        student_layers = [captured[i] for i in sorted(captured)]
-        kd, hidden_term = self._distillation_terms(
-            input_ids, attention_mask, attention_mask, slice(None), student_hidden, student_layers, True
-        )
-        self._log_metric("train", "distill/text_loss", kd)
-        loss = args.distill_text_coef * kd
-        if hidden_term is not None:
-            self._log_metric("train", "distill/text_hidden_loss", hidden_term)
-            loss = loss + args.distill_hidden_coef * hidden_term
-        return loss
+        return loss + extra / normalizer
 
     def _log_metric(self, mode: str, key: str, value: torch.Tensor) -> None:
         self._metrics[mode][key].append(self.accelerator.gather(value.detach()).mean().item())
@@ -468,7 +277,7 @@ class MamaGRPOTrainer(GRPOTrainer):
     def _statistic_from_separate_grad(self) -> bool:
         """Whether other terms (distillation) share the backward pass, so that the GRPO loss's own gradient must be
         taken apart for the reward statistic."""
-        return self.teacher is not None
+        return self.distiller is not None
 
     def _reward_statistic_seam(self, inputs: dict[str, Any], grpo_loss: torch.Tensor) -> None:
         """Note whether this micro-batch carries a reward signal (a non-zero advantage) and, when distillation
@@ -514,10 +323,18 @@ class MamaGRPOTrainer(GRPOTrainer):
     # --------------------------------------------------------------------------------------------------- pruning
     def _clip_grad_norm(self, model):
         # Gradients are complete here; masking them first keeps pruned entries out of the clipping norm.
-        self._process_gradients()
+        self.process_pruning_gradients()
         return super()._clip_grad_norm(model)
 
-    def _process_gradients(self) -> None:
+    # The `PruningHost` interface of the pruning callback: the two gradient seams and the training metrics.
+    @property
+    def train_metrics(self) -> dict[str, list[float]]:
+        return self._metrics["train"]
+
+    def process_pruning_gradients(self) -> None:
+        """Gradients are complete (after accumulation and the DDP all-reduce): count the step for the reward
+        statistic, then zero the gradients of pruned entries. Once per optimizer step (clipping, or the callback's
+        `on_pre_optimizer_step` when clipping is off)."""
         if self.pruner is None or self._grads_processed:
             return
         if self._statistic_tracked:
@@ -525,7 +342,8 @@ class MamaGRPOTrainer(GRPOTrainer):
         self.pruner.mask_gradients_()
         self._grads_processed = True
 
-    def _enforce_masks(self) -> None:
+    def enforce_pruning_masks(self) -> None:
+        """After the optimizer step: re-zero the pruned weights."""
         if self.pruner is None:
             return
         self._grads_processed = False
@@ -539,7 +357,7 @@ class MamaGRPOTrainer(GRPOTrainer):
         report: dict[str, Any] = {
             "pruning_enabled": self.pruner is not None,
             "distillation": {
-                "enabled": self.teacher is not None,
+                "enabled": self.distiller is not None,
                 "coef": self.args.distill_coef,
                 "loss": self.args.distill_loss,
                 "temperature": self.args.distill_temperature,
@@ -549,7 +367,7 @@ class MamaGRPOTrainer(GRPOTrainer):
                 "teacher": self.args.teacher_model_name_or_path
                 or (
                     "the base model (LoRA adapters disabled)"
-                    if self._teacher_is_disabled_adapters
+                    if self.distiller is not None and self.distiller.teacher_is_disabled_adapters
                     else "initial dense weights of the student"
                 ),
             },
@@ -683,45 +501,3 @@ class MamaGRPOTrainer(GRPOTrainer):
             self.pruning_callback.load_state_dict(json.load(f))
         self.pruner.apply_masks_()
         self.pruner.mask_optimizer_state_(self.optimizer)
-
-
-def _has_adapters(model: Any) -> bool:
-    """True for a PEFT model, or a transformers model with adapters loaded through its PEFT integration."""
-    if isinstance(model, str):
-        return False
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        PeftModel = ()
-    return isinstance(model, PeftModel) or bool(getattr(model, "_hf_peft_config_loaded", False))
-
-
-def _decoder_layers(backbone: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder stack's list of layers (``layers`` in Llama-like models, ``h`` in GPT-2-like ones)."""
-    n_layers = getattr(backbone.config, "num_hidden_layers", None)
-    for module in backbone.children():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
-            return module
-    raise RuntimeError(
-        f"no list of {n_layers} decoder layers found in {type(backbone).__name__}; the hidden-state distillation "
-        "term (`distill_hidden_coef`) needs one"
-    )
-
-
-@contextmanager
-def _capture_layer_outputs(backbone: torch.nn.Module, into: dict[int, torch.Tensor]):
-    """Store each decoder layer's output hidden states ``[B, L, H]`` in ``into[layer_index]`` during the forwards
-    run inside the context (forward hooks; a later forward overwrites an earlier one)."""
-
-    def hook_for(index: int):
-        def hook(module, args, output):
-            into[index] = output[0] if isinstance(output, tuple) else output
-
-        return hook
-
-    handles = [layer.register_forward_hook(hook_for(i)) for i, layer in enumerate(_decoder_layers(backbone))]
-    try:
-        yield into
-    finally:
-        for handle in handles:
-            handle.remove()

@@ -91,11 +91,11 @@ def test_hidden_term_carries_gradient_to_the_student(tmp_path):
         student.model.layers[0].mlp.down_proj.weight.mul_(0.5)  # the student differs from the teacher
     ids = torch.randint(3, 40, (2, 6), device=student.device)
     mask = torch.ones(2, 5, device=student.device)
-    with trainer._capture_student_hidden(layers=True):
+    with trainer.distiller.capture_student(layers=True) as captured:
         student(input_ids=ids)
-    layers = [trainer._captured_layers[i] for i in sorted(trainer._captured_layers)]
-    kd, hidden = trainer._distillation_terms(
-        ids, torch.ones_like(ids), mask, slice(-6, -1), trainer._captured_hidden, layers, logits_term=False
+    layers = captured.layer_list()
+    kd, hidden = trainer.distiller.terms(
+        ids, torch.ones_like(ids), mask, slice(-6, -1), captured.hidden, layers, logits_term=False
     )
     assert kd is None and len(layers) == 2 and hidden.item() > 0
     hidden.backward()
@@ -166,7 +166,9 @@ def test_lora_teacher_is_the_base_model_with_adapters_disabled(tmp_path):
         processing_class=char_tokenizer(),
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]),
     )
-    assert trainer._teacher_is_disabled_adapters and trainer.teacher is trainer.accelerator.unwrap_model(trainer.model)
+    assert trainer.distiller.teacher_is_disabled_adapters and trainer.teacher is trainer.accelerator.unwrap_model(
+        trainer.model
+    )
     params = sum(p.numel() for p in trainer.model.parameters())
     trainer.train()
     assert sum(p.numel() for p in trainer.model.parameters()) == params  # no second copy of the weights
