@@ -3,6 +3,9 @@
 It owns what happens *between* optimizer steps: the schedule clock (optimizer steps, minus those the reward guard
 held), the reward guard, prune events and their records (``pruning_events.jsonl``), and their save/resume state.
 The trainer keeps the loss and gradient seams (where the reward statistic is taken and gradients are masked).
+
+The callback does not know the trainer class: it talks to the pruner and to a `PruningHost`, the narrow interface
+that `MamaGRPOTrainer` provides (its arguments, optimizer and pruner, the two gradient seams, the training metrics).
 """
 
 from __future__ import annotations
@@ -10,19 +13,43 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from transformers import TrainerCallback
 
 from grpo_prune.fileio import write_text_atomic
+from grpo_prune.pruning.pruner import Pruner
 from grpo_prune.pruning.reward_guard import RewardGuard
-
-if TYPE_CHECKING:  # pragma: no cover
-    from grpo_prune.trainer import MamaGRPOTrainer
 
 EVENTS_NAME = "pruning_events.jsonl"
 SCORE_QUANTILES = (0.1, 0.5, 0.9)
+
+
+class PruningHost(Protocol):
+    """What `PruningCallback` needs of the trainer that runs it.
+
+    Attributes:
+        args: the run's `MamaGRPOConfig` (schedule, reward guard and `output_dir` fields).
+        optimizer: the optimizer whose state is masked at prune events.
+        pruner: the run's pruner (built late under FSDP2, so read at each use).
+        train_metrics: the per-key lists of training metrics the trainer logs (``prune/*`` are appended).
+    """
+
+    args: Any
+    optimizer: Any
+    pruner: Pruner | None
+
+    @property
+    def train_metrics(self) -> dict[str, list[float]]: ...
+
+    def process_pruning_gradients(self) -> None:
+        """Gradients are complete: feed the reward statistic, mask the gradients of pruned entries (once a step)."""
+
+    def enforce_pruning_masks(self) -> None:
+        """After the optimizer step: re-zero the pruned weights."""
+
+    def is_world_process_zero(self) -> bool: ...
 
 
 class PruningCallback(TrainerCallback):
@@ -36,17 +63,17 @@ class PruningCallback(TrainerCallback):
         last_score_sample: strided sample of the last event's scores (for histograms).
     """
 
-    def __init__(self, trainer: MamaGRPOTrainer):
-        self.trainer = trainer
-        args = trainer.args
+    def __init__(self, host: PruningHost):
+        self.host = host
+        args = host.args
         self.reward_guard = RewardGuard(window=args.reward_window, tolerance=args.reward_guard_tolerance)
         self.prune_events: list[dict[str, Any]] = []
         self.prune_clock = 0
         self.last_score_sample: torch.Tensor | None = None
 
     @property
-    def pruner(self):
-        return self.trainer.pruner
+    def pruner(self) -> Pruner:
+        return self.host.pruner
 
     # ------------------------------------------------------------------------------------------- trainer events
     def on_train_begin(self, args, state, control, **kwargs):
@@ -55,13 +82,13 @@ class PruningCallback(TrainerCallback):
             self.run_prune_event(step=0)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer._process_gradients()  # already done inside gradient clipping when that is on
+        self.host.process_pruning_gradients()  # already done inside gradient clipping when that is on
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer._enforce_masks()
+        self.host.enforce_pruning_masks()
 
     def on_step_end(self, args, state, control, **kwargs):
-        metrics = self.trainer._metrics["train"]
+        metrics = self.host.train_metrics
         if self.reward_guard.should_hold():
             self.reward_guard.holds += 1
             metrics["prune/guard_hold"].append(1.0)
@@ -76,7 +103,7 @@ class PruningCallback(TrainerCallback):
         """Feed one generation batch's mean reward (identical on every rank) to the guard."""
         completed = self.reward_guard.update(reward)
         for event in completed:
-            self.trainer._metrics["train"]["prune/reward_after_event"].append(event["reward_after"])
+            self.host.train_metrics["prune/reward_after_event"].append(event["reward_after"])
             for record in self.prune_events:
                 if record["step"] == event["step"]:
                     record["reward_after"] = event["reward_after"]
@@ -86,7 +113,7 @@ class PruningCallback(TrainerCallback):
     # ---------------------------------------------------------------------------------------------------- events
     def resolve_end_step(self, max_steps: int) -> int:
         """``prune_end_step``, or half of ``max_steps`` when left unset; refused when after the last step."""
-        args = self.trainer.args
+        args = self.host.args
         end = args.prune_end_step
         if end is None:
             end = max(args.prune_start_step, max_steps // 2)
@@ -99,12 +126,11 @@ class PruningCallback(TrainerCallback):
 
     def run_prune_event(self, step: int) -> None:
         """Prune if the schedule calls for it at the current clock; record and log the event."""
-        trainer = self.trainer
         start = time.perf_counter()
         event = self.pruner.maybe_prune(self.prune_clock)
         if event is None:
             return
-        self.pruner.mask_optimizer_state_(trainer.optimizer)
+        self.pruner.mask_optimizer_state_(self.host.optimizer)
         seconds = time.perf_counter() - start
         guard_event = self.reward_guard.record_event(step)
         record = {
@@ -121,7 +147,7 @@ class PruningCallback(TrainerCallback):
             record["statistic_mixed"] = event["statistic_mixed"]
         record.update(self._score_quantiles(event.get("score_sample")))
         self.prune_events.append(record)
-        metrics = trainer._metrics["train"]
+        metrics = self.host.train_metrics
         if guard_event["reward_before"] is not None:
             metrics["prune/reward_before_event"].append(guard_event["reward_before"])
         if "statistic_mixed" in record:
@@ -136,10 +162,10 @@ class PruningCallback(TrainerCallback):
 
         Rewritten (atomically) rather than appended, so that each event's ``reward_after`` is filled in once it is
         known; the file is a few lines long."""
-        if self.trainer.accelerator.is_main_process:
+        if self.host.is_world_process_zero():
             text = "".join(json.dumps(record) + "\n" for record in self.prune_events)
-            os.makedirs(self.trainer.args.output_dir, exist_ok=True)
-            write_text_atomic(os.path.join(self.trainer.args.output_dir, EVENTS_NAME), text)
+            os.makedirs(self.host.args.output_dir, exist_ok=True)
+            write_text_atomic(os.path.join(self.host.args.output_dir, EVENTS_NAME), text)
 
     def _score_quantiles(self, sample: torch.Tensor | None) -> dict[str, float]:
         """Quantiles of the event's scores, from the pruner's strided subsample of them."""
