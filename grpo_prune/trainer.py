@@ -36,7 +36,7 @@ from grpo_prune.pruning.pruner import Pruner
 from grpo_prune.pruning.reward_guard import RewardGuard
 from grpo_prune.pruning_callback import EVENTS_NAME, PruningCallback
 from grpo_prune.tracking import WandbPruningCallback
-from grpo_prune.trl_compat import check_metrics_seam, check_trl_seams
+from grpo_prune.trl_compat import check_metrics_seam, check_overrides, check_trl_seams
 
 
 # TRL 1.16 reads the deprecated `model.is_gradient_checkpointing` (trl.models.utils, around generation), and peft
@@ -72,6 +72,7 @@ class MamaGRPOTrainer(GRPOTrainer):
 
     def __init__(self, model, reward_funcs=None, args: MamaGRPOConfig | None = None, *pargs, **kwargs):
         check_trl_seams()  # a TRL release that re-signed a method overridden below fails here, naming it
+        check_overrides(MamaGRPOTrainer)  # and a method of ours that shadows one of TRL's by accident
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
             args = MamaGRPOConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-MAMA-GRPO")
@@ -253,12 +254,14 @@ class MamaGRPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         extra, metrics = self.distiller.loss(inputs, captured, train=mode == "train")
         for key, value in metrics.items():
-            self._log_metric(mode, key, value)
+            self._log_gathered_metric(mode, key, value)
         # Scaled for gradient accumulation like TRL's own auxiliary losses (HF's loss scaling is off in GRPO).
         normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         return loss + extra / normalizer
 
-    def _log_metric(self, mode: str, key: str, value: torch.Tensor) -> None:
+    def _log_gathered_metric(self, mode: str, key: str, value: torch.Tensor) -> None:
+        """Append ``value``'s mean over every process to ``self._metrics[mode][key]`` (a collective). Not TRL's
+        ``_log_metric(name, value)``, which reward functions receive as ``log_metric``."""
         self._metrics[mode][key].append(self.accelerator.gather(value.detach()).mean().item())
 
     # ------------------------------------------------------------------------------------ reward-driven statistic

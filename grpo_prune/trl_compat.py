@@ -1,9 +1,14 @@
-"""The private TRL methods `MamaGRPOTrainer` overrides, checked against the installed TRL.
+"""The private TRL and transformers methods `MamaGRPOTrainer` overrides, checked against the installed versions.
 
-The trainer hooks into `trl.GRPOTrainer` at a few private seams (see the `grpo_prune.trainer` docstring). TRL may
-rename or re-sign them in any release, which would make the override silently dead (never called) or fail deep inside
-training. `check_trl_seams` compares them with what this project was written against and raises one clear
-`TrlSeamError` naming the seam; the trainer calls it at construction and `tests/test_trl_seams.py` runs it in CI.
+The trainer hooks into `trl.GRPOTrainer` (and the `transformers.Trainer` under it) at a few private seams (see the
+`grpo_prune.trainer` docstring). Either library may rename or re-sign them in any release, which would make the
+override silently dead (never called) or fail deep inside training. `check_trl_seams` compares them with what this
+project was written against and raises one clear `TrlSeamError` naming the seam; the trainer calls it at
+construction and `tests/test_trl_seams.py` runs it in CI.
+
+The other direction matters as much: a method of ours whose name a TRL or transformers method already has replaces
+it for every caller, with whatever signature ours has (TRL hands reward functions ``log_metric=self._log_metric``).
+`check_overrides` fails on any such name that is not in :data:`INTENDED_OVERRIDES`.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from typing import Any
 
 #: The TRL versions the test-suite runs against (also the pin in pyproject.toml).
 TESTED_TRL = ">=1.16.0,<1.17"
+#: The transformers versions the test-suite runs against (also the bound in pyproject.toml).
+TESTED_TRANSFORMERS = ">=5.24.0,<5.26"
 
 #: Seam -> (parameter names after `self`, required). A seam that is not required may be absent (there is a fallback:
 #: without `_clip_grad_norm`, gradients are processed in the `on_pre_optimizer_step` callback).
@@ -22,7 +29,14 @@ SEAMS: dict[str, tuple[tuple[str, ...], bool]] = {
     "_generate_and_score_completions": (("inputs",), True),
     "_clip_grad_norm": (("model",), False),
     "_load_optimizer_and_scheduler": (("checkpoint",), True),
+    # transformers.Trainer's (inherited by GRPOTrainer)
+    "_prepare_for_training": (("max_steps", "train_dataloader", "resume_from_checkpoint"), True),
+    "_save_checkpoint": (("model", "trial"), True),
 }
+
+#: Every attribute of `MamaGRPOTrainer` that replaces one of `GRPOTrainer` (TRL's or transformers') on purpose: the
+#: seams above plus public methods whose signatures are kept. Anything else of ours with such a name is an accident.
+INTENDED_OVERRIDES: frozenset[str] = frozenset({*SEAMS, "__init__", "_tag_names", "save_model", "create_model_card"})
 
 
 class TrlSeamError(RuntimeError):
@@ -30,12 +44,34 @@ class TrlSeamError(RuntimeError):
 
 
 def _fail(seam: str, problem: str) -> TrlSeamError:
+    import transformers
     import trl
 
     return TrlSeamError(
-        f"TRL seam `GRPOTrainer.{seam}` {problem} in the installed trl {trl.__version__}; grpo-prune overrides it and "
-        f"is tested with trl{TESTED_TRL} (pip install 'trl{TESTED_TRL}')."
+        f"TRL seam `GRPOTrainer.{seam}` {problem} in the installed trl {trl.__version__} / transformers "
+        f"{transformers.__version__}; grpo-prune overrides it and is tested with trl{TESTED_TRL} and "
+        f"transformers{TESTED_TRANSFORMERS} (pip install 'trl{TESTED_TRL}' 'transformers{TESTED_TRANSFORMERS}')."
     )
+
+
+def check_overrides(cls: Any, base: Any = None, intended: frozenset[str] = INTENDED_OVERRIDES) -> None:
+    """Raise `TrlSeamError` if ``cls`` defines an attribute that ``base`` (default `trl.GRPOTrainer`, with
+    `transformers.Trainer` in its MRO) already has and that is not in ``intended``: an accidental shadowing."""
+    if base is None:
+        from trl import GRPOTrainer as base
+    shadowing = sorted(
+        name
+        for name in vars(cls)
+        if name not in intended
+        and not (name.startswith("__") and name.endswith("__"))
+        and any(name in vars(klass) for klass in base.__mro__ if klass is not object)
+    )
+    if shadowing:
+        owners = {n: next(k.__qualname__ for k in base.__mro__ if n in vars(k)) for n in shadowing}
+        raise TrlSeamError(
+            f"{cls.__qualname__} shadows {', '.join(f'{owners[n]}.{n}' for n in shadowing)}: rename it, or add it to "
+            "grpo_prune.trl_compat.INTENDED_OVERRIDES if the override is meant (with the parent's signature)."
+        )
 
 
 @functools.cache
