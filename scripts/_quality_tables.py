@@ -6,12 +6,15 @@ A sibling module of ``scripts/bench_quality.py`` (the entry point, which re-expo
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Mapping
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
+import _results_page as results_page
 from _quality_plan import MODEL, MODES, SCORER_NAMES, SETTINGS, Calibration, Plan, write_json_atomic
 
 from grpo_prune import fileio
@@ -85,10 +88,42 @@ def _order(results: Mapping[str, Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return sorted(results.values(), key=key)
 
 
-def markdown_tables(results: Mapping[str, Mapping[str, Any]], meta: Mapping[str, Any]) -> str:
-    """The report: settings, a row per condition, then one-shot vs trained side by side per (setting, scorer)."""
+def page_header(results: Mapping[str, Mapping[str, Any]], meta: Mapping[str, Any], output_dir: Path | str) -> str:
+    """The page's generated header, from what the results recorded: the measuring command (``meta["run"]``, absent
+    before runs were recorded), the devices and dates of the conditions, and the budget they were made with."""
+    run = meta.get("run") or {}
+    done = [r for r in results.values() if not r.get("error")]
+    devices = results_page.tally(r.get("device") or "cpu" for r in done)  # records before --device ran on the CPU
+    threads = meta.get("omp_num_threads")
+    device = (devices or results_page.NOT_RECORDED) + (f", OMP_NUM_THREADS={threads}" if threads else "")
+    if run.get("device"):
+        device += f"; last run on {run['device']}"
+    b, limits = meta.get("budget", {}), meta.get("limits", {})
+    hours = sum(r.get("seconds", {}).get("total") or 0.0 for r in done) / 3600
+    text = f" + {b['text_windows']} x {b['text_length']} tokens of text" if b.get("text_windows") else ""
+    budget = (
+        f"{len(done)} conditions, {hours:.1f} h of wall time in all; a training run is {b.get('steps')} GRPO steps x "
+        f"{b.get('completions')} completions x {b.get('tokens')} tokens{text} per step; evaluation on "
+        + ", ".join(f"{task} {n}" for task, n in limits.items())
+    )
+    return results_page.page_header(
+        generated_by=f"python scripts/bench_quality.py --tables-only --output-dir {output_dir}",
+        command=run.get("command"),
+        device=device,
+        date=results_page.date_span(r.get("finished_at") for r in done),
+        budget=budget,
+    )
+
+
+def markdown_tables(
+    results: Mapping[str, Mapping[str, Any]], meta: Mapping[str, Any], output_dir: Path | str | None = None
+) -> str:
+    """The report: settings, a row per condition, then one-shot vs trained side by side per (setting, scorer); with
+    ``output_dir`` (where the page goes), the generated header first."""
     dense = results.get("dense")
     lines = [f"# Pruning quality: {MODEL}", ""]
+    if output_dir is not None:
+        lines += [page_header(results, meta, output_dir)]
     for key, value in meta.get("description", {}).items():
         lines.append(f"- **{key}**: {value}")
     lines += [
@@ -169,8 +204,9 @@ def markdown_tables(results: Mapping[str, Mapping[str, Any]], meta: Mapping[str,
             t = r.get("train", {})
             tok = t.get("tokens", {})
             rollout = tok.get("rollout_prompt", 0) + tok.get("rollout_completion", 0)
+            counted = f"{rollout:,} + {tok.get('text', 0):,}" if tok else "-"  # not counted before version 2
             lines.append(
-                f"| {r['setting']} | {r['scorer']} | {r['mode']} | {rollout:,} + {tok.get('text', 0):,} | "
+                f"| {r['setting']} | {r['scorer']} | {r['mode']} | {counted} | "
                 f"{_fmt(t.get('cpu_seconds'), '.0f')} | {_fmt(t.get('frac_reward_zero_std_median'), '.2f')} | "
                 f"{_fmt(t.get('clipped_ratio_median'), '.2f')} | {_fmt(t.get('mean_reward_last_quarter'), '.2f')} |"
             )
@@ -321,10 +357,14 @@ def describe_plan(plan: Plan) -> dict[str, str]:
     }
 
 
-def write_outputs(plan: Plan, results: Mapping[str, Mapping[str, Any]], elapsed: float) -> str:
-    """quality.md, quality.json and quality.png in the output folder (atomically); returns the markdown."""
+def write_outputs(
+    plan: Plan, results: Mapping[str, Mapping[str, Any]], elapsed: float, run: Mapping[str, str] | None = None
+) -> str:
+    """quality.md, quality.json and quality.png in the output folder (atomically); returns the markdown. ``run``:
+    this session's command, device and date (:func:`_results_page.run_record`; default: recorded now)."""
     meta = {
         "model": MODEL,
+        "run": dict(run) if run is not None else results_page.run_record(plan.device),
         "description": describe_plan(plan),
         "settings": [asdict(s) for s in plan.settings],
         "scorers": [s.label for s in plan.scorers],
@@ -338,7 +378,7 @@ def write_outputs(plan: Plan, results: Mapping[str, Mapping[str, Any]], elapsed:
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "session_seconds": elapsed,
     }
-    markdown = markdown_tables(results, meta)
+    markdown = markdown_tables(results, meta, plan.output_dir)
     dense = results.get("dense")
     rows = {}
     for key, r in results.items():
@@ -346,6 +386,16 @@ def write_outputs(plan: Plan, results: Mapping[str, Mapping[str, Any]], elapsed:
     fileio.write_text_atomic(plan.output_dir / "quality.md", markdown)
     write_json_atomic(plan.output_dir / "quality.json", {"meta": meta, "results": rows})
     plot_results(results, plan.output_dir / "quality.png")
+    return markdown
+
+
+def rewrite_page(output_dir: Path) -> str:
+    """quality.md again from ``output_dir/quality.json`` alone (no model, no cache folder); returns the markdown."""
+    data = json.loads((output_dir / "quality.json").read_text(encoding="utf-8"))
+    derived = ("headline", "ratio_to_dense")  # added by write_outputs, recomputed by the tables
+    results = {key: {k: v for k, v in r.items() if k not in derived} for key, r in data["results"].items()}
+    markdown = markdown_tables(results, data["meta"], output_dir)
+    fileio.write_text_atomic(output_dir / "quality.md", markdown)
     return markdown
 
 

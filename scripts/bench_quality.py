@@ -44,7 +44,9 @@ settings it was made with; a rerun skips conditions whose cached settings match 
 refuses to start if a cached result was made with other settings, unless ``--overwrite`` is given. At the end it
 writes ``quality.md`` (tables), ``quality.json`` (everything) and ``quality.png`` (quality against sparsity), all
 atomically, and prints the tables. ``--quick`` runs every condition with a tiny budget (a smoke test of a few
-minutes) into ``results/quality-quick``.
+minutes) into ``results/quality-quick``. ``quality.md`` opens with a generated header: the command that measured it,
+the devices and dates of its conditions and their budget; ``--tables-only`` rewrites it from ``quality.json`` alone,
+measuring nothing.
 
     OMP_NUM_THREADS=2 python scripts/bench_quality.py [--output-dir results/quality] [--steps 20]
         [--scorers magnitude wanda sparsegpt] [--recovered-scorers wanda sparsegpt] [--trained-scorers wanda mama]
@@ -61,8 +63,10 @@ import gc
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
+import _results_page as results_page
 from _quality_plan import (  # noqa: F401 (re-exported: tests and sweep_recovery.py use bench_quality.NAME)
     CALIBRATION_SOURCES,
     DEFAULT_OUTPUT_DIR,
@@ -108,6 +112,7 @@ from _quality_tables import (  # noqa: F401 (re-exported)
     markdown_tables,
     plot_results,
     ratios,
+    rewrite_page,
     write_outputs,
 )
 
@@ -224,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="where models are pruned, trained and evaluated: cpu (default; the figures in the README) or an "
         "accelerator such as cuda. Recorded with every condition; not part of the cache key",
     )
+    parser.add_argument(
+        "--tables-only",
+        action="store_true",
+        help="measure nothing: rewrite OUTPUT_DIR/quality.md from OUTPUT_DIR/quality.json (its header keeps the "
+        "recorded command, devices and dates)",
+    )
     return parser
 
 
@@ -241,6 +252,13 @@ def require_matplotlib() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.tables_only:
+        folder = Path(args.output_dir or (QUICK_OUTPUT_DIR if args.quick else DEFAULT_OUTPUT_DIR))
+        if not (folder / "quality.json").is_file():
+            parser.error(f"--tables-only: no {folder / 'quality.json'} to rebuild the page from")
+        print(rewrite_page(folder))
+        return 0
+    run = results_page.run_record(args.device, argv)  # before build_plan: what was asked, as it was typed
     try:
         plan = build_plan(args)
     except ValueError as err:
@@ -288,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         results[condition.key] = result
         print(f"[{i}/{total}] {condition.key}: {_summary(result, results.get('dense'))}", file=sys.stderr, flush=True)
 
-    markdown = write_outputs(plan, results, time.perf_counter() - start)
+    markdown = write_outputs(plan, results, time.perf_counter() - start, run)
     print(markdown)
     print(
         f"wrote {plan.output_dir / 'quality.md'}, quality.json, quality.png "

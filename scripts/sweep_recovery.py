@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -31,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _results_page as results_page
 import bench_quality as bq
 
 HERE = Path(__file__).resolve().parent
@@ -168,6 +168,8 @@ def _row(variant: str, changes: str, r: dict[str, Any], dense: dict[str, Any] | 
         "frac_reward_zero_std_median": t.get("frac_reward_zero_std_median"),
         "clipped_ratio_median": t.get("clipped_ratio_median"),
         "mean_reward_last_quarter": t.get("mean_reward_last_quarter"),
+        "finished_at": r.get("finished_at"),
+        "budget": r.get("fingerprint", {}).get("budget"),
     }
 
 
@@ -204,7 +206,32 @@ def reference_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
+def page_header(rows: list[dict[str, Any]], run: dict[str, Any] | None, out: Path) -> str:
+    """The page's generated header from the measured rows (not the one-shot starts): their devices, dates and
+    training budgets, and the sweep's command when it was recorded in sweep.json."""
+    budgets = [r["budget"] for r in rows if r.get("budget")]
+    runs = results_page.tally(
+        f"{b['steps']} GRPO steps x {b['completions']} completions x {b['tokens']} tokens" for b in budgets
+    )
+    text = results_page.tally(
+        f"{b['text_windows']} x {b['text_length']}" if b.get("text_windows") else "no" for b in budgets
+    )
+    hours = sum(r["train_seconds"] or 0.0 for r in rows) / 3600
+    budget = (
+        f"{len(rows)} conditions in {len({r['variant'] for r in rows})} variants, {hours:.1f} h of training loops "
+        f"in all; a training run: {runs or results_page.NOT_RECORDED}, tokens of text distilled per step: "
+        f"{text or results_page.NOT_RECORDED} (each variant changes one thing, listed below)"
+    )
+    return results_page.page_header(
+        generated_by=f"python scripts/sweep_recovery.py --collect --output-dir {out}",
+        command=(run or {}).get("command"),
+        device=results_page.tally(r["device"] for r in rows),
+        date=results_page.date_span(r.get("finished_at") for r in rows),
+        budget=budget,
+    )
+
+
+def markdown(rows: list[dict[str, Any]], header: str = "") -> str:
     order = {(m, s, _scorer(c).label): i for i, (m, s, c) in enumerate(CONDITIONS)}
     variant_rank = {name: i for i, name in enumerate(["one-shot", *VARIANTS])}
     rows = sorted(
@@ -213,6 +240,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
         "# Recovery defaults sweep",
         "",
+        *([header] if header else []),
         "Cells: LAMBADA perplexity / dense, PIQA acc_norm as % of dense, arithmetic test accuracy as % of dense "
         "(held-out; see results/quality for the evaluation), then the training run's tokens, wall seconds of its "
         "training loop, median `frac_reward_zero_std` and median `completions/clipped_ratio`.",
@@ -270,21 +298,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
+    out = Path(args.output_dir)
+    previous = json.loads((out / "sweep.json").read_text()) if (out / "sweep.json").is_file() else {}
+    run = previous.get("run")  # --collect keeps the command of the run that measured
     if not args.collect:
         try:
             bq._check_device(args.device)
         except ValueError as err:
             parser.error(str(err))
+        run = results_page.run_record(args.device, argv)
         run_sweep(args, args.variants)
-    out = Path(args.output_dir)
     rows = collect(out)
     measured = {(r["mode"], r["setting"], r["scorer"]) for r in rows}
     starts = [r for r in reference_rows(Path(args.reference)) if (r["mode"], r["setting"], r["scorer"]) in measured]
-    text = markdown(starts + rows)
-    bq.write_json_atomic(out / "sweep.json", {"conditions": [list(c) for c in CONDITIONS], "rows": rows})
-    tmp = out / "sweep.md.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, out / "sweep.md")
+    text = markdown(starts + rows, page_header(rows, run, out))
+    payload = {"conditions": [list(c) for c in CONDITIONS], "rows": rows, **({"run": run} if run else {})}
+    bq.write_json_atomic(out / "sweep.json", payload)
+    results_page.write_page(out / "sweep.md", text)
     print(text)
     return 0
 
