@@ -17,8 +17,17 @@ Per pruned weight this is ``(1 - s) * bytes_per_value + 1/8`` bytes instead of `
 
 compressed-tensors (a dependency, imported on first use) supplies the bit packing (``pack_bitmasks`` / ``unpack_bitmasks``) and
 the config schema (``BitmaskConfig`` / ``Sparse24BitMaskConfig``). Its releases from 0.15 on no longer ship the
-sparse compressors themselves, and transformers 5.24's compressed-tensors loader reads quantized checkpoints only,
+sparse compressors themselves, and transformers 5.x's compressed-tensors loader reads quantized checkpoints only,
 so :func:`load_compressed` (plain transformers plus the decompression here) is the way to load these checkpoints.
+
+**Plain ``from_pretrained`` refuses the folder** instead of loading it wrong. transformers (5.25) ignores a
+``sparsity_config`` and an unknown ``quant_method`` alike (a warning at most) and would freshly initialise every
+pruned matrix, whose ``{m}.weight`` is absent. So the weights are written as ``model-sparse.safetensors`` (sharded:
+``model-sparse.safetensors.index.json``), names transformers never looks for, and ``config.json`` carries
+``transformers_weights`` set to a sentence that is not a file name: transformers 5.x raises a ``ValueError`` quoting
+it (how to load the folder), older releases an ``OSError`` (no ``model.safetensors``). compressed-tensors 0.14's
+``BitmaskCompressor.decompress`` reads the weight file when given its path. Exports of earlier versions (weights in
+``model.safetensors``) still load here. docs/export.md weighs this against registering a transformers quantizer.
 """
 
 from __future__ import annotations
@@ -33,8 +42,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 __all__ = [
+    "NOT_FOR_FROM_PRETRAINED",
     "SPARSE_24_BITMASK",
     "SPARSE_BITMASK",
+    "SPARSE_INDEX_NAME",
+    "SPARSE_WEIGHTS_NAME",
     "compress_checkpoint_",
     "compress_state_dict",
     "decompress_state_dict",
@@ -45,7 +57,17 @@ __all__ = [
 SPARSE_BITMASK = "sparse-bitmask"
 SPARSE_24_BITMASK = "sparse-24-bitmask"
 _QUANT_METHOD = "compressed-tensors"
-_INDEX_FILE = "model.safetensors.index.json"
+_INDEX_FILE = "model.safetensors.index.json"  # where earlier exports (and save_pretrained) put the shard index
+_WEIGHTS_FILE = "model.safetensors"
+SPARSE_WEIGHTS_NAME = "model-sparse.safetensors"
+SPARSE_INDEX_NAME = "model-sparse.safetensors.index.json"
+#: ``config.json`` ``transformers_weights`` of a compressed export: transformers 5.x refuses a value that is not a
+#: safetensors file name and quotes it, so plain ``from_pretrained`` fails with this sentence instead of loading
+#: freshly initialised matrices in place of the pruned ones.
+NOT_FOR_FROM_PRETRAINED = (
+    "(no such file) this is a grpo-prune compressed sparse export, which plain transformers would load with the "
+    "pruned matrices freshly initialised; load it with grpo_prune.compress.load_compressed(folder)"
+)
 
 
 def _ct():
@@ -149,8 +171,10 @@ def compress_checkpoint_(
 ) -> int:
     """Rewrite the weights of a ``save_pretrained`` folder in place in format ``fmt``; returns their bytes after.
 
-    Every ``*.safetensors`` file except those named in ``skip`` (e.g. the mask sidecar) is rewritten, the shard index
-    (if any) updated, and ``config.json`` given the ``quantization_config`` that names the format.
+    Every ``*.safetensors`` file except those named in ``skip`` (e.g. the mask sidecar) is rewritten, the single
+    weight file renamed :data:`SPARSE_WEIGHTS_NAME` (or the shard index :data:`SPARSE_INDEX_NAME`, updated), and
+    ``config.json`` given the ``quantization_config`` that names the format and the ``transformers_weights`` that
+    makes plain ``from_pretrained`` refuse the folder (module docstring).
 
     Args:
         masks: module name -> bool keep-mask ``[out, in]`` of the pruned ``nn.Linear`` layers.
@@ -176,12 +200,65 @@ def compress_checkpoint_(
         # The dense weights that were compressed are gone from the shards: drop them from the map too.
         index["weight_map"] = {k: v for k, v in sorted(index["weight_map"].items()) if k in written}
         index.setdefault("metadata", {})["total_size"] = total
-        index_path.write_text(json.dumps(index, indent=2) + "\n")
+        (folder / SPARSE_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        index_path.unlink()
+    else:
+        os.replace(folder / _WEIGHTS_FILE, folder / SPARSE_WEIGHTS_NAME)
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
     config["quantization_config"] = _sparsity_config(fmt, global_sparsity, structure, ignore)
+    config["transformers_weights"] = NOT_FOR_FROM_PRETRAINED
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return total
+
+
+def compressed_format(folder: str | os.PathLike[str]) -> str | None:
+    """The sparse format (``"sparse-bitmask"`` / ``"sparse-24-bitmask"``) of a compressed export folder, or None
+    when the folder's ``config.json`` does not name one (or there is no readable ``config.json``)."""
+    try:
+        raw = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    qconfig = raw.get("quantization_config") if isinstance(raw, dict) else None
+    if not isinstance(qconfig, dict) or qconfig.get("quant_method") != _QUANT_METHOD:
+        return None
+    fmt = (qconfig.get("sparsity_config") or {}).get("format")
+    return fmt if fmt in (SPARSE_BITMASK, SPARSE_24_BITMASK) else None
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The weight files of a compressed export: this version's names, else an earlier version's (sidecars such as
+    ``pruning_masks.safetensors`` sit beside them and are not weights)."""
+    for index_name, single in ((SPARSE_INDEX_NAME, SPARSE_WEIGHTS_NAME), (_INDEX_FILE, _WEIGHTS_FILE)):
+        index_path = folder / index_name
+        if index_path.is_file():
+            try:
+                names = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
+                raise ValueError(
+                    f"{index_path} is not a readable shard index ({err!r}): the export is damaged."
+                ) from err
+            missing = [n for n in names if not (folder / n).is_file()]
+            if missing:
+                raise ValueError(
+                    f"{folder}: the shard index lists {missing[:3]}, which are missing: an incomplete copy?"
+                )
+            return [folder / n for n in names]
+        if (folder / single).is_file():
+            return [folder / single]
+    raise ValueError(
+        f"{folder} has a compressed-export config.json but no weights ({SPARSE_WEIGHTS_NAME} or "
+        f"{SPARSE_INDEX_NAME}): an incomplete copy?"
+    )
+
+
+def _read_weights(path: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(path)
+    except Exception as err:  # safetensors_rust.SafetensorError: truncated, or not a safetensors file at all
+        raise ValueError(
+            f"{path} is not a complete safetensors file ({err}): truncated or damaged; export the model again."
+        ) from err
 
 
 def load_compressed(folder: str | os.PathLike[str], dtype: torch.dtype | str = "auto") -> nn.Module:
@@ -189,43 +266,56 @@ def load_compressed(folder: str | os.PathLike[str], dtype: torch.dtype | str = "
 
     The pruned weights come back exactly (zeros where pruned); the model has no quantization config and behaves like
     any ``from_pretrained`` model. ``dtype="auto"`` keeps the stored dtype.
+
+    Raises:
+        ValueError: the folder is not a compressed export (a dense or sliced export: load that with
+            ``from_pretrained``), a weight file is missing, truncated or damaged, or the decompressed tensors do not
+            fit the model that ``config.json`` describes. Never a partly initialised model.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
-    raw = json.loads((folder / "config.json").read_text())
-    qconfig = raw.get("quantization_config") or {}
-    fmt = (qconfig.get("sparsity_config") or {}).get("format")
-    if qconfig.get("quant_method") != _QUANT_METHOD or fmt not in (SPARSE_BITMASK, SPARSE_24_BITMASK):
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} has no config.json: not a model folder, let alone a compressed export.")
+    fmt = compressed_format(folder)
+    if fmt is None:
         raise ValueError(
-            f"{folder} is not a compressed-tensors sparse checkpoint (config.json quantization_config.sparsity_config"
-            f".format must be {SPARSE_BITMASK!r} or {SPARSE_24_BITMASK!r}); load it with from_pretrained."
+            f"{folder} is not a compressed export (config.json quantization_config.sparsity_config.format must be "
+            f"{SPARSE_BITMASK!r} or {SPARSE_24_BITMASK!r}); a dense or sliced export loads with "
+            "AutoModelForCausalLM.from_pretrained(folder)."
         )
-    index_path = folder / _INDEX_FILE
-    # The weights only: sidecars (e.g. pruning_masks.safetensors) sit beside them in the same folder.
-    shards = (
-        sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
-        if index_path.is_file()
-        else ["model.safetensors"]
-    )
     state: dict[str, Tensor] = {}
-    for shard in shards:
-        state.update(load_file(folder / shard))
-    state = decompress_state_dict(state, fmt)
+    for path in _weight_files(folder):
+        state.update(_read_weights(path))
+    try:
+        state = decompress_state_dict(state, fmt)
+    except (KeyError, RuntimeError, ValueError, IndexError) as err:
+        raise ValueError(
+            f"{folder}: the compressed tensors are inconsistent ({err!r}): the export is damaged."
+        ) from err
     config = AutoConfig.from_pretrained(folder)
     # Without this transformers would route the model through its compressed-tensors quantizer.
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
+    for attr in ("quantization_config", "transformers_weights"):
+        if hasattr(config, attr):
+            delattr(config, attr)
     if dtype == "auto":
         dtype = next(v.dtype for v in state.values() if v.is_floating_point())
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}
-    if unexpected or set(missing) - tied:
+    expected = model.state_dict()
+    wrong_shape = [
+        f"{k}: {tuple(v.shape)} in the file, {tuple(expected[k].shape)} in the model"
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    unexpected = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(state) - tied)
+    if wrong_shape or unexpected or missing:
         raise ValueError(
-            f"{folder}: the decompressed tensors do not match {type(model).__name__}: unexpected {unexpected[:3]}, "
-            f"missing {sorted(set(missing) - tied)[:3]}."
+            f"{folder}: the decompressed tensors do not match the {type(model).__name__} of its config.json: "
+            f"shapes {wrong_shape[:2]}, unexpected {unexpected[:3]}, missing {missing[:3]}."
         )
+    model.load_state_dict(state, strict=False)
     model.tie_weights()
     if (folder / "generation_config.json").is_file():
         from transformers import GenerationConfig

@@ -221,7 +221,12 @@ def load_masks_sidecar(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
     masks_sidecar_granularity(path)
-    return {n: m.bool() for n, m in load_file(_masks_sidecar_path(path)).items()}
+    p = _masks_sidecar_path(path)
+    try:
+        tensors = load_file(p)
+    except Exception as err:  # the header reads but the data is cut short
+        raise ValueError(f"{p} is not a complete safetensors file ({err}): truncated or damaged.") from err
+    return {n: m.bool() for n, m in tensors.items()}
 
 
 def _folder_tokenizer(folder: Path, tokenizer: Any) -> Any:
@@ -242,6 +247,7 @@ def _source_from_masked_export(folder: Path, tokenizer: Any) -> _Source:
     report_path = folder / REPORT_FILE
     source_report = json.loads(report_path.read_text()) if report_path.is_file() else None
     model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+    _check_masks_fit(model, masks, f"{folder / MASKS_FILE}")
     return _Source(
         model=model,
         masks=masks,
@@ -251,6 +257,28 @@ def _source_from_masked_export(folder: Path, tokenizer: Any) -> _Source:
         source_report=source_report,
         tokenizer=_folder_tokenizer(folder, tokenizer),
     )
+
+
+def _check_masks_fit(model: nn.Module, masks: dict[str, Tensor], origin: str) -> None:
+    """ValueError unless every mask names an ``nn.Linear`` of ``model`` and has its weight's shape (a sidecar from
+    another model, or a model whose weights were swapped, must not be applied by broadcasting or silently skipped)."""
+    modules = dict(model.named_modules())
+    unknown = [n for n in masks if not isinstance(modules.get(n), nn.Linear)]
+    if unknown:
+        raise ValueError(
+            f"The masks of {origin} name modules that are not nn.Linear layers of this {type(model).__name__}: "
+            f"{unknown[:3]}; they belong to another model."
+        )
+    wrong = [
+        f"{n}: mask {tuple(m.shape)}, weight {tuple(modules[n].weight.shape)}"
+        for n, m in masks.items()
+        if tuple(m.shape) != tuple(modules[n].weight.shape)
+    ]
+    if wrong:
+        raise ValueError(
+            f"The masks of {origin} do not match this {type(model).__name__}'s weights ({'; '.join(wrong[:2])}): "
+            "they belong to another model or another size of it."
+        )
 
 
 def _source_from_memory(model: nn.Module, pruner: Any, tokenizer: Any) -> _Source:
@@ -576,10 +604,7 @@ def _prepare(src: _Source, structured: bool | str) -> _Export:
     slice_units = src.granularity == "structured" and structured in ("auto", True)
 
     model = src.model
-    modules = dict(model.named_modules())
-    unknown = [n for n in src.masks if not isinstance(modules.get(n), nn.Linear)]
-    if unknown:
-        raise ValueError(f"Masks name modules that are not nn.Linear layers of this model: {unknown[:3]}")
+    _check_masks_fit(model, src.masks, src.origin)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
 
     # The output state, as new tensors: the caller's model is never modified.

@@ -5,8 +5,10 @@ compressed-tensors dropped its sparse compressors after 0.14 (grpo-prune depends
 bit packing and config schema only), so this script fetches compressed-tensors 0.14.0.1 from the package index
 into a temporary folder (``pip download --no-deps``; no model hub), exports a tiny random Llama pruned 50%
 unstructured and 2:4 with ``export_pruned(..., compressed=True)``, and in a separate process with that release on
-``sys.path`` decompresses each with ``ModelCompressor.from_pretrained(folder).sparsity_compressor.decompress``,
-comparing every weight with the masked model's, bit for bit. Prints a table; exits 1 on any difference.
+``sys.path`` decompresses each with ``ModelCompressor.from_pretrained(folder).sparsity_compressor.decompress`` given
+the weight file (``model-sparse.safetensors``: the export names it so that plain ``from_pretrained`` refuses the
+folder; compressed-tensors reads a folder's ``model.safetensors`` but takes any file by path), comparing every weight
+with the masked model's, bit for bit. Prints a table; exits 1 on any difference.
 
     python scripts/check_compressed_interop.py [--compressed-tensors-dir DIR]
 """
@@ -24,13 +26,13 @@ import zipfile
 RELEASE = "compressed-tensors==0.14.0.1"
 
 CHECK = r"""
-import json, sys, torch
+import json, os, sys, torch
 import compressed_tensors
 from compressed_tensors.compressors import ModelCompressor
 from safetensors.torch import load_file
 folder, ref = sys.argv[1], sys.argv[2]
 compressor = ModelCompressor.from_pretrained(folder).sparsity_compressor
-dense = dict(compressor.decompress(folder))
+dense = dict(compressor.decompress(os.path.join(folder, "model-sparse.safetensors")))
 ref = load_file(ref)
 found = [k for k in ref if k in dense]
 print(json.dumps({

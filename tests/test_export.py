@@ -17,6 +17,7 @@ from tiny import tiny_model, tiny_trainer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpo_prune import export_pruned, prune_oneshot
+from grpo_prune.compress import SPARSE_WEIGHTS_NAME
 from grpo_prune.export import EXPORT_FORMAT, MASKS_FILE, REPORT_FILE, UNIT_MASKS_FILE
 
 ATOL = 1e-5
@@ -227,13 +228,13 @@ def test_compressed_export_loads_back_to_exactly_the_masked_weights(tmp_path, gr
 
     # compressed-tensors' layout (what its sparse compressors, llm-compressor and vLLM read): tensors named after
     # the module, {m}.compressed / .bitmask / .shape (/ .row_offsets), never {m}.weight.compressed.
-    stored_keys = set(load_file(tmp_path / "out" / "model.safetensors"))
+    stored_keys = set(load_file(tmp_path / "out" / SPARSE_WEIGHTS_NAME))
     for name in report.masks:
         assert {f"{name}.compressed", f"{name}.bitmask", f"{name}.shape"} <= stored_keys, name
         assert f"{name}.weight" not in stored_keys and f"{name}.weight.bitmask" not in stored_keys
 
     # Sizes: the pruned layers take at most 0.6x of their dense bytes; the whole file shrinks too.
-    stored = load_file(tmp_path / "out" / "model.safetensors")
+    stored = load_file(tmp_path / "out" / SPARSE_WEIGHTS_NAME)
     dense_stored = load_file(tmp_path / "dense" / "model.safetensors")
     pruned_bytes = sum(
         t.numel() * t.element_size()
@@ -447,7 +448,8 @@ def test_compressed_exports_of_the_earlier_layout_still_load(tmp_path):
     model = make_model("qwen2")
     report = prune_oneshot(model, 0.5, "unstructured", scorer="magnitude")
     export_pruned(model, tmp_path / "out", pruner=report, compressed=True)
-    path = tmp_path / "out" / "model.safetensors"
+    path = tmp_path / "out" / "model.safetensors"  # the earlier name too
+    (tmp_path / "out" / SPARSE_WEIGHTS_NAME).rename(path)
     stored = load_file(path)
     suffixes = (".compressed", ".bitmask", ".shape", ".row_offsets")
     renamed = {}
@@ -459,3 +461,113 @@ def test_compressed_exports_of_the_earlier_layout_still_load(tmp_path):
     for name, module in model.named_modules():
         if name in report.masks:
             assert torch.equal(restored[f"{name}.weight"], module.weight.detach()), name
+
+
+# ------------------------------------------------------------------------------ no silent corruption (issue 20)
+PLAIN_LOAD = r"""
+import json, sys, torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+try:
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+except Exception as err:
+    print(json.dumps({"raised": type(err).__name__, "message": str(err), "grpo_prune": "grpo_prune" in sys.modules}))
+else:
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, sys.argv[2])
+    print(json.dumps({"raised": None, "grpo_prune": "grpo_prune" in sys.modules}))
+"""
+
+
+@pytest.mark.parametrize("granularity, extra", [("unstructured", {}), ("n:m", {"n_m": "2:4"})], ids=["unstr", "2:4"])
+def test_plain_from_pretrained_on_a_compressed_export_gives_the_weights_or_raises(tmp_path, granularity, extra):
+    """What a user does first with the folder: plain transformers, in a process that never imported grpo_prune (a
+    registration done by our import could not help there). Exactly the exported weights, or an exception that
+    says how to load it; never freshly initialised matrices (the old export loaded 2/3 of them that way)."""
+    import subprocess
+    import sys
+
+    model = make_model()
+    report = prune_oneshot(model, 0.5, granularity, scorer="magnitude", **extra)
+    export_pruned(model, tmp_path / "out", pruner=report, compressed=True)
+    export_pruned(model, tmp_path / "dense", pruner=report)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", PLAIN_LOAD, str(tmp_path / "out"), str(tmp_path / "loaded.safetensors")],
+        capture_output=True, text=True, env=env, check=True, cwd=tmp_path,
+    )  # fmt: skip
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["grpo_prune"] is False
+    if result["raised"] is None:
+        loaded, expected = (
+            load_file(tmp_path / "loaded.safetensors"),
+            load_file(tmp_path / "dense" / "model.safetensors"),
+        )
+        assert all(torch.equal(loaded[k], v) for k, v in expected.items())
+    else:
+        assert "load_compressed" in result["message"], result
+
+
+def _compressed_export(tmp_path):
+    model = make_model()
+    report = prune_oneshot(model, 0.5, "unstructured", scorer="magnitude")
+    export_pruned(model, tmp_path / "out", pruner=report, compressed=True)
+    return tmp_path / "out"
+
+
+def test_load_compressed_refuses_what_it_cannot_load_exactly(tmp_path):
+    from grpo_prune.compress import load_compressed
+
+    folder = _compressed_export(tmp_path)
+    # A dense export, and a folder that is not a model at all.
+    model = make_model()
+    export_pruned(model, tmp_path / "dense", pruner=prune_oneshot(model, 0.5, "unstructured", scorer="magnitude"))
+    with pytest.raises(ValueError, match="not a compressed export.*from_pretrained"):
+        load_compressed(tmp_path / "dense")
+    with pytest.raises(ValueError, match="no config.json"):
+        load_compressed(tmp_path)
+
+    # A config that describes another model (a copy mixed up with another export's config).
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
+    with pytest.raises(ValueError, match="do not match"):
+        load_compressed(folder)
+    (folder / "config.json").write_text(json.dumps(config))
+    load_compressed(folder)  # intact again
+
+    # A weight file cut short (an interrupted copy), then gone.
+    weights = folder / SPARSE_WEIGHTS_NAME
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        load_compressed(folder)
+    weights.unlink()
+    with pytest.raises(ValueError, match="no weights"):
+        load_compressed(folder)
+
+
+def test_a_mask_sidecar_that_does_not_fit_the_model_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from grpo_prune.export import load_masks_sidecar
+
+    model = make_model()
+    export_pruned(model, tmp_path / "out", pruner=prune_oneshot(model, 0.5, "unstructured", scorer="magnitude"))
+    sidecar = tmp_path / "out" / MASKS_FILE
+    good = sidecar.read_bytes()
+    # The sidecar of a wider model of the same family: same names, other shapes.
+    other = make_model(intermediate_size=96)
+    export_pruned(other, tmp_path / "other", pruner=prune_oneshot(other, 0.5, "unstructured", scorer="magnitude"))
+    sidecar.write_bytes((tmp_path / "other" / MASKS_FILE).read_bytes())
+    with pytest.raises(ValueError, match="do not match"):
+        export_pruned(tmp_path / "out", tmp_path / "again")
+    # Masks for modules the model does not have.
+    masks = load_masks_sidecar(tmp_path / "other")
+    save_file({f"{k}.extra": v for k, v in masks.items()}, str(sidecar), metadata={"granularity": "unstructured"})
+    with pytest.raises(ValueError, match="not nn.Linear"):
+        export_pruned(tmp_path / "out", tmp_path / "again")
+    # Cut short.
+    sidecar.write_bytes(good[: len(good) - 100])
+    with pytest.raises(ValueError, match="truncated|not a readable"):
+        load_masks_sidecar(tmp_path / "out")
+    sidecar.write_bytes(good)
+    export_pruned(tmp_path / "out", tmp_path / "again")  # intact again
