@@ -4,7 +4,7 @@ The trainer is glue between TRL's GRPO loss, the pruner and this object. The dis
 
 * building it: TRL's reference model when `beta > 0` (one frozen copy, not two); under LoRA the policy itself with
   its adapters disabled (no copy at all); otherwise a copy built from the student's weights, or the model named by
-  `teacher_model_name_or_path`;
+  `teacher_model_name_or_path`, loaded in the student's dtype;
 * its wrapping for the run (DeepSpeed, FSDP2, or a plain device move);
 * the logits head of either model (LM head, then the model's own logit post-processing), the capture of hidden
   states, and the plain-text stream (`TextWindowSampler`) of text distillation.
@@ -163,7 +163,13 @@ class Distiller:
         if args.teacher_model_name_or_path is not None:
             from grpo_prune.models import load_model
 
-            teacher = load_model(args.teacher_model_name_or_path, **dict(args.model_init_kwargs or {}))
+            # In the student's dtype (a bf16 student gets a bf16 teacher, not float32 at twice the memory), unless
+            # `model_init_kwargs` names one.
+            kwargs = dict(args.model_init_kwargs or {})
+            if "torch_dtype" in kwargs:
+                kwargs["dtype"] = kwargs.pop("torch_dtype")
+            kwargs.setdefault("dtype", student.dtype)
+            teacher = load_model(args.teacher_model_name_or_path, **kwargs)
         else:
             # Built from the weights, not with copy.deepcopy: TRL patches the policy's `forward` (an instance
             # attribute bound to the policy), and a deep copy would keep calling the student.

@@ -233,3 +233,39 @@ def test_kd_and_hidden_term_are_exactly_zero_on_a_softcapped_gemma2_student_equa
     with torch.no_grad():
         expected = trainer.model(input_ids=ids, attention_mask=mask).logits[:, -5:-1]
     torch.testing.assert_close(trainer.teacher_logits(ids, mask, n_tokens=4), expected)
+
+
+# ------------------------------------------------------------------------------------------ teacher dtype
+def test_named_teacher_loads_in_the_students_dtype(tmp_path):
+    # The teacher is saved in float32; a bfloat16 student gets a bfloat16 teacher (it used to load in float32,
+    # twice the memory, whatever the student's dtype).
+    teacher_dir = tmp_path / "teacher"
+    peaked_teacher(teacher_dir)
+    trainer = MamaGRPOTrainer(
+        model=tiny_model().to(torch.bfloat16),
+        reward_funcs=[varied_reward],
+        args=tiny_args(
+            tmp_path / "out", prune_target_sparsity=0.0, distill_coef=1.0, teacher_model_name_or_path=str(teacher_dir)
+        ),
+        train_dataset=prompt_dataset(),
+        processing_class=char_tokenizer(),
+    )
+    assert {p.dtype for p in trainer.teacher.parameters()} == {torch.bfloat16}
+    ids = torch.randint(3, 40, (2, 6), device=trainer.model.device)
+    assert trainer.teacher_logits(ids, torch.ones_like(ids), n_tokens=3).shape == (2, 3, TINY_DIMS["vocab_size"])
+    # `model_init_kwargs` naming a dtype still wins.
+    args = tiny_args(
+        tmp_path / "out2",
+        prune_target_sparsity=0.0,
+        teacher_model_name_or_path=str(teacher_dir),
+        distill_coef=1.0,
+        model_init_kwargs={"dtype": "float32"},
+    )
+    trainer = MamaGRPOTrainer(
+        model=tiny_model().to(torch.bfloat16),
+        reward_funcs=[varied_reward],
+        args=args,
+        train_dataset=prompt_dataset(),
+        processing_class=char_tokenizer(),
+    )
+    assert {p.dtype for p in trainer.teacher.parameters()} == {torch.float32}
