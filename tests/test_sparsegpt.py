@@ -413,3 +413,56 @@ def test_training_stops_gram_at_the_final_event_and_resumes_without_it(monkeypat
     trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
     assert steps_seen == [] and trainer.pruner.memory_bytes()["gram"] == 0
     assert all(torch.equal(masks_at_target[n], m) for n, m in trainer.pruner.masks.items())
+
+
+# ----------------------------------------------------------------------------- OBS inverse: bounded temporaries
+
+
+def _old_inverse_cholesky_upper(hessian, damp):
+    """The factorisation as it was before its temporaries were bounded (a reference for bit-equality)."""
+    h = hessian.to(torch.float64)
+    mean_diag = torch.diagonal(h).mean()
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    for attempt in range(4):
+        lower, info = torch.linalg.cholesky_ex(h + (damp * 10**attempt) * mean_diag * eye)
+        if int(info) == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if int(info) == 0:
+                return upper.to(torch.float32)
+    raise AssertionError
+
+
+def _peak_allocated_bytes(fn) -> int:
+    """Peak bytes held by torch's CPU allocator while ``fn()`` runs (profiler memory events)."""
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as folder:
+        prof.export_chrome_trace(f"{folder}/trace.json")
+        with open(f"{folder}/trace.json") as f:
+            events = json.load(f)["traceEvents"]
+    return max([e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"] + [0])
+
+
+def test_obs_inverse_is_unchanged_and_holds_at_most_two_fp64_matrices():
+    from grpo_prune.pruning.sparsegpt import _inverse_cholesky_upper
+
+    x, _, h = correlated_layer(d_in=256, tokens=2048)
+    h[:, 7] = h[7, :] = 0.0  # a dead input
+    dead = torch.diagonal(h) == 0
+    reference = h.clone()
+    reference[dead, dead] = 1.0
+    torch.testing.assert_close(_inverse_cholesky_upper(h, 0.01, dead), _old_inverse_cholesky_upper(reference, 0.01))
+    singular = torch.ones(64, 64)  # rank 1: positive definite only with more damping (the retry path)
+    torch.testing.assert_close(_inverse_cholesky_upper(singular, 1e-6), _old_inverse_cholesky_upper(singular, 1e-6))
+
+    fp64 = 256 * 256 * 8
+    peak = _peak_allocated_bytes(lambda: _inverse_cholesky_upper(h, 0.01, dead))
+    old_peak = _peak_allocated_bytes(lambda: _old_inverse_cholesky_upper(reference, 0.01))
+    assert peak <= 2 * fp64 + 256 * 256 * 4 + 64 * 1024, (peak / fp64, old_peak / fp64)
+    print(f"peak: {peak / fp64:.2f} fp64 [in, in] matrices, before: {old_peak / fp64:.2f}")
+    assert old_peak >= 4 * fp64  # what it was: h, eye, the damped sum, the factor, the inverse...
