@@ -542,14 +542,18 @@ TEXT_FILE_SUFFIXES = (".txt", ".jsonl")
 
 
 def validate_text_source(name_or_path: str | os.PathLike[str]) -> str:
-    """Cheap check for config validation (no text is read): ``"builtin"`` or ``"local"``, else ``ValueError``."""
+    """Cheap check for config validation (no text is read): ``"builtin"``, ``"self"`` (the teacher's own samples,
+    :data:`SELF_SOURCES`) or ``"local"``, else ``ValueError``."""
     text = os.fspath(name_or_path)
     if text in BUILTIN_TEXTS:
         return "builtin"
+    if text in SELF_SOURCES:
+        return "self"
     path = Path(text).expanduser()
     if not path.is_file():
         raise ValueError(
-            f"`distill_dataset` {text!r} is neither a built-in text ({', '.join(BUILTIN_TEXTS)}) nor an existing file"
+            f"`distill_dataset` {text!r} is neither a built-in text ({', '.join(BUILTIN_TEXTS)}), the model's own "
+            f"samples ({', '.join(SELF_SOURCES)}), nor an existing file"
         )
     if path.suffix not in TEXT_FILE_SUFFIXES:
         raise ValueError(
@@ -562,6 +566,11 @@ def load_text_documents(name_or_path: str | os.PathLike[str]) -> list[str]:
     """Documents of a plain-text source: a built-in name, a ``.txt`` file (one document) or a ``.jsonl`` file (the
     ``"text"`` field of every row)."""
     kind = validate_text_source(name_or_path)
+    if kind == "self":
+        raise ValueError(
+            f"{os.fspath(name_or_path)!r} is sampled from a model, not read: use "
+            "text_token_stream(tokenizer, name, model=teacher)"
+        )
     if kind == "builtin":
         return [BUILTIN_TEXTS[os.fspath(name_or_path)]()]
     path = Path(os.fspath(name_or_path)).expanduser()
@@ -574,8 +583,26 @@ def load_text_documents(name_or_path: str | os.PathLike[str]) -> list[str]:
     return [row["text"] for row in rows]
 
 
-def text_token_stream(tokenizer: Any, name_or_path: str | os.PathLike[str] = "python_docs") -> list[int]:
-    """Token ids of a plain-text source, its documents joined by blank lines, without special tokens."""
+def text_token_stream(
+    tokenizer: Any,
+    name_or_path: str | os.PathLike[str] = "python_docs",
+    *,
+    model: Any = None,
+    num_tokens: int | None = None,
+    seed: int = 0,
+    task: str = "arithmetic",
+) -> list[int]:
+    """Token ids of a plain-text source, its documents joined by blank lines, without special tokens.
+
+    The self-generated sources (:data:`SELF_SOURCES`, e.g. ``distill_dataset: self``) are ``model``'s own samples
+    (pass the frozen teacher), ``num_tokens`` of them (default :data:`SELF_DISTILL_TOKENS`), made once and cached
+    (:func:`self_generated_stream`; ``seed`` and ``task`` choose them). Other sources ignore these arguments.
+    """
+    if os.fspath(name_or_path) in SELF_SOURCES:
+        if model is None:
+            raise ValueError(f"{os.fspath(name_or_path)!r} samples a model: pass model= (the frozen teacher)")
+        tokens = SELF_DISTILL_TOKENS if num_tokens is None else num_tokens
+        return self_generated_stream(model, tokenizer, os.fspath(name_or_path), tokens, seed=seed, task=task)
     text = "\n\n".join(load_text_documents(name_or_path))
     # verbose=False: a whole text is longer than the model context by design (it is cut into windows).
     return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
@@ -609,3 +636,342 @@ class TextWindowSampler:
         index = torch.arange(self.position, self.position + self.batch_size) % self.num_windows
         self.position += self.batch_size
         return self.windows[self.order[index]]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Self-generated text: the dense model's own samples (calibration, distillation)
+# --------------------------------------------------------------------------------------------------------------------
+
+#: Generic sentence starts that the model continues as plain text (no chat template): the "neutral openings" of
+#: self-generated calibration. Written for this project; topics spread over everyday prose, none about arithmetic,
+#: code, or the evaluation sets' content.
+NEUTRAL_OPENINGS: tuple[str, ...] = (
+    "The history of the town begins",
+    "In the morning, she walked to",
+    "One of the most important ideas in",
+    "Scientists have recently found that",
+    "The old house at the end of the street",
+    "When I was young, my grandfather",
+    "There are many ways to",
+    "The main reason people travel is",
+    "According to the report,",
+    "He opened the door and saw",
+    "A good meal starts with",
+    "The weather in the mountains",
+    "Most people agree that",
+    "The first step in planning a garden is",
+    "In the winter of that year,",
+    "The book tells the story of",
+    "Our team decided to",
+    "It is often said that",
+    "The river runs through",
+    "Learning a new language",
+    "The museum opened its doors",
+    "After the game, the players",
+    "The company announced that",
+    "Dear friend, I am writing to",
+)
+
+#: Self-generated sources: ``self:task`` samples the model on the task's training prompts (prompt and completion
+#: both kept, as the model sees them when it is asked), ``self:open`` continues :data:`NEUTRAL_OPENINGS`, and
+#: ``self`` is half of each (by windows).
+SELF_SOURCES = ("self", "self:task", "self:open")
+#: Named calibration sources: the built-in text, the self-generated ones, and ``mix`` (half ``python_docs``, half
+#: ``self``). A ``.txt``/``.jsonl`` file path is accepted as well.
+CALIBRATION_SOURCES = (*BUILTIN_TEXTS, *SELF_SOURCES, "mix")
+
+#: How the model is sampled for self-generated text. Nucleus sampling at temperature 1: the model's own
+#: distribution without its unlikely tail (pure sampling drifts into noise on a 135M model).
+SELF_SAMPLING = {"temperature": 1.0, "top_p": 0.95}
+#: New tokens per sample: a task answer is one line (the evaluation allows 48 tokens); an opening's continuation is
+#: about a paragraph.
+SELF_MAX_NEW_TOKENS = {"task": 48, "open": 160}
+#: Samples generated per ``generate`` call. Part of the cache key: batching changes the padding, so the samples.
+SELF_BATCH_SIZE = 16
+#: Version of the generation recipe, in the cache key: bump it when the samples would change.
+SELF_CACHE_VERSION = 1
+#: Size of the self-generated pool that text distillation (``distill_dataset: self``) cycles over, tokens.
+SELF_DISTILL_TOKENS = 32_768
+
+
+def validate_calibration_source(source: str | os.PathLike[str]) -> str:
+    """Cheap check (nothing is read or generated): the kind of a calibration source.
+
+    Returns ``"text"`` (built-in text or a file), ``"self"`` (one of :data:`SELF_SOURCES`) or ``"mix"``. Raises
+    ``ValueError`` naming the allowed sources otherwise.
+    """
+    text = os.fspath(source)
+    if text in SELF_SOURCES:
+        return "self"
+    if text == "mix":
+        return "mix"
+    try:
+        validate_text_source(text)
+    except ValueError:
+        raise ValueError(
+            f"Unknown calibration source {text!r}: neither a built-in text nor the model's own samples (use one of "
+            f"{', '.join(CALIBRATION_SOURCES)}), nor an existing .txt file or .jsonl file with a 'text' field"
+        ) from None
+    return "text"
+
+
+def _tensor_digest(h: Any, tensor: Any) -> None:
+    """Feed a tensor's shape, dtype and up to 65536 evenly strided values into the hash ``h``."""
+    import torch
+
+    flat = tensor.detach().reshape(-1)
+    step = max(1, flat.numel() // 65536)
+    sample = flat[::step].to("cpu", torch.float32).contiguous()
+    h.update(f"{tuple(tensor.shape)} {tensor.dtype}".encode())
+    h.update(sample.numpy().tobytes())
+
+
+def model_fingerprint(model: Any) -> str:
+    """Short hash of a model's identity for cache keys: its config and a strided sample of every parameter.
+
+    Two models with the same architecture but different weights (a pruned copy, another seed) differ; the same
+    weights loaded twice agree. About 0.1 s for a 135M model.
+    """
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    h.update((config.to_json_string(use_diff=False) if config is not None else type(model).__name__).encode())
+    for name, param in model.named_parameters():
+        h.update(name.encode())
+        _tensor_digest(h, param)
+    return h.hexdigest()[:16]
+
+
+def _tokenizer_fingerprint(tokenizer: Any) -> str:
+    h = hashlib.sha256()
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    h.update(json.dumps(vocab).encode())
+    h.update(str(getattr(tokenizer, "chat_template", None)).encode())
+    return h.hexdigest()[:16]
+
+
+def self_generated_cache_dir() -> Path:
+    """Where self-generated samples are cached: ``<cache root>/self_generated`` (see
+    :func:`grpo_prune.models.cache_root`)."""
+    from grpo_prune.models import cache_root
+
+    return cache_root() / "self_generated"
+
+
+def _self_prompts(tokenizer: Any, kind: str, task: str, seed: int) -> list[list[int]]:
+    """Token ids of the prompts sampled for ``kind`` (``"task"``: the task's train prompts in their seeded order,
+    rendered as the model is asked them; ``"open"``: :data:`NEUTRAL_OPENINGS`, plain text)."""
+    if kind == "open":
+        return [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in NEUTRAL_OPENINGS]
+    prompt_format = prompt_format_for(tokenizer)
+    ds = load_prompt_dataset(task, "train", seed=seed, prompt_format=prompt_format)
+    if prompt_format == "text":
+        return [list(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in ds["prompt"]]
+    return [
+        list(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False))
+        for p in ds["prompt"]
+    ]
+
+
+def _generate_batch(model: Any, prompts: list[list[int]], max_new_tokens: int, pad: int, seed: int) -> list[list[int]]:
+    """Sample one left-padded batch; each row is its prompt's ids followed by the completion (cut after EOS)."""
+    import torch
+
+    width = max(map(len, prompts))
+    device = next(model.parameters()).device
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = torch.tensor(p)
+        mask[row, width - len(p) :] = 1
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+    # A private RNG stream per batch: the samples depend on (seed, batch) only, never on what ran before, and the
+    # caller's global RNG is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            do_sample=True,
+            top_k=0,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad,
+            **SELF_SAMPLING,
+        )
+    rows = []
+    for row, p in enumerate(prompts):
+        new = out[row, width:].tolist()
+        stop = next((k for k, t in enumerate(new) if t in eos_ids), None)
+        rows.append(list(p) + (new if stop is None else new[: stop + 1]))
+    return rows
+
+
+def self_generated_samples(
+    model: Any,
+    tokenizer: Any,
+    kind: str,
+    num_tokens: int,
+    *,
+    seed: int = 0,
+    task: str = "arithmetic",
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> list[list[int]]:
+    """The model's own samples (token ids, prompt + completion each) until they hold at least ``num_tokens`` tokens.
+
+    ``kind`` is ``"task"`` (the ``task``'s train prompts, cycled) or ``"open"`` (:data:`NEUTRAL_OPENINGS`, cycled),
+    sampled with :data:`SELF_SAMPLING` in batches of :data:`SELF_BATCH_SIZE`. Batch ``b`` is seeded with ``(seed,
+    b)`` alone, so a smaller request is a prefix of a larger one, and the same arguments give the same samples.
+
+    Samples are cached on disk (one JSON file per model fingerprint, tokenizer, kind, task, seed and generation
+    recipe; written atomically): a request already covered reads the file and generates nothing, a larger one
+    generates only the missing batches. ``cache_dir`` defaults to :func:`self_generated_cache_dir`.
+    """
+    if kind not in SELF_MAX_NEW_TOKENS:
+        raise ValueError(f"kind must be one of {tuple(SELF_MAX_NEW_TOKENS)}, got {kind!r}")
+    if num_tokens < 1:
+        raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+    from grpo_prune.fileio import write_json_atomic
+
+    key = {
+        "version": SELF_CACHE_VERSION,
+        "model": model_fingerprint(model),
+        "tokenizer": _tokenizer_fingerprint(tokenizer),
+        "kind": kind,
+        "task": task if kind == "task" else None,
+        "seed": seed,
+        "sampling": SELF_SAMPLING,
+        "max_new_tokens": SELF_MAX_NEW_TOKENS[kind],
+        "batch_size": SELF_BATCH_SIZE,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    folder = Path(cache_dir) if cache_dir is not None else self_generated_cache_dir()
+    path = folder / f"{kind}-{digest}.json"
+    batches: list[list[list[int]]] = []
+    if path.is_file():
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        if cached.get("key") == key:
+            batches = cached["batches"]
+    total = sum(len(s) for batch in batches for s in batch)
+    if total < num_tokens:
+        prompts = _self_prompts(tokenizer, kind, task, seed)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        was_training = model.training
+        model.eval()
+        try:
+            while total < num_tokens:
+                b = len(batches)
+                picked = [prompts[(b * SELF_BATCH_SIZE + i) % len(prompts)] for i in range(SELF_BATCH_SIZE)]
+                batch = _generate_batch(model, picked, SELF_MAX_NEW_TOKENS[kind], pad, seed=seed * 1_000_003 + b)
+                batches.append(batch)
+                total += sum(map(len, batch))
+        finally:
+            model.train(was_training)
+        write_json_atomic(path, {"key": key, "tokens": total, "batches": batches}, default=None)
+    samples, count = [], 0
+    for s in (s for batch in batches for s in batch):
+        if count >= num_tokens:
+            break
+        samples.append(s)
+        count += len(s)
+    return samples
+
+
+def _separator_ids(tokenizer: Any) -> list[int]:
+    return list(tokenizer("\n\n", add_special_tokens=False)["input_ids"])
+
+
+def self_generated_stream(
+    model: Any,
+    tokenizer: Any,
+    source: str,
+    num_tokens: int,
+    *,
+    seed: int = 0,
+    task: str = "arithmetic",
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> list[int]:
+    """At least ``num_tokens`` token ids of a self-generated source (:data:`SELF_SOURCES`), samples joined by the
+    tokens of a blank line (as :func:`text_token_stream` joins documents). ``self`` alternates task and open
+    samples, half the tokens each."""
+    if source not in SELF_SOURCES:
+        raise ValueError(f"source must be one of {SELF_SOURCES}, got {source!r}")
+    sep = _separator_ids(tokenizer)
+    kinds = {"self:task": ["task"], "self:open": ["open"], "self": ["task", "open"]}[source]
+    share = -(-num_tokens // len(kinds))
+    per_kind = []
+    for kind in kinds:
+        # Room for the separators, so that the joined stream reaches its share.
+        samples = self_generated_samples(model, tokenizer, kind, share, seed=seed, task=task, cache_dir=cache_dir)
+        while sum(map(len, samples)) + len(sep) * len(samples) < share:
+            samples = self_generated_samples(
+                model, tokenizer, kind, 2 * sum(map(len, samples)), seed=seed, task=task, cache_dir=cache_dir
+            )
+        per_kind.append(samples)
+    stream: list[int] = []
+    for row in range(max(map(len, per_kind))):
+        for samples in per_kind:
+            if row < len(samples):
+                stream += (sep if stream else []) + samples[row]
+    return stream
+
+
+def _spread_windows(stream: Sequence[int], windows: int, length: int, what: str) -> list[list[int]]:
+    """``windows`` windows of ``length`` tokens spread evenly over ``stream``."""
+    if len(stream) < windows * length:
+        raise ValueError(
+            f"calibration source {what!r} gives {len(stream)} tokens, fewer than {windows} windows x {length}: use "
+            "fewer or shorter windows, or a longer text."
+        )
+    stride = len(stream) // windows
+    return [list(stream[i * stride : i * stride + length]) for i in range(windows)]
+
+
+def calibration_windows(
+    tokenizer: Any,
+    source: str | os.PathLike[str] = "python_docs",
+    windows: int = 8,
+    length: int = 256,
+    *,
+    model: Any = None,
+    seed: int = 0,
+    task: str = "arithmetic",
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> Any:
+    """Calibration token ids ``[windows, length]`` (a long tensor) for one-shot pruning, from a named source.
+
+    Sources (:data:`CALIBRATION_SOURCES`):
+
+    - ``python_docs`` (built in), or a ``.txt`` / ``.jsonl`` (``"text"`` field) file: windows spread evenly over
+      the whole text;
+    - ``self:task``, ``self:open``, ``self``: the dense ``model``'s own samples (:func:`self_generated_stream`, made
+      once and cached), cut into consecutive windows;
+    - ``mix``: ``windows - windows // 2`` windows of ``python_docs`` then ``windows // 2`` of ``self``.
+
+    ``model`` is required by the self-generated sources and ``mix`` (sample it before pruning it); ``seed`` and
+    ``task`` choose their samples. Raises ``ValueError`` for an unknown source or too little text.
+    """
+    import torch
+
+    if windows < 1 or length < 2:
+        raise ValueError(f"need windows >= 1 and length >= 2, got {windows} and {length}")
+    kind = validate_calibration_source(source)
+    text = os.fspath(source)
+    if kind != "text" and model is None:
+        raise ValueError(f"calibration source {text!r} samples the model: pass model= (the dense model)")
+    if kind == "text":
+        rows = _spread_windows(text_token_stream(tokenizer, text), windows, length, text)
+    elif kind == "self":
+        stream = self_generated_stream(
+            model, tokenizer, text, windows * length, seed=seed, task=task, cache_dir=cache_dir
+        )
+        rows = [stream[i * length : (i + 1) * length] for i in range(windows)]
+    else:
+        n_self = windows // 2
+        rows = _spread_windows(text_token_stream(tokenizer, "python_docs"), windows - n_self, length, "python_docs")
+        if n_self:
+            stream = self_generated_stream(
+                model, tokenizer, "self", n_self * length, seed=seed, task=task, cache_dir=cache_dir
+            )
+            rows += [stream[i * length : (i + 1) * length] for i in range(n_self)]
+    return torch.tensor(rows, dtype=torch.long)

@@ -1,0 +1,132 @@
+"""Calibration and distillation sources: built-in text, the model's own samples (self-generated, cached), mix."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from grpo_prune import data
+from grpo_prune.data import (
+    CALIBRATION_SOURCES,
+    calibration_windows,
+    model_fingerprint,
+    self_generated_samples,
+    text_token_stream,
+    validate_calibration_source,
+    validate_text_source,
+)
+from tests.tiny import char_tokenizer, tiny_model
+
+
+@pytest.fixture
+def small_recipe(monkeypatch):
+    """Short samples so that a tiny model generates several batches quickly."""
+    monkeypatch.setattr(data, "SELF_MAX_NEW_TOKENS", {"task": 6, "open": 10})
+    monkeypatch.setattr(data, "SELF_BATCH_SIZE", 4)
+
+
+class CountingGenerate:
+    """Wraps ``model.generate`` to count its calls."""
+
+    def __init__(self, model):
+        self.calls = 0
+        self.inner = model.generate
+        model.generate = self
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.inner(*args, **kwargs)
+
+
+@pytest.mark.parametrize("source", ["self", "self:task", "self:open", "mix", "python_docs"])
+def test_windows_have_the_asked_shape_and_valid_ids(source, small_recipe, tmp_path):
+    tok = char_tokenizer()
+    model = tiny_model()
+    out = calibration_windows(tok, source, 5, 32, model=model, cache_dir=tmp_path)
+    assert out.shape == (5, 32) and out.dtype == torch.long
+    assert 0 <= int(out.min()) and int(out.max()) < model.config.vocab_size
+
+
+def test_self_generated_is_deterministic_given_the_seed(small_recipe, tmp_path):
+    tok, model = char_tokenizer(), tiny_model()
+    # self:open: the samples are mostly sampled tokens (a task prompt alone fills many windows here).
+    a = calibration_windows(tok, "self:open", 4, 24, model=model, seed=3, cache_dir=tmp_path / "a")
+    torch.manual_seed(123)  # the caller's global RNG state must not matter
+    b = calibration_windows(tok, "self:open", 4, 24, model=model, seed=3, cache_dir=tmp_path / "b")
+    c = calibration_windows(tok, "self:open", 4, 24, model=model, seed=4, cache_dir=tmp_path / "c")
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_second_call_reads_the_cache_and_does_not_generate(small_recipe, tmp_path):
+    tok, model = char_tokenizer(), tiny_model()
+    counter = CountingGenerate(model)
+    first = calibration_windows(tok, "self:task", 3, 16, model=model, cache_dir=tmp_path)
+    assert counter.calls > 0
+    calls = counter.calls
+    again = calibration_windows(tok, "self:task", 3, 16, model=model, cache_dir=tmp_path)
+    assert counter.calls == calls
+    assert torch.equal(first, again)
+    # A larger request generates only the missing batches, and the smaller one is its prefix.
+    more = self_generated_samples(model, tok, "task", 3000, cache_dir=tmp_path)
+    assert counter.calls > calls
+    fewer = self_generated_samples(model, tok, "task", 48, cache_dir=tmp_path)
+    assert more[: len(fewer)] == fewer
+    (cache_file,) = tmp_path.glob("task-*.json")
+    assert json.loads(cache_file.read_text())["tokens"] >= 3000
+
+
+def test_the_cache_is_keyed_by_the_model(small_recipe, tmp_path):
+    tok = char_tokenizer()
+    a, b = tiny_model(seed=0), tiny_model(seed=1)
+    assert model_fingerprint(a) == model_fingerprint(tiny_model(seed=0))
+    assert model_fingerprint(a) != model_fingerprint(b)
+    calibration_windows(tok, "self:open", 2, 16, model=a, cache_dir=tmp_path)
+    counter = CountingGenerate(b)
+    calibration_windows(tok, "self:open", 2, 16, model=b, cache_dir=tmp_path)
+    assert counter.calls > 0
+    assert len(list(tmp_path.glob("open-*.json"))) == 2
+
+
+def test_task_samples_start_with_the_task_prompt_and_open_samples_with_an_opening(small_recipe, tmp_path):
+    tok, model = char_tokenizer(), tiny_model()
+    (task,) = self_generated_samples(model, tok, "task", 1, cache_dir=tmp_path)[:1]
+    first_prompt = data.load_prompt_dataset("arithmetic", "train", seed=0)[0]["prompt"]
+    asked = tok.apply_chat_template(first_prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert task[: len(asked)] == list(asked)
+    (opening,) = self_generated_samples(model, tok, "open", 1, cache_dir=tmp_path)[:1]
+    first = tok.decode(tok(data.NEUTRAL_OPENINGS[0], add_special_tokens=False)["input_ids"])
+    assert tok.decode(opening).startswith(first)
+
+
+def test_mix_is_half_text_half_self(small_recipe, tmp_path):
+    tok, model = char_tokenizer(), tiny_model()
+    mix = calibration_windows(tok, "mix", 4, 16, model=model, cache_dir=tmp_path)
+    docs = calibration_windows(tok, "python_docs", 2, 16)
+    own = calibration_windows(tok, "self", 2, 16, model=model, cache_dir=tmp_path)
+    assert torch.equal(mix[:2], docs) and torch.equal(mix[2:], own)
+
+
+def test_bad_sources_fail_before_any_model_is_needed(tmp_path):
+    with pytest.raises(ValueError, match="Unknown calibration source 'wikipedia'.*python_docs, self"):
+        validate_calibration_source("wikipedia")
+    for source in CALIBRATION_SOURCES:
+        validate_calibration_source(source)
+    with pytest.raises(ValueError, match="pass model="):
+        calibration_windows(char_tokenizer(), "self", 2, 16)
+    with pytest.raises(ValueError, match="Unknown calibration source"):
+        calibration_windows(char_tokenizer(), "selff", 2, 16, model=tiny_model())
+
+
+def test_distill_dataset_self_is_the_teachers_samples(small_recipe, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "self_generated_cache_dir", lambda: tmp_path)
+    assert validate_text_source("self") == "self"
+    tok, teacher = char_tokenizer(), tiny_model()
+    stream = text_token_stream(tok, "self", model=teacher, num_tokens=200)
+    assert len(stream) >= 200
+    assert stream == text_token_stream(tok, "self", model=teacher, num_tokens=200)  # cached, same
+    assert stream[:50] == data.self_generated_stream(teacher, tok, "self", 200, cache_dir=tmp_path)[:50]
+    with pytest.raises(ValueError, match="pass model="):
+        text_token_stream(tok, "self")
