@@ -5,7 +5,8 @@ The trainer is glue between TRL's GRPO loss, the pruner and this object. The dis
 * building it: TRL's reference model when `beta > 0` (one frozen copy, not two); under LoRA the policy itself with
   its adapters disabled (no copy at all); otherwise a copy built from the student's weights, or the model named by
   `teacher_model_name_or_path`, loaded in the student's dtype;
-* its wrapping for the run (DeepSpeed, FSDP2, or a plain device move);
+* its wrapping for the run (DeepSpeed, FSDP2, or a plain device move), and how it is called: under FSDP2 always
+  through its root module, so that FSDP2's pre-forward hooks gather its shards;
 * the logits head of either model (LM head, then the model's own logit post-processing), the capture of hidden
   states, and the plain-text stream (`TextWindowSampler`) of text distillation.
 
@@ -93,6 +94,14 @@ class StudentCapture:
         return [self.layers[i] for i in sorted(self.layers)]
 
 
+def _is_fsdp2_module(module: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return False
+    return isinstance(module, FSDPModule)
+
+
 class Distiller:
     """The frozen teacher of one run and the distillation terms against it (see the module docstring).
 
@@ -156,7 +165,9 @@ class Distiller:
             # Pruning is refused with adapters, so the frozen base weights are exactly the dense start.
             self.teacher_is_disabled_adapters = True
             return student
-        if ref_model is not None and args.teacher_model_name_or_path is None:
+        if ref_model is not None and args.teacher_model_name_or_path is None and not fsdp:
+            # Under FSDP TRL wraps the reference model in one root group, resharded after each forward, so its LM
+            # head is sharded when the chunked KD calls it: the teacher is its own copy, sharded per layer instead.
             return ref_model
         if hasattr(student, "get_base_model"):
             student = student.get_base_model()
@@ -183,10 +194,45 @@ class Distiller:
 
             return prepare_deepspeed(teacher, self.accelerator)
         if fsdp:
-            from trl.models.utils import prepare_fsdp
-
-            return prepare_fsdp(teacher, self.accelerator)
+            return self._prepare_fsdp(teacher)
         return self.accelerator.prepare_model(teacher.to(self.accelerator.device), evaluation_mode=True)
+
+    def _prepare_fsdp(self, teacher: PreTrainedModel) -> torch.nn.Module:
+        """Shard the teacher under FSDP2 as accelerate shards a model: each decoder layer is a group (gathered for
+        its own forward only), the final norm and LM head (with the embeddings when tied) one group that stays
+        gathered after a forward (``reshard_after_forward=False``: the LM head runs again in the backward of the
+        chunked KD, after the teacher's forward is over), the root last. TRL's `prepare_fsdp` (one root group,
+        resharded after every forward) would leave the head sharded when the KD needs it. FSDP1: TRL's wrapping."""
+        from trl.models.utils import prepare_fsdp
+
+        plugin = self.accelerator.state.fsdp_plugin
+        if getattr(plugin, "fsdp_version", 1) != 2:
+            return prepare_fsdp(teacher, self.accelerator)
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        kwargs: dict[str, Any] = {
+            "reshard_after_forward": plugin.reshard_after_forward,
+            "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy(),
+        }
+        if plugin.cpu_offload is not None:
+            kwargs["offload_policy"] = plugin.cpu_offload
+        mesh = getattr(self.accelerator, "torch_device_mesh", None)
+        if mesh is not None:
+            kwargs["mesh"] = mesh[tuple(self.accelerator.parallelism_config.fsdp_dim_names)]
+        backbone = backbone_of(teacher)
+        for layer in decoder_layers(backbone):
+            fully_shard(layer, **kwargs)
+        embed, head = teacher.get_input_embeddings(), teacher.get_output_embeddings()
+        tied = embed is not None and head is not None and embed.weight is head.weight
+        if embed is not None and not tied:
+            fully_shard(embed, **kwargs)
+        norm = next((getattr(backbone, n) for n in ("norm", "final_layernorm", "ln_f") if hasattr(backbone, n)), None)
+        tail = [m for m in (norm, embed if tied else None, head) if m is not None]
+        if tail:
+            fully_shard(tail, **{**kwargs, "reshard_after_forward": False})
+        fully_shard(teacher, **{k: v for k, v in kwargs.items() if k != "reshard_after_forward"})
+        teacher.eval()
+        return teacher
 
     @contextmanager
     def _teacher_module(self):
@@ -194,7 +240,7 @@ class Distiller:
         (no dropout, no gradient checkpointing), restored afterwards. An FSDP2 teacher is yielded as the sharded
         root (not unwrapped): it must be called through its root."""
         if not self.teacher_is_disabled_adapters:
-            yield self.accelerator.unwrap_model(self.teacher)
+            yield self.teacher if _is_fsdp2_module(self.teacher) else self.accelerator.unwrap_model(self.teacher)
             return
         model = self.teacher
         was_training = model.training
@@ -225,13 +271,30 @@ class Distiller:
     def teacher_hidden(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: bool
     ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        """The teacher's final hidden states ``[B, L, H]`` and, if ``layers``, every decoder layer's output."""
+        """The teacher's final hidden states ``[B, L, H]`` and, if ``layers``, every decoder layer's output.
+
+        An FSDP2 teacher runs through its root module (whose pre-forward hook gathers the shards) with
+        ``logits_to_keep=1``, the backbone's output taken by a hook: calling the backbone directly would skip the
+        root's gathering. Otherwise the backbone alone runs (no logits at all)."""
         with self._teacher_module() as teacher:
             backbone = backbone_of(teacher)
             captured: dict[int, torch.Tensor] = {}
             with capture_layer_outputs(backbone, captured) if layers else nullcontext():
-                hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-                hidden = hidden.last_hidden_state
+                if _is_fsdp2_module(teacher):
+                    out: dict[str, Any] = {}
+
+                    def keep(module, args, output):
+                        out["hidden"] = output.last_hidden_state
+
+                    handle = backbone.register_forward_hook(keep)
+                    try:
+                        teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+                    finally:
+                        handle.remove()
+                    hidden = out["hidden"]
+                else:
+                    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                    hidden = hidden.last_hidden_state
         return hidden, [captured[i] for i in sorted(captured)] if layers else None
 
     @torch.no_grad()

@@ -159,3 +159,29 @@ def test_trainer_accepts_the_shipped_fsdp2_settings(tmp_path):
     from grpo_prune import MamaGRPOTrainer
 
     MamaGRPOTrainer._check_fsdp2(_fake_trainer(2), tiny_args(tmp_path, distill_coef=1.0))  # mama_alpha 0: fine
+
+
+def test_trainer_distils_from_an_fsdp2_sharded_teacher(tmp_path):
+    """FSDP2 with distillation (configs/multi_gpu_fsdp2.yaml): the sharded teacher is called through its root, so
+    FSDP2 gathers its shards; the losses and the trained weights equal those of a plain teacher."""
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"the number {i} is {i % 7} more than {i - i % 7}." for i in range(100)))
+    repo = os.path.dirname(HERE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([repo, HERE])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
+    proc = subprocess.run(
+        [*cmd, os.path.join(HERE, "fsdp2_teacher.py"), str(tmp_path), str(text)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "fsdp2_teacher.json").read_text())
+    for key, values in result["plain"].items():
+        assert len(values) == 2, key
+    assert result["plain"]["distill/loss"][-1] > 0  # pruned away from the teacher: a real comparison
+    for wrap in ("layers",):
+        for key, values in result["plain"].items():
+            assert result[wrap][key] == pytest.approx(values, rel=1e-5, abs=1e-7), (wrap, key)
+        assert result[f"{wrap}_weights_equal"] and result[f"{wrap}_sparsity"] == pytest.approx(0.5), wrap
