@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from grpo_prune.data import text_token_stream, validate_text_source
+from grpo_prune import data
 from grpo_prune.pruning.oneshot import ONESHOT_SCORERS, prune_oneshot
 from grpo_prune.pruning.pruner import PruningSettings
 from grpo_prune.usage import OneLineArgumentParser
@@ -19,18 +18,18 @@ from grpo_prune.usage import OneLineArgumentParser
 __all__ = ["calibration_windows", "main"]
 
 
-def calibration_windows(tokenizer: Any, source: str, windows: int, length: int) -> Tensor:
-    """``[windows, length]`` token ids spread evenly over a plain-text source (a built-in name such as
-    ``python_docs``, a ``.txt`` file or a ``.jsonl`` file with a ``"text"`` field; see
-    :func:`grpo_prune.data.text_token_stream`)."""
-    stream = text_token_stream(tokenizer, source)
-    if len(stream) < windows * length:
-        raise ValueError(
-            f"`--calibration` {source!r} gives {len(stream)} tokens, fewer than {windows} windows x {length}: use "
-            "fewer or shorter windows, or a longer text."
-        )
-    stride = len(stream) // windows
-    return torch.tensor([stream[i * stride : i * stride + length] for i in range(windows)], dtype=torch.long)
+#: Calibration windows per forward pass: bounds the activations' memory (wanda's forward computes the logits of
+#: every window), whatever the number of windows.
+CALIBRATION_CHUNK = 8
+
+
+def calibration_windows(
+    tokenizer: Any, source: str, windows: int, length: int, *, model: Any = None, seed: int = 0
+) -> Tensor:
+    """``[windows, length]`` calibration token ids from a named source (``python_docs``, the model's own samples
+    ``self``/``self:task``/``self:open``, ``mix``, or a ``.txt``/``.jsonl`` file); see
+    :func:`grpo_prune.data.calibration_windows`. The self-generated sources sample ``model`` (the dense one)."""
+    return data.calibration_windows(tokenizer, source, windows, length, model=model, seed=seed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,8 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--calibration",
         default="python_docs",
-        help="plain text to calibrate on: 'python_docs' (built in), a .txt file or a .jsonl file with a 'text' field",
+        help="what to calibrate on: 'python_docs' (built-in text), the model's own samples ('self:task': answers "
+        "to the arithmetic train prompts, 'self:open': continuations of neutral sentence openings, 'self': half "
+        "each; made once and cached), 'mix' (half python_docs, half self), or a .txt / .jsonl ('text' field) file",
     )
+    parser.add_argument("--calibration-seed", type=int, default=0, help="seed of the self-generated samples")
     parser.add_argument("--calibration-windows", type=int, default=8, help="windows of calibration text (default 8)")
     parser.add_argument("--calibration-length", type=int, default=256, help="tokens per window (default 256)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     # Everything is checked before the model loads.
-    validate_text_source(args.calibration)
+    data.validate_calibration_source(args.calibration)
     if args.calibration_windows < 1 or args.calibration_length < 2:
         raise ValueError("`--calibration-windows` must be >= 1 and `--calibration-length` >= 2.")
     overrides: dict[str, Any] = {}
@@ -86,14 +88,22 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model, dtype=args.dtype)
     tokenizer = load_tokenizer(args.model)
     model.eval()
-    batches = calibration_windows(tokenizer, args.calibration, args.calibration_windows, args.calibration_length)
+    windows = calibration_windows(
+        tokenizer,
+        args.calibration,
+        args.calibration_windows,
+        args.calibration_length,
+        model=model,
+        seed=args.calibration_seed,
+    )
+    batches = list(windows.split(CALIBRATION_CHUNK))
     report = prune_oneshot(
         model,
         sparsity=args.sparsity,
         granularity=args.granularity,
         n_m=args.n_m,
         scorer=args.scorer,
-        calibration=[batches],
+        calibration=batches,
         **overrides,
     )
     exported = export_pruned(

@@ -130,3 +130,36 @@ def test_distill_dataset_self_is_the_teachers_samples(small_recipe, tmp_path, mo
     assert stream[:50] == data.self_generated_stream(teacher, tok, "self", 200, cache_dir=tmp_path)[:50]
     with pytest.raises(ValueError, match="pass model="):
         text_token_stream(tok, "self")
+
+
+def test_oneshot_command_calibrates_on_the_models_own_samples(tmp_path, small_recipe, monkeypatch, capsys):
+    from grpo_prune.cli import main
+
+    monkeypatch.setenv("GRPO_PRUNE_CACHE", str(tmp_path / "cache"))
+    model_dir = tmp_path / "tiny-model"
+    tiny_model().save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    argv = ["--scorer", "wanda", "--calibration", "mix", "--calibration-windows", "4", "--calibration-length", "32"]
+    assert main(["oneshot", str(model_dir), str(tmp_path / "out"), *argv]) == 0
+    assert "4 x 32 tokens of mix" in capsys.readouterr().out
+    # The samples were generated from the dense model and cached where the cache root says.
+    assert list((tmp_path / "cache" / "self_generated").glob("task-*.json"))
+    assert list((tmp_path / "cache" / "self_generated").glob("open-*.json"))
+
+
+def test_oneshot_command_refuses_an_unknown_source_before_loading(tmp_path, capsys):
+    from grpo_prune.cli import main
+
+    try:
+        code = main(["oneshot", str(tmp_path / "no-such-model"), str(tmp_path / "out"), "--calibration", "selfish"])
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and "Unknown calibration source 'selfish'" in err and "mix" in err
+
+
+def test_prune_oneshot_points_a_source_name_to_calibration_windows():
+    from grpo_prune import prune_oneshot
+
+    with pytest.raises(ValueError, match="calibration_windows"):
+        prune_oneshot(tiny_model(), 0.5, scorer="wanda", calibration="mix")

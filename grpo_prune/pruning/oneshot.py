@@ -74,6 +74,14 @@ def _calibration_batches(calibration: Any, vocab_size: int | None) -> list[dict[
     """Normalise ``calibration`` into a list of ``model(**batch)`` kwargs, validating every batch first."""
     if calibration is None:
         return []
+    if isinstance(calibration, (str, bytes)):
+        # The engine reads no data itself (it imports nothing above it): a named source is turned into windows by
+        # the caller.
+        raise ValueError(
+            f"`calibration` takes token ids, not a source name ({calibration!r}): make the windows first, e.g. "
+            "grpo_prune.data.calibration_windows(tokenizer, 'mix', 128, 256, model=model), and pass them "
+            "(or their .split(8) for batches of 8)."
+        )
     if isinstance(calibration, Tensor) or isinstance(calibration, Mapping):
         items = [calibration]
     elif isinstance(calibration, Iterable) and not isinstance(calibration, (str, bytes)):
