@@ -466,3 +466,29 @@ def test_obs_inverse_is_unchanged_and_holds_at_most_two_fp64_matrices():
     assert peak <= 2 * fp64 + 256 * 256 * 4 + 64 * 1024, (peak / fp64, old_peak / fp64)
     print(f"peak: {peak / fp64:.2f} fp64 [in, in] matrices, before: {old_peak / fp64:.2f}")
     assert old_peak >= 4 * fp64  # what it was: h, eye, the damped sum, the factor, the inverse...
+
+
+# --------------------------------------------------------------------------------------- on a GPU (device check)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sparsegpt_on_cuda_matches_cpu_and_bounds_its_fp64_memory():
+    from grpo_prune.pruning.sparsegpt import _inverse_cholesky_upper
+
+    x, w, h = correlated_layer(d_in=512, d_out=64, tokens=4096)
+    cpu = w.clone()
+    keep_cpu = sparsegpt_prune_(cpu, h, 0.5)
+    gpu = w.clone().cuda()
+    keep_gpu = sparsegpt_prune_(gpu, h.cuda(), 0.5)
+    assert (keep_cpu == keep_gpu.cpu()).float().mean() > 0.99  # TF32/cuSOLVER rounding may flip near-ties
+    assert output_error(x, w, gpu.cpu()) < 1.05 * output_error(x, w, cpu)
+
+    h_gpu = h.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    _inverse_cholesky_upper(h_gpu, 0.01)
+    torch.cuda.synchronize()
+    fp64 = 512 * 512 * 8
+    # two fp64 matrices, the fp32 result, and cuSOLVER's workspace (a fraction of one matrix)
+    assert torch.cuda.max_memory_allocated() - base <= 3 * fp64, (torch.cuda.max_memory_allocated() - base) / fp64
