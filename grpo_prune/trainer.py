@@ -159,11 +159,16 @@ class MamaGRPOTrainer(GRPOTrainer):
                         "`teacher_model_name_or_path` to the dense model the masks were made from."
                     )
             self.pruner.start_from_masks(masks)
-        if self.accelerator.num_processes > 1:
+        if self.accelerator.num_processes > 1 and self.pruner.layout is None:
+            # DDP: per-rank sums (activations, Gram matrices, the reward-term gradient of a step) are summed across
+            # processes where they are used, and every decision at a prune event is or-ed across them.
             self.pruner.set_reduce_fn(lambda t: self.accelerator.reduce(t, reduction="sum"))
-        # With distillation in the loss, the statistic is taken from each process's own GRPO-loss gradients
-        # (not DDP-averaged), and summed across processes before scoring.
-        self.pruner.indicators.statistic_is_local = self._statistic_from_separate_grad
+            self.pruner.indicators.any_fn = self._any_process
+
+    def _any_process(self, flag: bool) -> bool:
+        """``flag`` or-ed over every process (a collective)."""
+        total = self.accelerator.reduce(torch.tensor([float(flag)], device=self.accelerator.device), reduction="sum")
+        return bool(total.item() > 0)
 
     def _check_fsdp2(self, args: MamaGRPOConfig) -> None:
         """Refuse what the sharded pruner cannot do, before training starts (the model is loaded by now)."""
@@ -284,7 +289,8 @@ class MamaGRPOTrainer(GRPOTrainer):
 
     def _reward_statistic_seam(self, inputs: dict[str, Any], grpo_loss: torch.Tensor) -> None:
         """Note whether this micro-batch carries a reward signal (a non-zero advantage) and, when distillation
-        shares the backward pass, add the GRPO loss's own gradient w.r.t. the target weights to the statistic.
+        shares the backward pass, add the GRPO loss's own gradient w.r.t. the target weights to the step's buffer
+        (the statistic's ``f`` is applied once per optimizer step, to the mean over micro-batches and ranks).
 
         With every advantage zero the GRPO policy-gradient term has no gradient: nothing is computed. TRL's GRPO
         loss includes its KL penalty when `beta > 0`; that term is counted as part of it.
@@ -299,19 +305,21 @@ class MamaGRPOTrainer(GRPOTrainer):
         names = list(self.pruner.targets)
         weights = [self.pruner.targets[n].weight for n in names]
         grads = torch.autograd.grad(grpo_loss, weights, retain_graph=True, allow_unused=True)
-        self.pruner.indicators.add_statistic_({n: g for n, g in zip(names, grads, strict=True) if g is not None})
+        self.pruner.indicators.add_reward_gradient_(dict(zip(names, grads, strict=True)))
 
     def _count_reward_signal_step(self) -> None:
-        """At the optimizer step: count it for the statistic if any process saw a reward signal."""
+        """At the optimizer step, if any process saw a reward signal: one step of the statistic, ``f`` of the step's
+        reward-term gradient (the buffered one averaged over ranks, or the accumulated, all-reduced
+        ``weight.grad``). The flag is reduced first, so that every rank takes the same path and collectives."""
         signal = self._step_has_reward_signal
         self._step_has_reward_signal = False
-        if self.accelerator.num_processes > 1:  # every rank must count alike, or their masks could differ
-            flag = torch.tensor([float(signal)], device=self.accelerator.device)
-            signal = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+        if self.accelerator.num_processes > 1:
+            signal = self._any_process(signal)
         if not signal:
+            self.pruner.indicators.step_gradient.clear()
             return
         if self._statistic_from_separate_grad:
-            self.pruner.indicators.count_statistic_step()
+            self.pruner.indicators.apply_step_gradient_(world_size=self.accelerator.num_processes)
         else:
             self.pruner.accumulate_movement_()
 
@@ -401,7 +409,8 @@ class MamaGRPOTrainer(GRPOTrainer):
         indicators = self.pruner.indicators
         if not indicators.tracks_statistic:
             return {"tracked": False}
-        usable, why = indicators.statistic_signal()
+        # Not reduced under DDP (a report is written by one rank): the statistic is the same on every rank there.
+        usable, why = indicators.statistic_signal(reduce=self.pruner.layout is not None)
         return {
             "tracked": True,
             "form": self.pruner.settings.statistic,

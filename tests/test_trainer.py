@@ -231,6 +231,37 @@ def test_reward_statistic_accumulates_with_a_varying_reward(tmp_path, form, dist
     assert report["source"] == ("separate GRPO-loss gradient" if distill_coef else "GRPO gradient")
 
 
+@pytest.mark.parametrize("form", ["abs", "squared"])
+@pytest.mark.parametrize("distill_coef", [0.0, 1.0])
+def test_reward_statistic_does_not_depend_on_gradient_accumulation(tmp_path, form, distill_coef):
+    # One definition (DESIGN.md): f applied to the step's reward-term gradient, the mean over micro-batches. With
+    # distillation it used to sum f over micro-batches (sum |g_i W| instead of |mean g_i W|), which changes with
+    # the accumulation steps.
+    common = dict(
+        distill_coef=distill_coef,
+        mama_alpha=0.5,
+        mama_statistic=form,
+        mama_min_updates=1,
+        prune_start_step=1,
+        prune_end_step=1,
+        max_steps=1,
+    )
+    # Each trainer trains right after it is built (construction seeds the RNG): the same rollouts in both.
+    one = make_trainer(tmp_path / "1x8", per_device_train_batch_size=8, gradient_accumulation_steps=1, **common)
+    one.train()
+    two = make_trainer(tmp_path / "2x4", per_device_train_batch_size=4, gradient_accumulation_steps=2, **common)
+    two.train()
+    assert logged(one, "reward") == logged(two, "reward")
+    assert one.pruner.movement_updates == two.pruner.movement_updates == 1
+    assert logged(one, "frac_reward_zero_std")[0] < 1.0  # a reward signal in this step
+    for name, expected in one.pruner.movement.items():
+        assert expected.abs().sum() > 0, name
+        torch.testing.assert_close(two.pruner.movement[name], expected, rtol=1e-2, atol=1e-3 * expected.abs().max())
+    for name, mask in one.pruner.masks.items():
+        assert torch.equal(two.pruner.masks[name], mask), name
+    assert not one.pruner.indicators.step_gradient and not two.pruner.indicators.step_gradient  # freed each step
+
+
 @pytest.mark.parametrize("distill_coef", [0.0, 1.0])
 def test_reward_statistic_stops_once_the_target_is_reached(tmp_path, distill_coef):
     # Events at steps 0-2 (end 2): steps 3-8 cannot use the statistic, so it is not computed for them.

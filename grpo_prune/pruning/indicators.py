@@ -25,10 +25,19 @@ state                     what                                                  
 
 Nothing is allocated for an indicator the scorer does not use.
 
-The reward-driven statistic is fed the gradient of the policy-gradient (reward) term only: the trainer either
-passes it explicitly (:meth:`Indicators.accumulate_statistic_` with ``grads``, when other loss terms such as
-distillation share the backward pass) or lets it read ``weight.grad`` when the GRPO loss is the whole loss. A step
-whose advantages are all zero carries no reward signal and is not counted.
+The reward-driven statistic is fed the gradient of the policy-gradient (reward) term only, with one definition
+whatever the batching: at each optimizer step, ``f(g * W)`` with ``g`` the step's reward-term gradient as the
+optimizer would apply it (the mean over micro-batches and ranks) and ``f`` the form (signed, abs, squared). When the
+GRPO loss is the whole loss, ``g`` is ``weight.grad`` itself (after accumulation and the DDP all-reduce:
+:meth:`Indicators.accumulate_statistic_`). When other loss terms (distillation) share the backward pass, the
+trainer adds each micro-batch's reward-term gradient to a step buffer (:meth:`Indicators.add_reward_gradient_`,
+4 bytes per target weight while the statistic is tracked) and :meth:`Indicators.apply_step_gradient_` averages it
+over ranks and applies ``f`` once, at the optimizer step. A step whose advantages are all zero on every rank carries
+no reward signal and is not counted.
+
+Every decision that picks a code path at a prune event (mix the statistic in or not, defer the event or not) is
+taken from values reduced across processes (``any_fn``), never from one rank's own, so that the ranks run the same
+collectives and build the same masks.
 """
 
 from __future__ import annotations
@@ -253,8 +262,12 @@ class Indicators:
         )
         self.statistic_updates = 0  # optimizer steps whose reward-term gradients reached the statistic
         # True when the statistic is accumulated from each process's own gradients (not DDP-averaged ones): it is
-        # then summed across processes before scoring. Set by whoever feeds it (the trainer).
+        # then summed across processes before scoring. The trainer no longer does this (it averages the step's
+        # gradient across ranks before f, `apply_step_gradient_`); kept for callers that feed per-rank statistics.
         self.statistic_is_local = False
+        # The reward-term gradient of the optimizer step in progress, summed over its micro-batches (fp32, local
+        # shard), when it is given explicitly (`add_reward_gradient_`); emptied at each `apply_step_gradient_`.
+        self.step_gradient: dict[str, Tensor] = {}
         self.activations: dict[str, ActivationStats] = {}
         if settings.tracks_activations:
             for n, mod in self.targets.items():
@@ -312,16 +325,62 @@ class Indicators:
         if self.add_statistic_(grads):
             self.count_statistic_step()
 
-    def statistic_signal(self) -> tuple[bool, str]:
-        """``(usable, why not)``: the statistic carries a signal only with enough updates and a non-zero entry."""
+    @torch.no_grad()
+    def add_reward_gradient_(self, grads: Mapping[str, Tensor]) -> None:
+        """Add one micro-batch's reward-term gradient (already divided by the accumulation steps, as the loss is) to
+        the step buffer; ``f`` is applied once per optimizer step, to the buffer's cross-rank mean
+        (:meth:`apply_step_gradient_`), so that the statistic does not depend on the accumulation steps."""
+        for name, g in grads.items():
+            if g is None or name not in self.statistic:
+                continue
+            g = local(g).detach()
+            buffer = self.step_gradient.get(name)
+            if buffer is None:
+                self.step_gradient[name] = g.to(torch.float32, copy=True)
+            else:
+                buffer.add_(g)
+
+    @torch.no_grad()
+    def apply_step_gradient_(self, world_size: int = 1) -> None:
+        """One optimizer step of the statistic from the buffered reward-term gradient: the buffer (zeros where this
+        rank saw no reward signal) is summed over processes and divided by ``world_size`` (the mean DDP would
+        apply), then ``f(g * W)`` is added and the step counted. A collective when ``world_size > 1``: call it on
+        every rank at the same steps (the trainer decides from a flag reduced across ranks)."""
+        if not self.statistic:
+            self.step_gradient.clear()
+            return
+        names = list(self.statistic)
+        parts = []
+        for name in names:
+            buffer = self.step_gradient.get(name)
+            parts.append(buffer if buffer is not None else torch.zeros(local(self.targets[name].weight).shape))
+        if world_size > 1 and self._reduce_fn is not None:  # one collective for every target
+            device = self.targets[names[0]].weight.device
+            flat = self._reduce_fn(torch.cat([p.to(device).flatten() for p in parts])) / world_size
+            parts = list(torch.split(flat, [p.numel() for p in parts]))
+        for name, g in zip(names, parts, strict=True):
+            weight = local(self.targets[name].weight).detach()
+            g = g.reshape(weight.shape).to(weight.device)
+            self.statistic[name].add_(S.statistic_increment(weight, g, self.settings.statistic))
+        self.step_gradient.clear()
+        self.statistic_updates += 1
+
+    def any_rank(self, flag: bool) -> bool:
+        """``flag`` or-ed over processes (``any_fn``, set under DDP and FSDP2; ``flag`` itself in one process)."""
+        return self.any_fn(flag) if self.any_fn is not None else flag
+
+    def statistic_signal(self, reduce: bool = True) -> tuple[bool, str]:
+        """``(usable, why not)``: the statistic carries a signal only with enough updates and a non-zero entry on
+        some rank (reduced, so that every rank decides alike; ``reduce=False``: this rank's own view, no
+        collective, for a report written by one rank)."""
         if not self.statistic:
             return False, "not tracked"
         need = self.settings.min_statistic_updates
         if self.statistic_updates < need:
             return False, f"{self.statistic_updates} reward-signal steps, fewer than min_statistic_updates={need}"
-        nonzero = any(acc.any() for acc in self.statistic.values())
-        if self.any_fn is not None:
-            nonzero = self.any_fn(nonzero)
+        nonzero = any(bool(acc.any()) for acc in self.statistic.values())
+        if reduce:
+            nonzero = self.any_rank(nonzero)
         if not nonzero:
             return False, "all zero (every advantage was zero)"
         return True, ""
@@ -375,13 +434,22 @@ class Indicators:
             self.gram_released = False
 
     def has_gram(self) -> bool:
-        """Whether every target's input has been seen (sparsegpt can reconstruct every layer)."""
+        """Whether every target's input has been seen on some rank (sparsegpt can reconstruct every layer); token
+        counts are summed over processes first, so that every rank decides alike."""
         if self.gram is None:
             return False
-        try:
-            return all(self.gram.tokens(n) > 0 for n in self.targets)
-        except KeyError:
-            return False
+
+        def tokens(name: str) -> int:
+            try:
+                return int(self.gram.tokens(name))
+            except KeyError:
+                return 0
+
+        counts = torch.tensor([float(tokens(n)) for n in self.targets])
+        if self._reduce_fn is not None:
+            device = next(iter(self.targets.values())).weight.device
+            counts = self._reduce_fn(counts.to(device))
+        return bool((counts > 0).all())
 
     def reduced_hessian(self, name: str) -> Tensor:
         """``H = sum x x^T / tokens`` of ``name``'s input, summed over processes first (DDP ranks see their own
@@ -454,7 +522,8 @@ class Indicators:
             stats.count.zero_()
 
     def has_activations(self) -> bool:
-        return any(st.count.item() > 0 for st in self.activations.values())
+        """Whether some rank recorded activations (reduced: every rank decides alike)."""
+        return self.any_rank(any(st.count.item() > 0 for st in self.activations.values()))
 
     def set_reduce_fn(self, fn: Callable[[Tensor], Tensor] | None) -> None:
         """``fn(t) -> t`` summing ``t`` over processes; applied to activation statistics (and to a locally
