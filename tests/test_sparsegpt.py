@@ -492,3 +492,29 @@ def test_sparsegpt_on_cuda_matches_cpu_and_bounds_its_fp64_memory():
     fp64 = 512 * 512 * 8
     # two fp64 matrices, the fp32 result, and cuSOLVER's workspace (a fraction of one matrix)
     assert torch.cuda.max_memory_allocated() - base <= 3 * fp64, (torch.cuda.max_memory_allocated() - base) / fp64
+
+
+def test_sparsegpt_event_keeps_the_adam_moments_of_reconstructed_weights():
+    """The measured choice (results/sparsegpt_moments): a sparsegpt event zeroes the optimizer state of pruned
+    entries only; the moments of the kept, reconstructed weights stay as they were."""
+    from grpo_prune.pruning.pruner import Pruner, PruningSettings
+
+    model = tiny_model()
+    pruner = Pruner(model, PruningSettings(scorer="sparsegpt", schedule="oneshot", target_sparsity=0.5))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = calib_ids(0, 4, 16)
+    pruner.attach_hooks()
+    model(input_ids=ids, labels=ids).loss.backward()
+    pruner.remove_hooks()
+    opt.step()
+    before = {n: {k: v.clone() for k, v in opt.state[m.weight].items()} for n, m in pruner.targets.items()}
+    dense = {n: m.weight.detach().clone() for n, m in pruner.targets.items()}
+    pruner.prune_to(0.5)
+    pruner.mask_optimizer_state_(opt)
+    for name, mod in pruner.targets.items():
+        keep = pruner.masks[name]
+        assert not torch.equal(mod.weight[keep], dense[name][keep]), name  # reconstructed
+        for key in ("exp_avg", "exp_avg_sq"):
+            state = opt.state[mod.weight][key]
+            assert torch.equal(state[keep], before[name][key][keep]), (name, key)
+            assert not state[~keep].any(), (name, key)

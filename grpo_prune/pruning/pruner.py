@@ -541,7 +541,13 @@ class Pruner:
     def _prune_sparsegpt(self, sparsity: float) -> dict[str, Any]:
         """An event of ``scorer='sparsegpt'``: each target is pruned to ``sparsity`` with OBS reconstruction of its
         kept weights from the Gram matrix of its inputs so far; the current masks stay pruned (monotone). N:M
-        prunes the final pattern at its first event (a partial N:M pattern is not an OBS selection)."""
+        prunes the final pattern at its first event (a partial N:M pattern is not an OBS selection).
+
+        The optimizer state of the reconstructed (kept) weights is kept as it is; only pruned entries' state is
+        zeroed (:meth:`mask_optimizer_state_`). Measured against zeroing Adam's ``exp_avg`` of every reconstructed
+        row (``scripts/measure_sparsegpt_moments.py``, ``results/sparsegpt_moments/``: tiny Llama, 3 events, 10
+        seeds over two learning rates and sparsities): the reset lowers the loss of the 5 steps after an event by
+        0.3-0.8% but ends with a 1.2% higher held-out perplexity in 10 of 10 runs."""
         from grpo_prune.pruning.sparsegpt import sparsegpt_prune_
 
         if not self.indicators.has_gram():
