@@ -163,3 +163,77 @@ def test_prune_oneshot_points_a_source_name_to_calibration_windows():
 
     with pytest.raises(ValueError, match="calibration_windows"):
         prune_oneshot(tiny_model(), 0.5, scorer="wanda", calibration="mix")
+
+
+# ------------------------------------------------------------------------------------- per-layer allocation (OWL)
+def _layer_scores(outliers: list[int], sizes=((8, 16), (4, 24))) -> dict[str, torch.Tensor]:
+    """Scores of decoder layers with two targets of different sizes; layer i gets ``outliers[i]`` entries 50x the
+    rest (which are uniform in [0.5, 1.5])."""
+    gen = torch.Generator().manual_seed(0)
+    scores = {}
+    for i, count in enumerate(outliers):
+        for j, shape in enumerate(sizes):
+            t = 0.5 + torch.rand(shape, generator=gen)
+            if j == 0:
+                t.view(-1)[:count] = 50.0
+            scores[f"model.layers.{i}.proj{j}"] = t
+    return scores
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.6, 0.37])
+def test_owl_keeps_the_exact_global_count_and_prunes_outlier_layers_less(sparsity):
+    from grpo_prune.pruning.masks import num_to_prune, owl_sparsities, unstructured_mask
+
+    scores = _layer_scores([0, 2, 6, 12])
+    layer = owl_sparsities(scores, sparsity, lam=0.08, m=5.0)
+    total = sum(t.numel() for t in scores.values())
+    masks = {n: unstructured_mask(t, layer[n]) for n, t in scores.items()}
+    pruned = sum(int((~m).sum()) for m in masks.values())
+    assert pruned == num_to_prune(sparsity, total)
+    per_layer = [
+        sum(int((~masks[n]).sum()) for n in scores if n.startswith(f"model.layers.{i}."))
+        / sum(scores[n].numel() for n in scores if n.startswith(f"model.layers.{i}."))
+        for i in range(4)
+    ]
+    # More outliers, lower sparsity; every layer within lambda of the target (plus a rounding unit).
+    assert per_layer[0] > per_layer[1] > per_layer[2] > per_layer[3]
+    assert max(abs(s - sparsity) for s in per_layer) <= 0.08 + 1 / 32
+    assert max(per_layer) - min(per_layer) > 0.1
+    # The two targets of one layer share its sparsity (up to rounding).
+    assert abs(layer["model.layers.3.proj0"] - layer["model.layers.3.proj1"]) < 1 / 64
+
+
+def test_owl_is_uniform_when_layers_have_equal_outliers_and_respects_previous_masks():
+    from grpo_prune.pruning.masks import owl_sparsities, unstructured_mask
+
+    same = owl_sparsities(_layer_scores([3, 3, 3]), 0.5)
+    assert all(abs(s - 0.5) < 1 / 64 for s in same.values())
+    scores = _layer_scores([0, 2, 6, 12])
+    # Layer 3 (the most outliers) was already pruned to 55%: it stays so, the others make room.
+    prev = {n: torch.ones_like(t, dtype=torch.bool) for n, t in scores.items()}
+    for n in ("model.layers.3.proj0", "model.layers.3.proj1"):
+        prev[n].view(-1)[: int(0.55 * prev[n].numel())] = False
+    layer = owl_sparsities(scores, 0.5, prev_masks=prev)
+    masks = {n: unstructured_mask(t, layer[n], prev[n]) for n, t in scores.items()}
+    assert sum(int((~m).sum()) for m in masks.values()) == round(0.5 * sum(t.numel() for t in scores.values()))
+    assert not any(bool((masks[n] & ~prev[n]).any()) for n in scores)  # monotone: pruned stays pruned
+    assert abs(layer["model.layers.0.proj0"] - 0.5) > 0.01  # the others still differ by their outliers
+
+
+def test_prune_oneshot_with_owl_allocation(tmp_path):
+    from grpo_prune import prune_oneshot
+
+    model = tiny_model()
+    with torch.no_grad():  # give layer 0's inputs outliers: a few huge embedding dimensions
+        model.model.embed_tokens.weight[:, :2] *= 40.0
+    ids = torch.randint(3, 60, (4, 32), generator=torch.Generator().manual_seed(0))
+    uniform = prune_oneshot(tiny_model(), 0.5, scorer="wanda", calibration=ids)
+    owl = prune_oneshot(model, 0.5, scorer="wanda", calibration=ids, allocation="owl", owl_lambda=0.1)
+    assert owl.params_zeroed == uniform.params_zeroed == round(0.5 * owl.params_total)
+    assert len({round(s, 3) for s in uniform.layer_sparsity.values()}) == 1
+    assert len({round(s, 3) for s in owl.layer_sparsity.values()}) > 1
+    assert all(abs(s - 0.5) <= 0.1 + 1e-3 for s in owl.layer_sparsity.values())
+    with pytest.raises(ValueError, match="allocation"):
+        prune_oneshot(tiny_model(), 0.5, scorer="mama", calibration=ids, allocation="owl")
+    with pytest.raises(ValueError, match="allocation"):
+        prune_oneshot(tiny_model(), 0.5, scorer="wanda", calibration=ids, allocation="outliers")

@@ -18,6 +18,7 @@ ranking every prunable weight of a model at once (global comparison).
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 from collections.abc import Mapping, Sequence
@@ -31,6 +32,8 @@ __all__ = [
     "group_mask",
     "n_m_mask",
     "num_to_prune",
+    "outlier_ratio",
+    "owl_sparsities",
     "parse_n_m",
     "unstructured_mask",
 ]
@@ -357,3 +360,122 @@ def expand_group_mask(keep: Tensor, shape: Sequence[int] | torch.Size, dim: int,
     view = [1] * len(shape)
     view[dim] = shape[dim]
     return line.reshape(view).expand(shape).contiguous()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Per-layer allocation: outlier-weighted layer sparsity (OWL, Yin et al. 2023, arXiv 2310.05175)
+# --------------------------------------------------------------------------------------------------------------------
+
+_LAYER_PREFIX = re.compile(r"^(.*?\.\d+)\.")
+
+
+def decoder_layer_of(name: str) -> str:
+    """The decoder layer a target belongs to: the name up to its first numeric part (``model.layers.3.mlp.up_proj``
+    -> ``model.layers.3``), or the name itself."""
+    match = _LAYER_PREFIX.match(name)
+    return match.group(1) if match else name
+
+
+def outlier_ratio(scores: Sequence[Tensor], m: float = 5.0) -> float:
+    """OWL's layerwise outlier density: the fraction of entries whose score exceeds ``m`` times the mean score of
+    all of ``scores`` (one decoder layer's targets together). Scores must be non-negative, e.g. Wanda's
+    ``|W| * ||x||``."""
+    flat = torch.cat([t.detach().reshape(-1).float() for t in scores])
+    if flat.numel() == 0:
+        return 0.0
+    return float((flat > m * flat.mean()).float().mean())
+
+
+def _exact_counts(real: dict[str, float], total: int, lower: dict[str, int], upper: dict[str, int]) -> dict[str, int]:
+    """Integers within ``[lower, upper]`` summing to ``total``, each the floor or the ceiling of ``real`` (largest
+    remainders round up; ties by name order). ``real`` must lie within the bounds and sum to ``total``."""
+    counts = {n: min(max(int(math.floor(r + 1e-9)), lower[n]), upper[n]) for n, r in real.items()}
+    missing = total - sum(counts.values())
+    order = sorted(real, key=lambda n: (-(real[n] - counts[n]), n))
+    step = 1 if missing > 0 else -1
+    while missing:
+        moved = False
+        for n in order if step > 0 else reversed(order):
+            if missing and lower[n] <= counts[n] + step <= upper[n]:
+                counts[n] += step
+                missing -= step
+                moved = True
+        if not moved:
+            raise ValueError("owl_sparsities: the bounds cannot reach the requested count")
+    return counts
+
+
+def owl_sparsities(
+    scores: Mapping[str, Tensor],
+    sparsity: float,
+    *,
+    lam: float = 0.08,
+    m: float = 5.0,
+    prev_masks: Mapping[str, Tensor] | None = None,
+) -> dict[str, float]:
+    """Per-target sparsities that spread ``sparsity`` over decoder layers by their outliers, with the exact global
+    count: ``sum(round(s_t * numel_t)) == round(sparsity * total)``.
+
+    OWL: a decoder layer ``l`` with outlier density ``D_l`` (:func:`outlier_ratio` of its targets' scores) gets
+    sparsity ``sparsity - lam * (D_l - mean(D)) / max|D - mean(D)|``, the mean weighted by the layers' sizes, so that
+    layers with more outliers are pruned less, every layer stays within ``lam`` of ``sparsity`` and the weighted
+    mean is ``sparsity`` itself. (The paper min-max scales ``D`` into a ``2 lam`` range around an unweighted mean;
+    this form is the same line through the same centre when the layers have equal sizes, and it keeps the global
+    count exact when they do not.) All targets of a layer share its sparsity; rounding is distributed by largest
+    remainders. ``lam`` is capped at ``min(sparsity, 1 - sparsity)``; equal densities give uniform sparsity.
+
+    Args:
+        scores: target name -> non-negative scores (Wanda's ``|W| * ||x||``, or ``|W|``), any shapes.
+        sparsity: global fraction to prune, in ``[0, 1]``.
+        lam: largest deviation of a layer's sparsity from ``sparsity`` (the paper's lambda; 0.08 is its LLaMA
+            setting).
+        m: outlier threshold, in multiples of the layer's mean score (the paper's M; 5 for LLaMA).
+        prev_masks: current keep-masks (monotone pruning): a target never gets fewer pruned entries than it has;
+            the layers' sparsities are shifted together to keep the global count.
+
+    Returns:
+        target name -> sparsity ``k_t / numel_t``, to hand to :func:`unstructured_mask` (which rounds it back to
+        ``k_t`` exactly).
+    """
+    _check_sparsity(sparsity)
+    if lam < 0 or m <= 0:
+        raise ValueError(f"owl_sparsities needs lam >= 0 and m > 0; got lam={lam}, m={m}")
+    names = list(scores)
+    if not names:
+        return {}
+    sizes = {n: scores[n].numel() for n in names}
+    total = sum(sizes.values())
+    layers: dict[str, list[str]] = {}
+    for n in names:
+        layers.setdefault(decoder_layer_of(n), []).append(n)
+    density = {layer: outlier_ratio([scores[n] for n in members], m) for layer, members in layers.items()}
+    layer_size = {layer: sum(sizes[n] for n in members) for layer, members in layers.items()}
+    mean = sum(density[layer] * layer_size[layer] for layer in layers) / total
+    spread = max(abs(d - mean) for d in density.values())
+    lam = min(float(lam), float(sparsity), 1.0 - float(sparsity))
+    share = {
+        layer: float(sparsity) - (lam * (density[layer] - mean) / spread if spread > 0 else 0.0) for layer in layers
+    }
+    lower = {n: 0 for n in names}
+    if prev_masks is not None:
+        lower = {n: int((~prev_masks[n]).sum()) if n in prev_masks else 0 for n in names}
+    k_total = num_to_prune(sparsity, total)
+    k_total = max(k_total, sum(lower.values()))  # masks are monotone: never fewer than already pruned
+
+    def counts_at(shift: float) -> dict[str, float]:
+        return {
+            n: min(max((share[decoder_layer_of(n)] + shift) * sizes[n], float(lower[n])), float(sizes[n]))
+            for n in names
+        }
+
+    # The shift that makes the bounded real counts sum to k_total (0 unless the previous masks bind): bisection
+    # on a monotone function.
+    lo, hi = -1.0, 1.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if sum(counts_at(mid).values()) < k_total:
+            lo = mid
+        else:
+            hi = mid
+    counts = _exact_counts(counts_at(hi), k_total, lower, sizes)
+    return {n: counts[n] / sizes[n] for n in names}

@@ -467,6 +467,9 @@ class Pruner:
         if s.granularity == "unstructured":
             if s.comparison == "global":
                 new = M.global_unstructured_masks(scores, sparsity, dict(self.masks))
+            elif s.allocation == "owl":
+                layer = M.owl_sparsities(scores, sparsity, lam=s.owl_lambda, m=s.owl_m, prev_masks=self.masks)
+                new = {n: M.unstructured_mask(sc, layer[n], self.masks[n]) for n, sc in scores.items()}
             else:
                 per_row = s.comparison == "row"
                 new = {
@@ -771,14 +774,24 @@ class Pruner:
             return STATE_FILE
         return SHARDED_STATE_FILE.format(rank=self.layout.rank, world_size=self.layout.world_size)
 
-    def save(self, path_dir: str | os.PathLike[str]) -> None:
+    def save(self, path_dir: str | os.PathLike[str], write: bool = True) -> None:
         """Write ``pruner_state.safetensors`` and ``pruner_state.json`` (settings) into ``path_dir`` atomically
         (temporary file, then ``os.replace``): an interrupted save never leaves a truncated state behind.
 
         Under FSDP2 every rank must call it: each writes ``pruner_state.rank{r}-of-{w}.safetensors`` with its
-        shards, and rank 0 writes ``pruner_state.json`` (with ``world_size``)."""
+        shards, and rank 0 writes ``pruner_state.json`` (with ``world_size``). Under DDP (a reduce function set,
+        no shards) every rank must call it too: the per-process sums are summed over processes
+        (:meth:`Indicators.reduced_state_dict`), and only the rank given ``write=True`` writes them; on resume,
+        ``load(..., holds_sums=False)`` on the other ranks counts them once."""
+        if self.layout is None and self.indicators._reduce_fn is not None:
+            state = self.indicators.reduced_state_dict()
+            state.update({k: v for k, v in self.state_dict().items() if k not in state})
+        else:
+            state = self.state_dict()
+        if not write:
+            return
         os.makedirs(path_dir, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         atomic_write(os.path.join(path_dir, self.state_file()), lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
         meta = {
             "settings": _clone_settings(self.settings),
@@ -792,9 +805,12 @@ class Pruner:
                 return
         write_json_atomic(os.path.join(path_dir, SETTINGS_FILE), meta)
 
-    def load(self, path_dir: str | os.PathLike[str]) -> None:
+    def load(self, path_dir: str | os.PathLike[str], holds_sums: bool = True) -> None:
         """Restore what :meth:`save` wrote. Structural settings (granularity, N:M, scorer, targets, units,
-        comparison, uniform) must match (ValueError); other differences (e.g. a longer schedule) only warn."""
+        comparison, uniform) must match (ValueError); other differences (e.g. a longer schedule) only warn.
+
+        ``holds_sums=False`` (DDP, every rank but one): the saved per-process sums, already summed over processes,
+        are zeroed after loading, so that the next cross-process reduction counts them once."""
         with open(os.path.join(path_dir, SETTINGS_FILE)) as f:
             meta = json.load(f)
         saved, mine = meta.get("settings", {}), _clone_settings(self.settings)
@@ -820,6 +836,8 @@ class Pruner:
             )
         state = load_file(os.path.join(path_dir, self.state_file()))
         self.load_state_dict(state)
+        if not holds_sums:
+            self.indicators.clear_rank_sums_()
 
 
 SCORE_SAMPLE_SIZE = 10_000

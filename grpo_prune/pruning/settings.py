@@ -15,12 +15,21 @@ from grpo_prune.pruning.scores import STATISTICS
 #: (selection with OBS reconstruction, from the Gram matrices of the targets' inputs).
 PRUNER_SCORERS = (*SCORER_NAMES, "sparsegpt")
 
-__all__ = ["COMPARISONS", "GRANULARITIES", "NORMALIZATIONS", "STATISTICS", "STRUCTURED_UNITS", "PruningSettings"]
+__all__ = [
+    "ALLOCATIONS",
+    "COMPARISONS",
+    "GRANULARITIES",
+    "NORMALIZATIONS",
+    "STATISTICS",
+    "STRUCTURED_UNITS",
+    "PruningSettings",
+]
 
 GRANULARITIES = ("unstructured", "n:m", "structured")
 NORMALIZATIONS = ("rank", "zscore")
 COMPARISONS = ("layer", "row", "global")
 STRUCTURED_UNITS = ("mlp", "heads", "mlp+heads")
+ALLOCATIONS = ("uniform", "owl")
 
 
 def _is_number(x: Any) -> bool:
@@ -43,6 +52,13 @@ class PruningSettings:
             group) or ``"mlp+heads"``.
         uniform: structured: prune the same number of units in every layer (exportable as a vanilla config).
             ``False`` ranks MLP neurons across layers (heads always stay uniform).
+        allocation: how the target spreads over decoder layers (unstructured, ``comparison="layer"``):
+            ``"uniform"`` (every matrix at the target) or ``"owl"`` (outlier-weighted, Yin et al. 2023: layers
+            with more score outliers are pruned less, each within ``owl_lambda`` of the target, the global count
+            exact; see :func:`~grpo_prune.pruning.masks.owl_sparsities`). ``"owl"`` reads raw scores, so it
+            needs scorer ``wanda`` (``|W| * ||x||``, as in the paper) or ``magnitude``.
+        owl_lambda: OWL's largest deviation of a layer's sparsity from the target (the paper's lambda).
+        owl_m: OWL's outlier threshold, in multiples of the layer's mean score (the paper's M).
 
     Parameters that control the scores:
         scorer: one of ``SCORERS`` (``magnitude``, ``wanda``, ``movement``, ``random``, ``mama``), or
@@ -91,6 +107,9 @@ class PruningSettings:
     comparison: str = "layer"
     structured_units: str = "mlp"
     uniform: bool = True
+    allocation: str = "uniform"
+    owl_lambda: float = 0.08
+    owl_m: float = 5.0
     compensate: bool = False
     track_activations: bool | None = None
     seed: int = 0
@@ -213,6 +232,23 @@ class PruningSettings:
                 )
             if self.compensate:
                 raise ValueError("`compensate` is not supported with scorer='sparsegpt' (OBS already compensates).")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"`allocation` must be one of {ALLOCATIONS}, got {self.allocation!r}.")
+        if self.allocation == "owl":
+            if self.granularity != "unstructured" or self.comparison != "layer":
+                raise ValueError(
+                    "`allocation`='owl' sets one sparsity per decoder layer: it needs granularity 'unstructured' "
+                    f"and comparison 'layer', got {self.granularity!r} and {self.comparison!r}."
+                )
+            if self.scorer not in ("wanda", "magnitude"):
+                raise ValueError(
+                    "`allocation`='owl' counts outliers of raw scores (|W| * ||x|| or |W|): use scorer 'wanda' or "
+                    f"'magnitude', got {self.scorer!r}."
+                )
+            if not (_is_number(self.owl_lambda) and 0.0 <= self.owl_lambda < 1.0):
+                raise ValueError(f"`owl_lambda` must be in [0, 1), got {self.owl_lambda!r}.")
+            if not (_is_number(self.owl_m) and self.owl_m > 0):
+                raise ValueError(f"`owl_m` must be > 0, got {self.owl_m!r}.")
         if self.granularity == "structured" and not self.uniform and "heads" in self.structured_units:
             raise ValueError(
                 "`uniform=False` is only supported for structured_units='mlp': heads are pruned in equal numbers "

@@ -83,6 +83,11 @@ def check_supported(settings: Any) -> None:
             "layer's full input on one rank); prune one-shot with sparsegpt and train with `prune_init_masks`, or "
             "use DDP."
         )
+    if getattr(settings, "allocation", "uniform") != "uniform":
+        raise ValueError(
+            f"`allocation`={settings.allocation!r} is not supported under FSDP2 (the outlier densities would need "
+            "every rank's rows); prune one-shot with it and train with `prune_init_masks`, or use DDP."
+        )
     mixes = settings.scorer == "mama" and 0.0 < settings.alpha < 1.0
     if mixes and settings.normalization != "rank":
         raise ValueError(
