@@ -17,7 +17,7 @@ Sections (each one row group of the table; a failing section is reported and the
                 the trainer tests that move models to the accelerator (``tests/test_trainer.py``,
                 ``tests/test_distill_trainer.py``), within what is left of the time budget.
 
-``--dry``: a tiny random Llama on the CPU in float32, 2-3 steps per variant, every section exercised (1-2 minutes);
+``--dry``: a tiny random Llama on the CPU in float32, 4 steps per variant, every section exercised (1-2 minutes);
 ``tests/test_device_check.py`` runs it. Without ``--dry`` the model is the embedded SmolLM2-135M-Instruct (a random
 model of its shape and vocabulary when the wheel is absent: timings only) on CUDA in bf16.
 
@@ -170,6 +170,15 @@ def quickstart_fields(dry: bool, steps: int, output_dir: str) -> tuple[dict, dic
     return script, config
 
 
+def prune_event_count(trainer: Any) -> int:
+    """Prune events so far (0 for a plain GRPOTrainer), wherever the trainer keeps their records."""
+    callback = getattr(trainer, "pruning_callback", None)
+    events = getattr(callback, "prune_events", None)
+    if events is None:
+        events = getattr(trainer, "prune_events", [])
+    return len(events)
+
+
 class StepTimer:
     """A transformers callback timing each optimizer step (CUDA synchronised), and whether a prune event ran."""
 
@@ -181,14 +190,12 @@ class StepTimer:
         class Callback(TrainerCallback):
             def on_step_begin(self, args, state, control, **kwargs):
                 sync()
-                timer._events = len(getattr(trainer, "prune_events", []))
+                timer._events = prune_event_count(trainer)
                 timer._t0 = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kwargs):
                 sync()
-                timer.steps.append(
-                    (time.perf_counter() - timer._t0, len(getattr(trainer, "prune_events", [])) > timer._events)
-                )
+                timer.steps.append((time.perf_counter() - timer._t0, prune_event_count(trainer) > timer._events))
 
         self.steps: list[tuple[float, bool]] = []
         self._t0, self._events = 0.0, 0
@@ -246,6 +253,7 @@ def run_quickstart(dry: bool, model_name: str, steps: int, work: Path) -> list[d
                 "median_step_s": statistics.median(s for s, _ in timed),
                 "median_step_without_event_s": statistics.median(quiet),
                 "steps_timed": len(timed),
+                "events_timed": sum(event for _, event in timed),
                 "sparsity": trainer.pruner.sparsity() if getattr(trainer, "pruner", None) else 0.0,
                 "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30
                 if torch.cuda.is_available() and not dry
@@ -453,12 +461,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry", action="store_true", help="tiny random model on the CPU, every section, 1-2 min")
     parser.add_argument("--out", default=os.environ.get("OUT") or ".", help="folder for the table and JSON")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
-    parser.add_argument("--steps", type=int, default=None, help="steps per quickstart variant (6; dry: 3)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per quickstart variant (6; dry: 4)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats for the export (5; dry: 2)")
     args = parser.parse_args(argv)
     if not args.dry and not torch.cuda.is_available():
         parser.error("no CUDA device: run with --dry for the CPU check")
-    steps = args.steps or (3 if args.dry else 6)
+    steps = args.steps or (4 if args.dry else 6)
     repeats = args.repeats or (2 if args.dry else 5)
     deadline = time.perf_counter() + BUDGET_S
     out = Path(args.out)

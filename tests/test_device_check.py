@@ -28,9 +28,10 @@ def test_device_check_dry_runs_every_section(tmp_path):
     plain = quick["plain TRL GRPOTrainer"]
     assert plain["x_plain"] == 1.0 and plain["sparsity"] == 0.0
     for label, row in quick.items():
-        assert row["median_step_s"] > 0 and row["steps_timed"] == 2, label
+        assert row["median_step_s"] > 0 and row["steps_timed"] == 3, label
         if label != "plain TRL GRPOTrainer":
             assert row["sparsity"] == 0.5, label  # the pruner really ran to its target
+            assert row["events_timed"] == 1, label  # the event at step 2 is seen, and told apart
             assert row["x_plain"] == row["median_step_s"] / plain["median_step_s"]
 
     export = {(r["model"], r["what"].split()[0]): r for r in results["export"]}
