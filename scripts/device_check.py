@@ -402,6 +402,10 @@ def run_tests(dry: bool, timeout: float) -> dict:
     except subprocess.TimeoutExpired as err:
         output, rc = (err.stdout or b"").decode() + (err.stderr or b"").decode(), "timeout"
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|deselected|error)", output)}
+    if not counts:  # stopped before pytest's summary: count its progress characters instead
+        progress = "".join(re.findall(r"(?m)^([.FEsxX]+)\s*(?:\[\s*\d+%\])?$", output))
+        counts = {"passed": progress.count("."), "failed": progress.count("F") + progress.count("E")}
+        counts["skipped"] = progress.count("s")
     return {
         "command": " ".join(cmd[1:]),
         "exit": rc,
