@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--tables-only: no {folder / 'quality.json'} to rebuild the page from")
         print(rewrite_page(folder))
         return 0
-    run = results_page.run_record(args.device, argv)  # before build_plan: what was asked, as it was typed
+    run = results_page.run_record(args.device, argv, __file__)  # before build_plan: what was asked, as it was typed
     try:
         plan = build_plan(args)
     except ValueError as err:

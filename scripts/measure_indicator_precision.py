@@ -12,16 +12,26 @@ fp16 sum, and the row-scaled fp16 accumulator the pruner uses (:class:`grpo_prun
 median over layers, and the fraction of 50% keep/prune decisions (statistic alone, per layer) that differ.
 
     OMP_NUM_THREADS=2 python scripts/measure_indicator_precision.py [--statistic-only] [--steps 50 200 1000]
+        [--page results/statistic/storage.md] [--tables-only]
+
+``--page`` writes the statistic table as a results page with its generated header (command, device, date, budget),
+and its figures as JSON beside it (``storage.json``); ``--tables-only --page PATH`` rewrites the page from that JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
+import time
+from pathlib import Path
 
+import _results_page as results_page
 import torch
 from bench_quality import _text_stream, _windows
+
+from grpo_prune.fileio import write_json_atomic
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8-e4m3": torch.float8_e4m3fn}
 
@@ -31,14 +41,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ppl-windows", type=int, default=4)
     parser.add_argument("--steps", type=int, nargs="+", default=[50, 200, 1000], help="simulated statistic updates")
     parser.add_argument("--statistic-only", action="store_true", help="only the statistic section (no model run)")
+    parser.add_argument(
+        "--page", metavar="PATH", help="also write the statistic table as a results page here, its JSON beside it"
+    )
+    parser.add_argument("--tables-only", action="store_true", help="with --page: rewrite it from its JSON, no run")
     args = parser.parse_args(argv)
+    if args.tables_only:
+        if not args.page or not Path(args.page).with_suffix(".json").is_file():
+            parser.error("--tables-only needs --page PATH with PATH's .json beside it")
+        data = json.loads(Path(args.page).with_suffix(".json").read_text())
+        print(write_statistic_page(args.page, data))
+        return 0
+    run = results_page.run_record("cpu", argv, __file__)
     if args.statistic_only:
         from grpo_prune.models import load_model
 
         weights = [
             m.weight.detach() for n, m in load_model("smollm2-135m-instruct").named_modules() if n.endswith("_proj")
         ]
-        statistic_table(weights, args.steps)
+        statistic_result(weights, args.steps, args.page, run)
         return 0
 
     from grpo_prune.evaluate import load_lambada_passages, perplexity
@@ -91,21 +112,61 @@ def main(argv: list[str] | None = None) -> int:
         size = torch.tensor([], dtype=DTYPES[label]).element_size()
         print(f"| {label} | {size} | {setting} | {100 * frac:.3f}% | {ratio:.3f}x |")
 
-    statistic_table(list(dense.values()), args.steps)
+    statistic_result(list(dense.values()), args.steps, args.page, run)
     return 0
 
 
-def statistic_table(weights: list[torch.Tensor], steps_list: list[int]) -> None:
-    """Print the statistic-storage table (see the module docstring)."""
+def statistic_result(weights: list[torch.Tensor], steps_list: list[int], page: str | None, run: dict) -> None:
+    """Measure the statistic-storage table, print it, and with ``page`` write it as a page with its JSON."""
+    start = time.process_time()
+    chosen = weights[:: max(1, len(weights) // 21)][:21]
+    rows = statistic_rows(chosen, steps_list)
+    data = {"matrices": len(chosen), "steps": steps_list, "rows": rows, "cpu_seconds": time.process_time() - start}
+    data["run"] = run
+    if page:
+        write_json_atomic(Path(page).with_suffix(".json"), data)
+        write_statistic_page(page, data)
+    print("\n" + statistic_markdown(data))
+
+
+def statistic_markdown(data: dict) -> str:
+    """The statistic-storage table of :func:`statistic_rows`' figures."""
+    lines = [
+        "Reward statistic (abs form): a 2-byte accumulator against the fp32 sum of the same noisy saliencies,",
+        f"median over {data['matrices']} of SmolLM2's matrices",
+        "",
+        "| steps | accumulator | Spearman with fp32 | 50% decisions differing |",
+        "|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        lines.append(f"| {r['steps']} | {r['accumulator']} | {r['spearman']:.4f} | {100 * r['differing']:.3f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def write_statistic_page(page: str, data: dict) -> str:
+    """The results page of the statistic table: title, generated header from ``data["run"]``, table."""
+    run = data.get("run") or {}
+    header = results_page.page_header(
+        generated_by=f"python scripts/measure_indicator_precision.py --tables-only --page {page}",
+        command=run.get("command"),
+        device=run.get("device"),
+        date=results_page.date_span([run.get("date")]),
+        budget=f"{' and '.join(map(str, data['steps']))} simulated steps on {data['matrices']} matrices, "
+        f"{data['cpu_seconds']:.0f} CPU-seconds in all",
+    )
+    text = "# Reward statistic storage\n\n" + header + "\n" + statistic_markdown(data)
+    results_page.write_page(page, text)
+    return text
+
+
+def statistic_rows(chosen: list[torch.Tensor], steps_list: list[int]) -> list[dict]:
+    """Per number of simulated steps and accumulator: median Spearman with the fp32 sum over the ``chosen``
+    matrices, and the median fraction of 50% keep/prune decisions that differ from it (see the module docstring)."""
     from grpo_prune.pruning import masks as M
     from grpo_prune.pruning.compact import RowScaledHalf
     from grpo_prune.pruning.scores import rank_correlation
 
-    chosen = weights[:: max(1, len(weights) // 21)][:21]
-    print("\nReward statistic (abs form): a 2-byte accumulator against the fp32 sum of the same noisy saliencies,")
-    print(f"median over {len(chosen)} of SmolLM2's matrices\n")
-    print("| steps | accumulator | Spearman with fp32 | 50% decisions differing |")
-    print("|---|---|---|---|")
+    rows = []
     for steps in steps_list:
         corr: dict[str, list[float]] = {"bf16 sum": [], "fp16 sum": [], "row-scaled fp16 (used)": []}
         differ: dict[str, list[float]] = {k: [] for k in corr}
@@ -130,7 +191,15 @@ def statistic_table(weights: list[torch.Tensor], steps_list: list[int]) -> None:
                 corr[k].append(rank_correlation(value, acc32))
                 differ[k].append(float((M.unstructured_mask(value, 0.5) != ref_mask).float().mean()))
         for k in corr:
-            print(f"| {steps} | {k} | {statistics.median(corr[k]):.4f} | {100 * statistics.median(differ[k]):.3f}% |")
+            rows.append(
+                {
+                    "steps": steps,
+                    "accumulator": k,
+                    "spearman": statistics.median(corr[k]),
+                    "differing": statistics.median(differ[k]),
+                }
+            )
+    return rows
 
 
 if __name__ == "__main__":

@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             bq._check_device(args.device)
         except ValueError as err:
             parser.error(str(err))
-        run = results_page.run_record(args.device, argv)
+        run = results_page.run_record(args.device, argv, __file__)
         run_sweep(args, args.variants)
     rows = collect(out)
     measured = {(r["mode"], r["setting"], r["scorer"]) for r in rows}
