@@ -237,3 +237,63 @@ def test_prune_oneshot_with_owl_allocation(tmp_path):
         prune_oneshot(tiny_model(), 0.5, scorer="mama", calibration=ids, allocation="owl")
     with pytest.raises(ValueError, match="allocation"):
         prune_oneshot(tiny_model(), 0.5, scorer="wanda", calibration=ids, allocation="outliers")
+
+
+# ------------------------------------------------------------------------------------- scripts/measure_calibration.py
+def _measure_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "measure_calibration.py"
+    spec = importlib.util.spec_from_file_location("measure_calibration", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_measure_calibration_plan_resume_and_tables(tmp_path):
+    mc = _measure_script()
+    args = mc.build_parser().parse_args(["--output-dir", str(tmp_path), "--windows", "8", "32", "128", "512"])
+    names = [mc.point_name(p) for p in mc.plan_points(args)]
+    # Dense first, the default scorer's larger size and sources before the other scorer's, the costliest last.
+    assert names[:3] == ["dense", "sparsegpt-python_docs-8x256", "wanda-python_docs-8x256"]
+    assert names.index("sparsegpt-mix-32x256") < names.index("wanda-python_docs-128x256")
+    assert names[-2:] == ["sparsegpt-python_docs-512x256", "wanda-python_docs-512x256"]
+    assert len(names) == len(set(names))
+
+    def record(point, ppl, acc):
+        return {
+            "settings": mc.settings_of(args, point),
+            "calibration_tokens": point["windows"] * point["length"],
+            "ppl": ppl,
+            "arithmetic": acc,
+            "arithmetic_n": 159,
+            "cpu_seconds": {"load": 1.0, "prune": 10.0 + point["windows"], "eval": 50.0},
+            "wall_seconds": 120.0,
+            "device": "CPU (test)",
+            "date": "2026-12-06 07:00 UTC",
+        }
+
+    points = {mc.point_name(p): p for p in mc.plan_points(args)}
+    records = {
+        "dense": record(points["dense"], 40.0, 0.4),
+        "sparsegpt-python_docs-8x256": record(points["sparsegpt-python_docs-8x256"], 120.0, 0.1),
+        "sparsegpt-mix-32x256": record(points["sparsegpt-mix-32x256"], 80.0, 0.2),
+    }
+    path = mc.point_path(args, points["sparsegpt-mix-32x256"])
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(records["sparsegpt-mix-32x256"]))
+    assert mc.load_point(args, points["sparsegpt-mix-32x256"]) == records["sparsegpt-mix-32x256"]
+    other = mc.build_parser().parse_args(["--output-dir", str(tmp_path), "--lambada", "4"])
+    assert mc.load_point(other, points["sparsegpt-mix-32x256"]) is None  # other settings: not reused
+    # The estimate follows the finished points of the scorer (a line through them) and the eval time.
+    done = list(records.values())
+    assert mc.estimate_cpu(done, points["sparsegpt-python_docs-128x256"]) > mc.estimate_cpu(
+        done, points["sparsegpt-python_docs-32x256"]
+    )
+    text = mc.write_tables(args, records, "python scripts/measure_calibration.py")
+    assert "| sparsegpt | python_docs | 8 x 256 | 2,048 | 120.00 | 3.00x | 10.0 | 25% |" in text
+    assert "| sparsegpt | mix | 32 x 256 | 8,192 | 80.00 | 2.00x | 20.0 | 50% |" in text
+    assert "- **command**: `python scripts/measure_calibration.py`" in text
+    assert "Not measured" in text and "wanda-python_docs-512x256" in text
+    assert json.loads((tmp_path / "calibration.json").read_text())["points"]["dense"]["ppl"] == 40.0
