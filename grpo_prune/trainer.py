@@ -116,6 +116,7 @@ class MamaGRPOTrainer(GRPOTrainer):
 
         self._grads_processed = False
         self._step_has_reward_signal = False
+        self._train_max_steps: int | None = None
         self.pruner: Pruner | None = None
         self.pruning_callback: PruningCallback | None = None
         if args.pruning_enabled:
@@ -192,6 +193,7 @@ class MamaGRPOTrainer(GRPOTrainer):
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
         # On resume the parent loads the checkpoint after sharding the model: `_load_optimizer_and_scheduler`
         # builds the pruner first. Otherwise it is built here, once the parameters are DTensor shards.
+        self._train_max_steps = max_steps  # a resume resolves the default `prune_end_step` from it before loading
         out = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
         if self._sharded_pruner and self.pruner is None:
             self._build_pruner()
@@ -465,15 +467,17 @@ class MamaGRPOTrainer(GRPOTrainer):
             self.pruner.save(output_dir)
             report = self.pruning_report()
             if self.args.should_save:
-                write_json_atomic(os.path.join(output_dir, TRAINER_STATE_NAME), self.pruning_callback.state_dict())
+                write_json_atomic(os.path.join(output_dir, TRAINER_STATE_NAME), self._mama_state())
                 write_json_atomic(os.path.join(output_dir, REPORT_NAME), report)
             return
         if self.pruner is None or getattr(self, "_saving_checkpoint", False):
             super().save_model(output_dir, _internal_call)
             if self.args.should_save and os.path.isdir(output_dir):
                 relax_private_modes(output_dir, recursive=False)  # save_pretrained's model.safetensors is 0600
-            if self.pruner is not None and self.args.should_save:
-                self._save_pruner_state(output_dir)
+            if self.pruner is not None:
+                self._save_pruner_state(output_dir)  # on every rank: DDP sums are reduced into the one file
+            elif self.text_sampler is not None and self.args.should_save:
+                write_json_atomic(os.path.join(output_dir, TRAINER_STATE_NAME), self._mama_state())
             return
         if self.args.should_save:
             from grpo_prune.export import write_final_model
@@ -491,25 +495,49 @@ class MamaGRPOTrainer(GRPOTrainer):
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def _save_pruner_state(self, output_dir: str) -> None:
-        """The pruner's training state and report, for `resume_from_checkpoint` (checkpoint folders only)."""
-        self.pruner.save(output_dir)
-        write_json_atomic(os.path.join(output_dir, TRAINER_STATE_NAME), self.pruning_callback.state_dict())
-        write_json_atomic(os.path.join(output_dir, REPORT_NAME), self.pruning_report())
+        """The pruner's training state and report, for `resume_from_checkpoint` (checkpoint folders only). Called
+        on every rank: under DDP the per-rank sums (activations, Gram matrices) are summed over the ranks into the
+        one file rank 0 writes (`Pruner.save`), and loaded back on one rank only (`_load_optimizer_and_scheduler`),
+        so a resume neither multiplies rank 0's sums nor loses the others'."""
+        self.pruner.save(output_dir, write=self.args.should_save)
+        if self.args.should_save:
+            write_json_atomic(os.path.join(output_dir, TRAINER_STATE_NAME), self._mama_state())
+            write_json_atomic(os.path.join(output_dir, REPORT_NAME), self.pruning_report())
+
+    def _mama_state(self) -> dict[str, Any]:
+        """``mama_trainer_state.json``: the pruning callback's state (schedule clock, reward guard, events) and the
+        text-distillation sampler's position (the same on every rank: each draws one batch per micro-batch)."""
+        state = self.pruning_callback.state_dict() if self.pruning_callback is not None else {}
+        if self.text_sampler is not None:
+            state["text_sampler_position"] = self.text_sampler.position
+        return state
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None and self._sharded_pruner and self.pruner is None:
             self._build_pruner()  # FSDP2: the model was sharded just before this call
-        if checkpoint is None or self.pruner is None:
+        if checkpoint is None:
             return
         state_path = os.path.join(checkpoint, TRAINER_STATE_NAME)
-        if not os.path.exists(state_path):
+        state = None
+        if os.path.exists(state_path):
+            with open(state_path) as f:
+                state = json.load(f)
+        if self.text_sampler is not None and state is not None and "text_sampler_position" in state:
+            self.text_sampler.position = int(state["text_sampler_position"])  # the text stream continues
+        if self.pruner is None:
+            return
+        if state is None:
             raise FileNotFoundError(
                 f"{checkpoint} has no pruner state ({TRAINER_STATE_NAME}); it was not written by MamaGRPOTrainer, "
                 "so masks and movement scores cannot be restored."
             )
-        self.pruner.load(checkpoint)
-        with open(state_path) as f:
-            self.pruning_callback.load_state_dict(json.load(f))
+        # Resolved as `on_train_begin` will resolve it, so that an unset `prune_end_step` (saved resolved) does not
+        # read as a changed setting.
+        max_steps = self._train_max_steps or self.state.max_steps
+        self.pruner.settings.end_step = self.pruning_callback.resolve_end_step(max_steps)
+        # DDP: the file holds sums over every rank; one rank keeps them (FSDP2: each rank reads its own file).
+        self.pruner.load(checkpoint, holds_sums=self.pruner.layout is not None or self.accelerator.is_main_process)
+        self.pruning_callback.load_state_dict(state)
         self.pruner.apply_masks_()
         self.pruner.mask_optimizer_state_(self.optimizer)

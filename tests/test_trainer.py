@@ -532,6 +532,51 @@ def test_two_process_ddp_masks_identical(tmp_path):
     assert info["world_size"] == 2
 
 
+def run_ddp_checks(tmp_path, mode: str) -> list[dict]:
+    """Run `ddp_checks.py <mode>` on two gloo ranks; a hang fails (timeout) instead of hanging CI."""
+    script = os.path.join(os.path.dirname(__file__), "ddp_checks.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(__file__)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script]
+    try:
+        proc = subprocess.run([*cmd, mode, str(tmp_path)], env=env, capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"the two ranks did not finish (a collective one rank skipped?): {str(err.stderr)[-2000:]}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    infos = [json.loads((tmp_path / f"{mode}_rank{r}.json").read_text()) for r in (0, 1)]
+    masks = [load_file(tmp_path / f"{mode}_masks_rank{r}.safetensors") for r in (0, 1)]
+    assert masks[0].keys() == masks[1].keys() and masks[0]
+    for name in masks[0]:
+        assert torch.equal(masks[0][name], masks[1][name]), name
+    assert infos[0]["world_size"] == 2
+    return infos
+
+
+def test_ddp_ranks_decide_alike_when_one_rank_has_no_reward_signal(tmp_path):
+    # Rank 0's rewards are constant, rank 1's vary: rank 0 alone would find the statistic empty and skip it while
+    # rank 1 entered its all-reduce (a hang). Decisions are reduced, so both mix it in and build the same masks.
+    infos = run_ddp_checks(tmp_path, "mixed_signal")
+    for info in infos:
+        assert info["zero_std"] and all(v == 0.5 for v in info["zero_std"])  # one of the two groups has no signal
+        assert info["mixed"] == [True] and info["updates"] == 3 and info["sparsity"] == pytest.approx(0.5)
+    assert infos[0]["events"] == infos[1]["events"] == [3]
+
+
+def test_ddp_resume_equals_the_uninterrupted_run(tmp_path):
+    # Activation sums are per rank; the checkpoint holds them summed over the ranks and one rank loads them, so the
+    # resumed run's reduced statistics, reward statistic and masks equal the uninterrupted run's (they were
+    # world_size x rank 0's before).
+    infos = run_ddp_checks(tmp_path, "resume")
+    for info in infos:
+        assert info["equal"] == {"masks": True, "movement": True, "rms": True}
+        assert info["events_resumed"] == info["events"] == [2, 3, 4]
+        assert info["updates_resumed"] == info["updates"]
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    assert sorted(p.name for p in checkpoint.glob("pruner_state*")) == [
+        "pruner_state.json",
+        "pruner_state.safetensors",
+    ]
+
+
 # ----------------------------------------------------------------------------------------- real embedded model
 @pytest.mark.slow
 def test_end_to_end_on_embedded_smollm2(tmp_path):

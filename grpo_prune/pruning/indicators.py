@@ -575,6 +575,40 @@ class Indicators:
         sd.update(self._gram_state())
         return sd
 
+    #: State keys that hold this process's own sums over the data it saw (summed over processes where they are used).
+    RANK_SUM_PREFIXES = ("act_sumsq/", "act_sum/", "act_count/", "gram/", "gram_tokens/")
+
+    def reduced_state_dict(self) -> dict[str, Tensor]:
+        """:meth:`state_dict` with the per-process sums (activation statistics, Gram matrices and their token
+        counts) summed over processes: what one file must hold for a data-parallel run to resume. A collective
+        when a reduce function is set (call it on every rank); the live tensors otherwise."""
+        sd = self.state_dict()
+        if self._reduce_fn is None:
+            return sd
+        device = next(iter(self.targets.values())).weight.device
+        by_dtype: dict[torch.dtype, list[str]] = {}
+        for key in sd:
+            if key.startswith(self.RANK_SUM_PREFIXES):
+                by_dtype.setdefault(sd[key].dtype, []).append(key)
+        for keys in by_dtype.values():  # one collective per dtype, each sum in its own dtype (no fp64 Gram copy)
+            parts = [sd[k].to(device).flatten() for k in keys]
+            flat = self._reduce_fn(torch.cat(parts))
+            for key, part in zip(keys, torch.split(flat, [p.numel() for p in parts]), strict=True):
+                sd[key] = part.reshape(sd[key].shape)
+        return sd
+
+    @torch.no_grad()
+    def clear_rank_sums_(self) -> None:
+        """Zero this process's sums (activation statistics, Gram matrices and token counts): after loading a state
+        whose sums were reduced over processes (:meth:`reduced_state_dict`) on every rank, all ranks but one call
+        this, so that the next reduction counts the saved data once."""
+        self.reset_activation_stats()
+        if self.gram is not None:
+            for key in list(self.gram._gram):
+                self.gram._gram[key].zero_()
+            for key in list(self.gram._count):
+                self.gram._count[key] = 0
+
     def upgrade_state(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         """``state_dict`` with a statistic saved in float32 (checkpoints before the 2-byte accumulator) converted to
         this class's ``movement/`` + ``movement_exponent/`` tensors; anything else is returned unchanged."""

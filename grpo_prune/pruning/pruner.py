@@ -783,11 +783,9 @@ class Pruner:
         no shards) every rank must call it too: the per-process sums are summed over processes
         (:meth:`Indicators.reduced_state_dict`), and only the rank given ``write=True`` writes them; on resume,
         ``load(..., holds_sums=False)`` on the other ranks counts them once."""
+        state = self.state_dict()
         if self.layout is None and self.indicators._reduce_fn is not None:
-            state = self.indicators.reduced_state_dict()
-            state.update({k: v for k, v in self.state_dict().items() if k not in state})
-        else:
-            state = self.state_dict()
+            state.update(self.indicators.reduced_state_dict())
         if not write:
             return
         os.makedirs(path_dir, exist_ok=True)
