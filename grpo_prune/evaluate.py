@@ -27,6 +27,10 @@ This is the public module: the code lives in :mod:`grpo_prune.evaluation` (``tas
 prompt wordings; ``scoring``: how each kind of task is scored; ``runner``: one model on several tasks, timing;
 ``report``: tables), and every name is re-exported here; the command line is below.
 
+Generation tasks can also be asked in other wordings than the training format (``evaluate_model(...,
+wordings=["train", "zero_shot"])``, :data:`PROMPT_WORDINGS`), each on the same items, so that a model that kept only
+the training scaffold is seen.
+
 Subsets are seeded: each task shuffles its items once with a fixed key (task name and seed) and takes a prefix, so a
 smaller ``limit`` gives a subset of a larger one and the dense and pruned models always see the same items.
 """

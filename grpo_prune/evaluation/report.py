@@ -157,6 +157,3 @@ def compare_results(
             }
         )
     return Comparison(dense, pruned, rows, labels)
-
-
-__all__ = ["Comparison", "compare_results", "format_results"]

