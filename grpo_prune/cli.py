@@ -258,7 +258,24 @@ def run_train(run: TrainRun) -> dict[str, Any]:
     resume = args.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "latest"):
         resume = True
-    trainer.train(resume_from_checkpoint=resume)
+    from transformers import TrainerCallback
+
+    class StepStarted(TrainerCallback):  # errors before the first step are the config's or the checkpoint's
+        started = False
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = True
+
+    started = StepStarted()
+    trainer.add_callback(started)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except _user_errors() as err:
+        if not started.started:  # a config or checkpoint mistake found as training begins: one usage line
+            raise
+        # Past the first step it is not a usage mistake (a Gram matrix not positive definite, NaN scores): the
+        # traceback is shown and the exit status is Python's 1, not the usage status 2.
+        raise TrainingError(f"training failed at step {trainer.state.global_step}: {one_line(err)}") from err
     trainer.save_model(args.output_dir)
 
     rewards = [e["reward"] for e in trainer.state.log_history if "reward" in e]
@@ -288,6 +305,10 @@ def run_train(run: TrainRun) -> dict[str, Any]:
         write_json_atomic(os.path.join(args.output_dir, "run_summary.json"), summary)
         print(format_summary(summary))
     return summary
+
+
+class TrainingError(RuntimeError):
+    """An error raised once training had started: reported with its traceback, not as a usage error."""
 
 
 def _median(values: list[float]) -> float | None:

@@ -329,3 +329,24 @@ def test_oneshot_command_refuses_bad_input_before_loading(tmp_path, capsys, argv
         code = exit_.code
     assert code == 2 and match in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_error_during_training_shows_its_traceback_not_a_usage_line(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    # A ValueError raised mid-training (a Gram matrix not positive definite, NaN scores) is not a usage mistake: it
+    # propagates with its traceback (Python's exit status 1) instead of becoming one line with status 2.
+    from grpo_prune.cli import TrainingError
+    from grpo_prune.pruning.pruner import Pruner
+
+    original = Pruner.maybe_prune
+
+    def failing(self, step):
+        if step >= 2:
+            raise ValueError("the Gram matrix of model.layers.0.mlp.down_proj is not positive definite")
+        return original(self, step)
+
+    monkeypatch.setattr(Pruner, "maybe_prune", failing)
+    config = write_config(tmp_path, tiny_model_dir, max_steps=3, prune_end_step=3, distill_coef=0.0)
+    with pytest.raises(TrainingError, match="step 2.*not positive definite") as info:
+        main(["train", "--config", str(config)])
+    assert isinstance(info.value.__cause__, ValueError)
+    assert "error:" not in capsys.readouterr().err  # no one-line usage message

@@ -683,3 +683,35 @@ def test_init_masks_on_the_pruned_export_itself_need_a_named_teacher(tmp_path):
     # Without distillation there is no teacher to get wrong.
     trainer = make_trainer(tmp_path, model=AutoModelForCausalLM.from_pretrained(folder), prune_init_masks=str(folder))
     assert trainer.pruner.sparsity() == pytest.approx(0.5)
+
+
+def test_resume_continues_the_text_stream_without_a_settings_warning(tmp_path):
+    # The text-distillation sampler's position is checkpointed (the stream continues where it was), and an unset
+    # prune_end_step, saved resolved, does not read as a changed setting on resume.
+    import warnings
+
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"the number {i} is {i % 7} more than {i - i % 7}." for i in range(100)))
+    overrides = dict(
+        max_steps=4,
+        prune_end_step=None,
+        save_strategy="steps",
+        save_steps=2,
+        distill_coef=0.0,
+        distill_dataset=str(text),
+        distill_text_length=16,
+        distill_text_batch_size=2,
+    )
+    full = make_trainer(tmp_path / "full", **overrides)
+    full.train()
+    assert full.text_sampler.position == 4 * 2
+    checkpoint = tmp_path / "full" / "out" / "checkpoint-2"
+    assert json.loads((checkpoint / "mama_trainer_state.json").read_text())["text_sampler_position"] == 2 * 2
+    resumed = make_trainer(tmp_path / "resumed", **overrides)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert not [w for w in caught if "changed settings" in str(w.message)]
+    assert resumed.text_sampler.position == full.text_sampler.position
+    # (the resumed log history starts with the checkpoint's: steps 1-2, then this run's 3-4)
+    assert logged(resumed, "distill/text_loss")[-2:] == pytest.approx(logged(full, "distill/text_loss")[-2:], rel=1e-5)
