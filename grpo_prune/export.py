@@ -705,13 +705,37 @@ def _is_2_4(masks: dict[str, Tensor]) -> bool:
     return True
 
 
-def _write_export(exp: _Export, folder: Path, compressed: bool) -> None:
+def _write_export(exp: _Export, folder: Path, compressed: bool, gguf_type: str | None = None) -> None:
     """Write the model, tokenizer, sidecar and report of ``exp`` into the existing empty ``folder``.
 
     With ``compressed`` the pruned weights are stored in compressed-tensors' sparse bitmask format (2:4 format for 2:4
     masks) and no bool sidecar is written: the bitmask in the checkpoint already says which weights are kept.
     """
     src, report = exp.src, exp.report
+    if gguf_type is not None:
+        from grpo_prune.gguf_export import write_gguf
+
+        written = write_gguf(
+            exp.model, folder / f"model-{gguf_type}.gguf", tokenizer=src.tokenizer, gguf_type=gguf_type
+        )
+        report["weights_format"] = f"gguf-{gguf_type}"
+        report["gguf"] = written
+        report["file_bytes"] = written["file_bytes"]
+        report["notes"].append(
+            f"GGUF {gguf_type} for llama.cpp ({written['architecture']}), tokenizer and chat template inside: "
+            f"`llama-cli -m {written['file']}`; transformers reads it with from_pretrained(folder, "
+            f"gguf_file={written['file']!r})."
+            + (" The pruned weights are stored as zeros (GGUF has no sparse type)." if not exp.sliced else "")
+            + (
+                f" {len(written['f16_fallback'])} matrices kept in F16 (rows not whole blocks)."
+                if written["f16_fallback"]
+                else ""
+            )
+        )
+        report["notes"] += written["notes"]
+        report["files"] = sorted(p.name for p in folder.iterdir()) + [REPORT_FILE]
+        (folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        return
     exp.model.save_pretrained(folder)
     if src.tokenizer is not None:
         src.tokenizer.save_pretrained(folder)
@@ -760,6 +784,7 @@ def export_pruned(
     tokenizer: Any = None,
     structured: bool | str = "auto",
     compressed: bool = False,
+    gguf_type: str | None = None,
 ) -> dict[str, Any]:
     """Write a pruned model as a vanilla transformers checkpoint (see the module docstring for the formats).
 
@@ -778,6 +803,9 @@ def export_pruned(
         compressed: store the pruned weights of an unstructured or N:M export in compressed-tensors' sparse bitmask
             format (``sparse-24-bitmask`` for 2:4) instead of dense zeros: about ``(1 - s) + 1 / (8 * bytes per
             value)`` of their dense size; load with :func:`grpo_prune.compress.load_compressed`.
+        gguf_type: instead of safetensors, write one GGUF file ``model-<type>.gguf`` for llama.cpp (``"F32"``,
+            ``"F16"``, ``"BF16"``, ``"Q8_0"``, ``"Q4_0"``, ``"Q4_1"``; :mod:`grpo_prune.gguf_export`), sliced for
+            structured pruning, with the tokenizer (required) and chat template inside.
 
     Returns:
         the report written to ``output_dir/pruning_report.json``: ``format``, ``mode`` (``"structured"`` or
@@ -820,8 +848,17 @@ def export_pruned(
             "A structured export is already physically smaller (units sliced out); --format compressed is for "
             "unstructured and N:M masks. Pass structured=False (--structured false) to compress the zeros form."
         )
+    if gguf_type is not None:
+        from grpo_prune.gguf_export import GGUF_TYPES
+
+        if compressed:
+            raise ValueError("`compressed` and `gguf_type` are two different formats: choose one.")
+        if gguf_type not in GGUF_TYPES:
+            raise ValueError(f"`gguf_type` must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}.")
+        if src.tokenizer is None:
+            raise ValueError("A GGUF export needs the tokenizer: pass tokenizer= (the checkpoint folder has none).")
     exp = _prepare(src, structured)
-    write_dir_atomically(output_dir, lambda tmp: _write_export(exp, tmp, compressed))
+    write_dir_atomically(output_dir, lambda tmp: _write_export(exp, tmp, compressed, gguf_type))
     return exp.report
 
 
@@ -897,17 +934,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--format",
-        choices=("dense", "compressed"),
+        choices=("dense", "compressed", "gguf"),
         default="dense",
         help="dense: pruned weights as zeros (loads anywhere); compressed: compressed-tensors sparse bitmask "
-        "(2:4 format for 2:4 masks), about half the bytes of the pruned layers at 50%% sparsity",
+        "(2:4 format for 2:4 masks), about half the bytes of the pruned layers at 50%% sparsity, loaded with "
+        "grpo_prune.compress.load_compressed; gguf: one GGUF file for llama.cpp (see --gguf-type)",
+    )
+    parser.add_argument(
+        "--gguf-type",
+        choices=("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"),
+        default="F16",
+        help="tensor type of --format gguf (default F16; Q4_0/Q4_1 are 4-bit)",
     )
     args = parser.parse_args(argv)
     structured = {"auto": "auto", "true": True, "false": False}[args.structured]
     # A bad checkpoint raises ValueError / FileNotFoundError / FileExistsError: `grpo_prune.cli.main` shows it as
     # one line with exit status 2 (or the traceback with --debug).
     report = export_pruned(
-        args.checkpoint_dir, args.output_dir, structured=structured, compressed=args.format == "compressed"
+        args.checkpoint_dir,
+        args.output_dir,
+        structured=structured,
+        compressed=args.format == "compressed",
+        gguf_type=args.gguf_type if args.format == "gguf" else None,
     )
     print(
         f"Exported {report['mode']} {report['architecture']} to {args.output_dir}: "
@@ -915,7 +963,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{report['bytes_before'] / 2**20:.1f} -> {report['bytes_after'] / 2**20:.1f} MiB, "
         f"{report['global_sparsity']:.1%} of the targeted weights pruned."
     )
-    if report["weights_format"] != "dense":
+    if report["weights_format"].startswith("gguf"):
+        print(f"  {report['gguf']['file']}: {report['file_bytes'] / 2**20:.1f} MiB, {report['weights_format']}")
+    elif report["weights_format"] != "dense":
         print(
             f"  weights in {report['weights_format']} format: {report['dense_file_bytes'] / 2**20:.1f} MiB dense -> "
             f"{report['file_bytes'] / 2**20:.1f} MiB on disk ({report['compressed_ratio']:.2f}x)"
