@@ -253,12 +253,12 @@ def _measure_script():
 
 def test_measure_calibration_plan_resume_and_tables(tmp_path):
     mc = _measure_script()
-    args = mc.build_parser().parse_args(["--output-dir", str(tmp_path), "--windows", "8", "32", "128", "512"])
+    args = mc.build_parser().parse_args(["--output-dir", str(tmp_path), "--windows", "8", "32", "128", "384"])
     names = [mc.point_name(p) for p in mc.plan_points(args)]
     # Dense first, the default scorer's larger size and sources before the other scorer's, the costliest last.
     assert names[:3] == ["dense", "sparsegpt-python_docs-8x256", "wanda-python_docs-8x256"]
     assert names.index("sparsegpt-mix-32x256") < names.index("wanda-python_docs-128x256")
-    assert names[-2:] == ["sparsegpt-python_docs-512x256", "wanda-python_docs-512x256"]
+    assert names[-2:] == ["sparsegpt-python_docs-384x256", "wanda-python_docs-384x256"]
     assert len(names) == len(set(names))
 
     def record(point, ppl, acc):
@@ -295,5 +295,5 @@ def test_measure_calibration_plan_resume_and_tables(tmp_path):
     assert "| sparsegpt | python_docs | 8 x 256 | 2,048 | 120.00 | 3.00x | 10.0 | 25% |" in text
     assert "| sparsegpt | mix | 32 x 256 | 8,192 | 80.00 | 2.00x | 20.0 | 50% |" in text
     assert "- **command**: `python scripts/measure_calibration.py`" in text
-    assert "Not measured" in text and "wanda-python_docs-512x256" in text
+    assert "Not measured" in text and "wanda-python_docs-384x256" in text
     assert json.loads((tmp_path / "calibration.json").read_text())["points"]["dense"]["ppl"] == 40.0
