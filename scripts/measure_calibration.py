@@ -376,9 +376,9 @@ def main(argv: list[str] | None = None) -> int:
 
     for source in {args.size_source, *args.sources}:
         validate_calibration_source(source)
-    command = "OMP_NUM_THREADS=1 python scripts/measure_calibration.py " + shlex.join(
-        sys.argv[1:] if argv is None else argv
-    )
+    # The command that measures (a --tables-only rewrite shows the measuring command, not itself).
+    given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--tables-only"]
+    command = "OMP_NUM_THREADS=1 nohup python scripts/measure_calibration.py " + shlex.join(given)
     points = plan_points(args)
     records: dict[str, dict[str, Any]] = {}
     for p in points:
