@@ -300,6 +300,11 @@ def write_gguf(
     writer.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[gguf_type]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     notes = _add_tokenizer(writer, tokenizer, config.vocab_size, arch, config.model_type)
+    if arch == "llama" and any(k.endswith(".bias") for k in state):
+        notes.append(
+            "Llama with biases (compensation): llama.cpp reads the optional llama biases, but transformers' GGUF "
+            "reader (5.25) drops them and would compute something else; check this file in llama.cpp."
+        )
 
     fallback = []
     count = 0

@@ -278,3 +278,16 @@ def test_embedded_smollm2_pruned_mlp25_round_trips_through_gguf(tmp_path):
     gguf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "gguf", gguf_file=out["gguf"]["file"])
     assert gguf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == text
     assert gguf_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
+
+
+def test_llama_biases_are_written_with_a_note_about_transformers_reader(tmp_path):
+    """A Qwen2 whose compensation added o_proj/MLP biases exports as Llama with biases: llama.cpp reads the optional
+    llama biases, transformers' GGUF reader (5.25) drops them, so the report says so."""
+    from grpo_prune.gguf_export import write_gguf
+
+    model = tiny_model("llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=128, attention_bias=True)
+    written = write_gguf(model, tmp_path / "b.gguf", tokenizer=TOKENIZER, gguf_type="F32")
+    assert "blk.0.attn_output.bias" in read_fields(tmp_path / "b.gguf")["tensors"]
+    assert any("drops them" in note for note in written["notes"])
+    plain = write_gguf(make_model("llama"), tmp_path / "p.gguf", tokenizer=TOKENIZER, gguf_type="F32")
+    assert not plain["notes"]
