@@ -17,7 +17,10 @@ Two forms, chosen by the pruning granularity (``structured="auto"``):
 * **Compressed** (``compressed=True``, ``--format compressed``; unstructured and N:M): the masked form with the
   pruned weights stored in compressed-tensors' ``sparse-bitmask`` / ``sparse-24-bitmask`` layout
   (:mod:`grpo_prune.compress`), about half the bytes of the pruned layers at 50%; loaded with
-  :func:`grpo_prune.compress.load_compressed`.
+  :func:`grpo_prune.compress.load_compressed`; plain ``from_pretrained`` refuses the folder rather than load it
+  wrong.
+* **GGUF** (``gguf_type=``, ``--format gguf``): the masked or sliced model as one GGUF file for llama.cpp, with the
+  tokenizer and chat template inside (:mod:`grpo_prune.gguf_export`). docs/export.md compares the formats.
 
 The source is a folder with pruner state (``checkpoint-*``, or ``save_pretrained`` + ``Pruner.save``), a folder with
 ``pruning_masks.safetensors`` (a run's final ``output_dir``, written by :func:`write_final_model`, or an earlier masked
