@@ -715,3 +715,18 @@ def test_resume_continues_the_text_stream_without_a_settings_warning(tmp_path):
     assert resumed.text_sampler.position == full.text_sampler.position
     # (the resumed log history starts with the checkpoint's: steps 1-2, then this run's 3-4)
     assert logged(resumed, "distill/text_loss")[-2:] == pytest.approx(logged(full, "distill/text_loss")[-2:], rel=1e-5)
+
+
+def test_pruning_callback_and_distiller_do_not_import_the_trainer():
+    # The callback talks to the pruner and a PruningHost protocol; the distiller to the accelerator and the models.
+    # Neither imports the trainer (no import circle), statically or lazily.
+    import ast
+
+    import grpo_prune.distiller
+    import grpo_prune.pruning_callback
+
+    for module in (grpo_prune.pruning_callback, grpo_prune.distiller):
+        tree = ast.parse(open(module.__file__, encoding="utf-8").read())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert "grpo_prune.trainer" not in imported, module.__name__
