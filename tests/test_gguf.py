@@ -291,3 +291,30 @@ def test_llama_biases_are_written_with_a_note_about_transformers_reader(tmp_path
     assert any("drops them" in note for note in written["notes"])
     plain = write_gguf(make_model("llama"), tmp_path / "p.gguf", tokenizer=TOKENIZER, gguf_type="F32")
     assert not plain["notes"]
+
+
+def test_sentencepiece_style_tokenizer_round_trips_with_gemma3(tmp_path):
+    """Gemma's kind of tokenizer (BPE on "▁"-joined text with byte fallback) is written as llama.cpp's "llama"
+    (SentencePiece) vocabulary: tokens, scores in vocabulary order and BYTE types; transformers' Gemma builder
+    rebuilds it from the file and tokenizes exactly as the original, unknown characters (bytes) included."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from grpo_prune.gguf_export import write_gguf
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", *(f"<0x{i:02X}>" for i in range(256))]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog, 0123456789 + - = ?"] * 10, trainer)
+    spm = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
+    )
+    model = tiny_model("gemma3", vocab_size=len(spm), **GEMMA3_GGUF)
+    write_gguf(model, tmp_path / "g.gguf", tokenizer=spm, gguf_type="F32")
+    fields = read_fields(tmp_path / "g.gguf")
+    assert fields["tokenizer.ggml.model"] == "llama" and "tokenizer.ggml.scores" in fields
+    rebuilt = AutoTokenizer.from_pretrained(tmp_path, gguf_file="g.gguf")
+    for text in ["the lazy fox", "quick brown dog 123 = ?", "zebra \u00fcn\u00efcode"]:
+        assert rebuilt(text, add_special_tokens=False)["input_ids"] == spm(text)["input_ids"], text
