@@ -2,9 +2,10 @@
 
 The trainer is glue between TRL's GRPO loss, the pruner and this object. The distiller owns the teacher:
 
-* building it: TRL's reference model when `beta > 0` (one frozen copy, not two); under LoRA the policy itself with
-  its adapters disabled (no copy at all); otherwise a copy built from the student's weights, or the model named by
-  `teacher_model_name_or_path`, loaded in the student's dtype;
+* building it: TRL's reference model when `beta > 0` (one frozen copy, not two; not under FSDP, see
+  `Distiller._prepare_fsdp`); under LoRA the policy itself with its adapters disabled (no copy at all); otherwise a
+  copy built from the student's weights, or the model named by `teacher_model_name_or_path`, loaded in the
+  student's dtype;
 * its wrapping for the run (DeepSpeed, FSDP2, or a plain device move), and how it is called: under FSDP2 always
   through its root module, so that FSDP2's pre-forward hooks gather its shards;
 * the logits head of either model (LM head, then the model's own logit post-processing), the capture of hidden
@@ -114,8 +115,9 @@ class Distiller:
         deepspeed, fsdp: whether the trainer runs under DeepSpeed / FSDP (the teacher is wrapped alike).
 
     Attributes:
-        teacher: the frozen dense teacher (TRL's `ref_model` when `beta > 0`; under LoRA with no
-            `teacher_model_name_or_path`, the policy itself, run with its adapters disabled).
+        teacher: the frozen dense teacher (TRL's `ref_model` when `beta > 0`, except under FSDP, where TRL's
+            wrapping of it does not suit the chunked KD and the teacher is a copy sharded per layer; under LoRA with
+            no `teacher_model_name_or_path`, the policy itself, run with its adapters disabled).
         teacher_is_disabled_adapters: whether `teacher` is the LoRA policy with adapters disabled.
         text_sampler: the text windows of text distillation (None when off).
     """
