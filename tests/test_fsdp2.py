@@ -3,7 +3,8 @@
 `fsdp2_prune.py` does the work on each rank (see its docstring); this file launches it once (module fixture) and
 checks what it wrote: masks equal to one process's for every selection, pruned weights and Adam moments exactly zero
 through AdamW steps with weight decay, an exact resume of the per-rank state, and a vanilla export whose logits equal
-the sharded model's. Accelerate's FSDP plugin does not engage on CPU, so the trainer's FSDP2 path is not run here.
+the sharded model's. Accelerate's FSDP plugin does not engage on CPU, so the trainer's FSDP2 path runs here only
+for its teacher (`fsdp2_teacher.py`: the teacher sharded as a run shards it, one process on gloo).
 """
 
 import json
