@@ -5,7 +5,9 @@ the layout of llama.cpp's ``convert_hf_to_gguf.py`` for the three families expor
 
 * ``llama`` (SmolLM2, Llama; optional biases): the query and key rows are permuted from transformers' rotate-half
   order to llama.cpp's interleaved rotary order, as llama.cpp's converter does (readers undo it).
-* ``qwen2`` (q/k/v biases): no permutation (llama.cpp runs Qwen2 with NeoX rotary, like transformers).
+* ``qwen2`` (q/k/v biases): no permutation (llama.cpp runs Qwen2 with NeoX rotary, like transformers). llama.cpp's
+  qwen2 wants attention as wide as ``hidden_size``, so a Qwen2 with heads sliced out is written as ``llama`` (the
+  same computation once permuted, with the q/k/v biases llama.cpp's llama reads).
 * ``gemma3`` (Gemma 3 text): RMSNorm weights are stored as ``1 + w`` (llama.cpp multiplies by the stored weight;
   transformers' Gemma norm multiplies by ``1 + w``). llama.cpp fixes the layer pattern (every sixth layer global,
   the others sliding-window), so a config whose ``layer_types`` differ is refused.
@@ -259,6 +261,15 @@ def write_gguf(
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     n_layers = config.num_hidden_layers
+    arch_notes = []
+    if arch == "qwen2" and heads * head_dim != config.hidden_size:
+        # llama.cpp's qwen2 wants hidden_size-wide attention; its llama reads key_length and optional biases, and
+        # Qwen2 is Llama with q/k/v biases (the rotary permutation below turns NeoX order into llama's).
+        arch = "llama"
+        arch_notes.append(
+            "Qwen2 with attention heads sliced out is written as llama.cpp's llama architecture (the same "
+            "computation), since llama.cpp's qwen2 expects attention as wide as hidden_size."
+        )
 
     state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
     tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -299,7 +310,7 @@ def write_gguf(
         writer.add_sliding_window(config.sliding_window)
     writer.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[gguf_type]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    notes = _add_tokenizer(writer, tokenizer, config.vocab_size, arch, config.model_type)
+    notes = arch_notes + _add_tokenizer(writer, tokenizer, config.vocab_size, arch, config.model_type)
     if arch == "llama" and any(k.endswith(".bias") for k in state):
         notes.append(
             "Llama with biases (compensation): llama.cpp reads the optional llama biases, but transformers' GGUF "

@@ -176,15 +176,17 @@ def test_quantised_types_stay_within_their_precision_and_shrink_the_file(tmp_pat
     assert sizes["BF16"] == sizes["F16"]
 
 
-def test_head_sliced_qwen2_carries_its_head_dim_for_llama_cpp(tmp_path):
-    """transformers' GGUF reader (5.25) derives a Qwen2 head_dim from hidden_size / heads, so it cannot read a
-    head-sliced Qwen2 back; llama.cpp reads attention.key_length, which the file carries."""
+def test_head_sliced_qwen2_is_written_as_llama_for_llama_cpp(tmp_path):
+    """llama.cpp's qwen2 expects attention as wide as hidden_size (it refuses a head-sliced file: measured), its
+    llama reads key_length and the q/k/v biases: the file is a llama one, with a note."""
     model = make_model("qwen2")
     report = prune(model, "structured", "heads")
     out = export_pruned(model, tmp_path / "g", pruner=report, tokenizer=TOKENIZER, gguf_type="F32")
     fields = read_fields(tmp_path / "g" / out["gguf"]["file"])
-    assert fields["qwen2.attention.head_count"] == 2 and fields["qwen2.attention.key_length"] == 16
+    assert fields["general.architecture"] == "llama" and fields["llama.attention.head_count"] == 2
+    assert fields["llama.attention.key_length"] == fields["llama.rope.dimension_count"] == 16
     assert fields["tensors"]["blk.0.attn_q.weight"][1] == [64, 32] and "blk.0.attn_q.bias" in fields["tensors"]
+    assert any("written as llama.cpp's llama" in n for n in out["gguf"]["notes"])
 
 
 # ------------------------------------------------------------------------------------------------------ refusals
@@ -318,3 +320,44 @@ def test_sentencepiece_style_tokenizer_round_trips_with_gemma3(tmp_path):
     rebuilt = AutoTokenizer.from_pretrained(tmp_path, gguf_file="g.gguf")
     for text in ["the lazy fox", "quick brown dog 123 = ?", "zebra \u00fcn\u00efcode"]:
         assert rebuilt(text, add_special_tokens=False)["input_ids"] == spm(text)["input_ids"], text
+
+
+# ---------------------------------------------------------------------------------------------- llama.cpp itself
+@pytest.mark.parametrize(
+    "case", ["llama-unstructured", "llama-sliced", "qwen2-sliced-mlp", "qwen2-sliced-heads", "gemma3-sliced", "biases"]
+)
+def test_llama_cpp_computes_what_the_export_computes(tmp_path, case):
+    """llama.cpp (llama-cpp-python, when installed: not a dependency) runs the F32 files and gives the safetensors
+    export's logits to llama.cpp's own float precision (measured: 2e-4 of the largest logit)."""
+    import numpy as np
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from grpo_prune.gguf_export import write_gguf
+
+    kind, _, rest = case.partition("-")
+    if case == "biases":  # what a compensated Qwen2 becomes: Llama with q/k/v/o and MLP biases
+        model = make_model("llama")
+        biased = tiny_model(
+            "llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=128, attention_bias=True, mlp_bias=True
+        )
+        biased.load_state_dict(model.state_dict(), strict=False)
+        with torch.no_grad():
+            for name, p in biased.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 1, generator=torch.Generator().manual_seed(2))
+        reference, path = biased.eval(), tmp_path / "b.gguf"
+        write_gguf(reference, path, tokenizer=TOKENIZER, gguf_type="F32")
+    else:
+        model = make_model(kind)
+        units = {"llama": "mlp+heads", "gemma3": "mlp+heads"}.get(kind) or rest.removeprefix("sliced-")
+        report = prune(model, "unstructured" if rest == "unstructured" else "structured", units)
+        export_pruned(model, tmp_path / "hf", pruner=report, tokenizer=TOKENIZER)
+        out = export_pruned(model, tmp_path / "g", pruner=report, tokenizer=TOKENIZER, gguf_type="F32")
+        reference, path = AutoModelForCausalLM.from_pretrained(tmp_path / "hf"), tmp_path / "g" / out["gguf"]["file"]
+    x = ids(1, 12)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
+    llm.eval(x[0].tolist())
+    got = torch.from_numpy(np.array(llm.scores[: x.shape[1]]))
+    expected = logits(reference, x)[0]
+    assert (got - expected).abs().max() / expected.abs().max() < 2e-3
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
