@@ -281,6 +281,18 @@ def test_embedded_smollm2_pruned_mlp25_round_trips_through_gguf(tmp_path):
     assert gguf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == text
     assert gguf_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
 
+    try:  # llama.cpp itself, when llama-cpp-python is installed (not a dependency)
+        import llama_cpp
+    except ImportError:
+        return
+    llm = llama_cpp.Llama(
+        model_path=str(tmp_path / "gguf" / out["gguf"]["file"]), n_ctx=256, logits_all=True, verbose=False
+    )
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == x[0].tolist()
+    llm.eval(x[0].tolist())
+    got, expected = torch.tensor(llm.scores[: x.shape[1]]), logits(reference, x)[0]
+    assert (got - expected).abs().max() / expected.abs().max() < 2e-3
+
 
 def test_llama_biases_are_written_with_a_note_about_transformers_reader(tmp_path):
     """A Qwen2 whose compensation added o_proj/MLP biases exports as Llama with biases: llama.cpp reads the optional
