@@ -575,11 +575,23 @@ def load_model(
         dtype: ``"float32"`` (default: CPU training and exact pruning scores), ``"bfloat16"``, ``"float16"``,
             ``"auto"`` (see :func:`resolve_dtype`) or a ``torch.dtype``.
         **kwargs: passed to ``from_pretrained`` (e.g. ``attn_implementation``, ``device_map``).
+
+    A compressed export (``grpo-prune export --format compressed``, which plain ``from_pretrained`` refuses) is
+    loaded with :func:`grpo_prune.compress.load_compressed` (no ``kwargs`` then).
     """
     path, dtype = resolve_model_path(name_or_path), resolve_dtype(dtype)  # fail fast, before the heavy import
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    from grpo_prune.compress import compressed_format, load_compressed
+
+    if os.path.isdir(path) and compressed_format(path) is not None:  # plain from_pretrained refuses these folders
+        if kwargs:
+            raise ValueError(
+                f"{path} is a compressed export: it loads without from_pretrained options ({sorted(kwargs)})."
+            )
+        model = load_compressed(path, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     name = os.fspath(name_or_path)
     model.config._name_or_path = name if name in EMBEDDED_MODELS else path
     # The GGUF's `general.name` ("Smollm2 135M 8k Lc100K Mix1 Ep2") comes through the conversion as this attribute.

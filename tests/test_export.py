@@ -534,6 +534,14 @@ def test_load_compressed_refuses_what_it_cannot_load_exactly(tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     load_compressed(folder)  # intact again
 
+    # grpo_prune's own loader (grpo-prune eval --model, train's model_name_or_path) routes it to load_compressed.
+    from grpo_prune.models import load_model
+
+    via_models = load_model(folder).state_dict()
+    assert all(torch.equal(via_models[k], v) for k, v in load_compressed(folder).state_dict().items())
+    with pytest.raises(ValueError, match="compressed export"):
+        load_model(folder, device_map="cpu")
+
     # A weight file cut short (an interrupted copy), then gone.
     weights = folder / SPARSE_WEIGHTS_NAME
     data = weights.read_bytes()
