@@ -18,8 +18,8 @@ merges or scores, special ids) and the chat template go in the metadata, so the 
 Sliced (structured) exports carry their smaller ``feed_forward_length`` and head counts, and ``key_length`` /
 ``value_length`` (= ``head_dim``, which no longer equals ``hidden_size / heads``). transformers' configs have one
 size for all layers, so :func:`grpo_prune.export.export_pruned` refuses uneven slicing before this module is
-reached; GGUF could hold per-layer arrays for some architectures, but llama.cpp reads them for a few models only
-(not llama, qwen2 or gemma3), so this writer refuses per-layer sizes too (:func:`write_gguf` checks the weights).
+reached, and :func:`write_gguf` checks the weights again. (GGUF metadata can hold per-layer arrays; whether
+llama.cpp's loaders for these three architectures size tensors from them was not tested, so they are not written.)
 
 Types: ``F32``, ``F16``, ``BF16``, ``Q8_0`` and the 4-bit ``Q4_0`` / ``Q4_1`` (the block types gguf 0.19's
 ``quants.quantize`` implements in numpy; the K-quants have no quantiser there). As in llama.cpp's converter, 1-D
