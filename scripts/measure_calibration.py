@@ -7,8 +7,8 @@ embedded SmolLM2-135M-Instruct is pruned one-shot (:func:`grpo_prune.prune_onesh
 * the size curve: ``--windows`` (default 8, 32, 128, 384 windows: 2k to 98k tokens; ``python_docs`` holds 113k
   tokens of SmolLM2's tokenizer, 441 windows) of ``--size-source`` (default ``python_docs``). The window length is held at 256 tokens and the count varies (128 x 256 beat 64 x 1024 in an
   outside measurement: the number of windows matters more than their length);
-* ``--combined`` (default ``mix``) at the size after ``--source-windows``: whether a source's gain holds with
-  more data;
+* ``--combined`` (default ``mix`` and ``self``) at the size after ``--source-windows``: whether a source's gain
+  holds with more data;
 * the source comparison: ``--sources`` (default ``python_docs``, ``mix``, ``self``, ``self:task``; see
   :data:`grpo_prune.data.CALIBRATION_SOURCES`) at ``--source-windows`` windows (default 32). Self-generated windows
   are the dense model's own samples (made once and cached; their generation CPU-seconds are reported apart).
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sources", nargs="+", default=["python_docs", "mix", "self", "self:task"])
     parser.add_argument("--source-windows", type=int, default=32, help="windows of the source comparison")
     parser.add_argument(
-        "--combined", default="mix", help="a source also measured at the next size of the curve ('' for none)"
+        "--combined", nargs="*", default=["mix", "self"], help="sources also measured at the next size of the curve"
     )
     parser.add_argument("--lambada", type=int, default=12, help="LAMBADA windows of 512 tokens")
     parser.add_argument("--arithmetic", type=int, default=None, help="arithmetic test problems (default: all)")
@@ -95,8 +95,8 @@ def plan_points(args: argparse.Namespace) -> list[dict[str, Any]]:
         points += [{"scorer": s, "source": args.size_source, "windows": w} for w in large[:1]]
         points += [{"scorer": s, "source": source, "windows": args.source_windows} for source in args.sources]
     # Size and source together: the combined source at the next size (does the source's gain hold with more data?)
-    if args.combined and large:
-        points += [{"scorer": s, "source": args.combined, "windows": large[0]} for s in args.scorers]
+    if large:
+        points += [{"scorer": s, "source": c, "windows": large[0]} for s in args.scorers for c in args.combined]
     for w in large[1:]:
         points += [{"scorer": s, "source": args.size_source, "windows": w} for s in args.scorers]
     unique, seen = [], set()
