@@ -361,7 +361,7 @@ def write_tables(args: argparse.Namespace, records: dict[str, dict[str, Any]], c
         lines += ["| " + " | ".join(_row(r, dense)) + " |" for r in combined_rows]
     missing = [point_name(p) for p in plan_points(args) if point_name(p) not in records]
     if missing:
-        lines += ["", f"Not measured (over the time budget): {', '.join(missing)}."]
+        lines += ["", f"Not measured (skipped by the deadline, or not reached): {', '.join(missing)}."]
     text = "\n".join(lines) + "\n"
     args.output_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.output_dir / "calibration.md", text)
