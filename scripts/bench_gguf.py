@@ -218,13 +218,13 @@ def main(argv: list[str] | None = None) -> int:
 
         version = f"transformers {transformers.__version__} (GGUF dequantised to float32)"
     header = [
-        f"Command: `{' '.join(['OMP_NUM_THREADS=' + os.environ['OMP_NUM_THREADS'], 'python', *map(shlex.quote, sys.argv)])}`",
-        f"Device: {cpu_name()}, {os.cpu_count()} CPU cores, {args.threads} thread(s); "
+        f"command: `{' '.join(['OMP_NUM_THREADS=' + os.environ['OMP_NUM_THREADS'], 'python', *map(shlex.quote, sys.argv)])}`",
+        f"device: {cpu_name()}, {os.cpu_count()} CPU cores, {args.threads} thread(s); "
         f"load average {loadavg_start[0]:.2f} at the start, {loadavg_end[0]:.2f} at the end",
-        f"Date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"Backend: {version}; batch 1, {args.prompt_tokens}-token prompt, {args.new_tokens} greedy tokens, "
+        f"date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"budget: {version}; batch 1, {args.prompt_tokens}-token prompt, {args.new_tokens} greedy tokens, "
         f"median of {args.repeats} interleaved runs after a warm-up",
-        f"Model: {MODEL}; MLP neurons removed one-shot (structured, wanda, {args.calibration_windows} x 256 tokens "
+        f"model: {MODEL}; MLP neurons removed one-shot (structured, wanda, {args.calibration_windows} x 256 tokens "
         "of the Python docs), sliced exports",
     ]
     table = [
