@@ -161,8 +161,12 @@ class MamaGRPOConfig(GRPOConfig):
             Tokens per chunk of the logit divergence: only one chunk's `[tokens, vocabulary]` logits exist at a time.
         distill_dataset (`str`, *optional*):
             Plain text distilled beside the rollouts, so general ability is kept while GRPO trains the task: a local
-            `.txt` file, a `.jsonl` file with a `"text"` field, or a built-in offline text (`"python_docs"`: the
-            stdlib's Python documentation; not an evaluation set). `None` disables text distillation.
+            `.txt` file, a `.jsonl` file with a `"text"` field, a built-in offline text (`"python_docs"`: the
+            stdlib's Python documentation; not an evaluation set), or the frozen teacher's own samples: `"self"`
+            (half its answers to the task's train prompts, half its continuations of neutral sentence openings),
+            `"self:task"` or `"self:open"`, 32k tokens made once before training and cached on disk
+            (`grpo_prune.data.self_generated_stream`; about 7 CPU-minutes on SmolLM2-135M, one thread). `None` disables text
+            distillation.
         distill_text_coef (`float`, defaults to `1.0`):
             Weight of the text distillation term (logit divergence on every position of the windows).
         distill_text_batch_size (`int`, defaults to `2`):
@@ -274,8 +278,9 @@ class MamaGRPOConfig(GRPOConfig):
     distill_dataset: str | None = field(
         default=None,
         metadata={
-            "help": "Plain text distilled each step: a .txt file, a .jsonl file with a 'text' field, or "
-            "'python_docs' (built in). None: off."
+            "help": "Plain text distilled each step: a .txt file, a .jsonl file with a 'text' field, "
+            "'python_docs' (built in), or the teacher's own samples ('self', 'self:task', 'self:open'; made once "
+            "and cached). None: off."
         },
     )
     distill_text_coef: float = field(default=1.0, metadata={"help": "Weight of the text distillation term."})

@@ -156,6 +156,9 @@ def test_oneshot_command_refuses_an_unknown_source_before_loading(tmp_path, caps
         code = exit_.code
     err = capsys.readouterr().err
     assert code == 2 and "Unknown calibration source 'selfish'" in err and "mix" in err
+    # The default source samples the model on a task's prompts: an unknown task is refused before loading too.
+    code = main(["oneshot", str(tmp_path / "no-such-model"), str(tmp_path / "out"), "--calibration-task", "nosuch"])
+    assert code == 2 and "Unknown dataset 'nosuch'" in capsys.readouterr().err
 
 
 def test_prune_oneshot_points_a_source_name_to_calibration_windows():
