@@ -325,8 +325,9 @@ def write_tables(args: argparse.Namespace, records: dict[str, dict[str, Any]], c
         "",
         "Ratios are to the dense model (perplexity / dense; accuracy as % of dense). `prune CPU-s`: the one-shot "
         "pruning (forward passes over the calibration windows and, for sparsegpt, the OBS reconstruction); `data "
-        "CPU-s`: making the calibration windows (sampling the dense model for self-generated sources, paid once "
-        "and cached; 0 when the samples were already cached).",
+        "CPU-s`: making the calibration windows, i.e. sampling the dense model for the self-generated sources. The "
+        "samples are cached and shared (a larger point extends the smaller ones' samples), so this column counts "
+        "only what a point added: read the total cost of a source from its largest point and those before it.",
         "",
         "Sources: `python_docs` is the stdlib's documentation (windows spread over it); `self:task` the dense "
         "model's own answers to the `arithmetic` train prompts (prompt and answer, chat template); `self` half "
