@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from trl.trainer.utils import disable_dropout_in_model
 
 from grpo_prune.config import MamaGRPOConfig
-from grpo_prune.data import TextWindowSampler, text_token_stream
+from grpo_prune.data import SELF_SOURCES, TextWindowSampler, text_token_stream
 from grpo_prune.distill import chunked_distillation_loss, hidden_state_loss, postprocess_logits
 
 __all__ = ["Distiller", "StudentCapture", "has_adapters"]
@@ -140,7 +140,7 @@ class Distiller:
         self._student_backbone = backbone_of(accelerator.unwrap_model(model))
         self.text_sampler: TextWindowSampler | None = None
         if args.text_distillation_enabled:
-            stream = text_token_stream(processing_class, args.distill_dataset)
+            stream = self._text_stream(processing_class)
             # One seed per process, so that data-parallel ranks distil different windows.
             self.text_sampler = TextWindowSampler(
                 stream,
@@ -157,6 +157,15 @@ class Distiller:
         if self.args.teacher_model_name_or_path is not None or self.teacher_is_disabled_adapters:
             return False
         return self.accelerator.unwrap_model(self.teacher) is not self.accelerator.unwrap_model(self.model)
+
+    def _text_stream(self, tokenizer: Any) -> list[int]:
+        """Token ids of `distill_dataset`. The self-generated sources are the frozen teacher's own samples (under
+        LoRA the base with adapters disabled), made before the first step and cached on disk, so that a resume or a
+        second run reads them back instead of sampling again."""
+        if self.args.distill_dataset not in SELF_SOURCES:
+            return text_token_stream(tokenizer, self.args.distill_dataset)
+        with self._teacher_module() as teacher:
+            return text_token_stream(tokenizer, self.args.distill_dataset, model=teacher, seed=self.args.seed)
 
     def _build_teacher(self, ref_model: torch.nn.Module | None, deepspeed: bool, fsdp: bool) -> PreTrainedModel:
         """One frozen dense copy. Reuses TRL's reference model when `beta > 0` rather than holding two; under LoRA,

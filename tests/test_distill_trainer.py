@@ -269,3 +269,26 @@ def test_named_teacher_loads_in_the_students_dtype(tmp_path):
         processing_class=char_tokenizer(),
     )
     assert {p.dtype for p in trainer.teacher.parameters()} == {torch.float32}
+
+
+def test_distill_dataset_self_distils_the_teachers_own_samples(tmp_path, monkeypatch):
+    from grpo_prune import data
+
+    monkeypatch.setattr(data, "self_generated_cache_dir", lambda: tmp_path / "cache")
+    monkeypatch.setattr(data, "SELF_MAX_NEW_TOKENS", {"task": 6, "open": 10})
+    monkeypatch.setattr(data, "SELF_DISTILL_TOKENS", 300)
+    trainer = tiny_trainer(
+        tmp_path / "out",
+        prune_target_sparsity=0.0,
+        distill_coef=0.0,
+        distill_dataset="self:open",
+        distill_text_batch_size=2,
+        distill_text_length=16,
+    )
+    # The stream is the frozen teacher's samples, as the data module makes them from that model and caches them.
+    expected = data.text_token_stream(trainer.processing_class, "self:open", model=trainer.teacher, num_tokens=300)
+    assert len(expected) >= 300
+    windows = torch.tensor(expected[: trainer.text_sampler.num_windows * 16]).view(-1, 16)
+    assert torch.equal(trainer.text_sampler.windows, windows)
+    trainer.train()
+    assert len(logged(trainer, "distill/text_loss")) == 4
