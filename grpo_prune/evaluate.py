@@ -61,6 +61,7 @@ from grpo_prune.evaluation.tasks import (
     available_tasks,
     check_task_data,
     check_tasks,
+    check_wordings,
     limits_for,
     load_generation_dataset,
     load_lambada_passages,
@@ -114,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "float32", "bfloat16", "float16"],
         help="Weights dtype. auto: bfloat16 on an accelerator that supports it, float32 on a CPU.",
     )
+    parser.add_argument(
+        "--wordings",
+        nargs="+",
+        default=list(DEFAULT_WORDINGS),
+        help="Wordings of the generation tasks' prompts, each scored on the same items (the first is the headline): "
+        f"{', '.join(PROMPT_WORDINGS)}. train: as trained (system prompt, worked example); zero_shot: no worked "
+        "example; question_only: the question alone; reworded: the question alone in other words. Default: train.",
+    )
     parser.add_argument("--json", metavar="PATH", help="Write the full results (and comparison) as JSON here.")
     parser.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
     return parser
@@ -144,6 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tasks = check_tasks([t for item in args.tasks for t in item.split(",")])
         limit, limits = _parse_limits(args.limit)
         limits_for(tasks, limit, limits)
+        wordings = check_wordings([w for item in args.wordings for w in item.split(",")])
         for path in [args.model] + ([args.compare] if args.compare else []):
             validate_model_name_or_path(path)
         for task in tasks:
@@ -160,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_new_tokens=args.max_new_tokens,
         throughput_batch_sizes=tuple(args.throughput_batch_sizes),
         throughput_new_tokens=args.throughput_new_tokens,
+        wordings=tuple(wordings),
         progress=not args.no_progress,
     )
     if args.compare:

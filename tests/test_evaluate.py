@@ -266,10 +266,34 @@ def test_zero_shot_wording_asks_the_same_held_out_items_without_the_worked_examp
     text = load_generation_dataset("arithmetic", 6, seed=0, wording="zero_shot", prompt_format="text")
     assert text["prompt"][0].count("Question:") == 1 and text["prompt"][0].endswith("Answer:")
     assert len(load_generation_dataset("arithmetic")) == 159  # no limit: the whole test split
-    with pytest.raises(ValueError, match="unknown prompt wording.*'cot'.*train, zero_shot"):
+    with pytest.raises(ValueError, match="unknown prompt wording.*'cot'.*train, zero_shot, question_only, reworded"):
         load_generation_dataset("arithmetic", 2, wording="cot")
     with pytest.raises(ValueError, match="not a generation task"):
         load_generation_dataset("piqa", 2)
+
+
+def test_other_wordings_ask_the_question_alone_and_reworded():
+    train = load_generation_dataset("arithmetic", 6, seed=0)
+    alone = load_generation_dataset("arithmetic", 6, seed=0, wording="question_only")
+    other = load_generation_dataset("arithmetic", 6, seed=0, wording="reworded")
+    assert alone["answer"] == other["answer"] == train["answer"]
+    assert [p for p in alone["prompt"]] == [[p[-1]] for p in train["prompt"]]  # no system prompt, no example
+    for asked, trained in zip(other["prompt"], train["prompt"], strict=True):
+        question = trained[-1]["content"]  # "What is 22 - 14?"
+        assert [m["role"] for m in asked] == ["user"] and "What is" not in asked[0]["content"]
+        assert question.removeprefix("What is ").removesuffix("?") in asked[0]["content"]
+    # A question of another form is asked as it is.
+    from grpo_prune.evaluation.tasks import reworded
+
+    assert reworded([{"role": "user", "content": "Add 2 and 3."}]) == [{"role": "user", "content": "Add 2 and 3."}]
+
+
+def test_eval_command_refuses_an_unknown_wording_before_loading(capsys):
+    from grpo_prune.evaluate import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", "no/such/model-folder", "--tasks", "arithmetic", "--wordings", "train", "cot"])
+    assert exit_.value.code == 2 and "unknown prompt wording" in capsys.readouterr().err
 
 
 class ScaffoldBoundGenerator(torch.nn.Module):

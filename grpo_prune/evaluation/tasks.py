@@ -251,9 +251,32 @@ def zero_shot(messages: Messages) -> Messages:
     return [m for m in messages[:-1] if m["role"] == "system"] + [messages[-1]]
 
 
+def question_only(messages: Messages) -> Messages:
+    """The question alone, as a user would type it: no system prompt (so no format instruction), no worked example."""
+    return [messages[-1]]
+
+
+_WHAT_IS = re.compile(r"^\s*What is (.+?)\s*\?\s*$", re.DOTALL)
+
+
+def reworded(messages: Messages) -> Messages:
+    """The question alone in words the training prompts never use: ``What is 2 + 3?`` becomes ``Please work out
+    2 + 3 and tell me the result.``; a question of another form is asked as it is, alone."""
+    question = messages[-1]["content"]
+    match = _WHAT_IS.match(question)
+    text = f"Please work out {match.group(1)} and tell me the result." if match else question
+    return [{"role": "user", "content": text}]
+
+
 #: Wordings of a generation task's prompts: name -> rewrite of one chat prompt of the training format. ``train`` is
-#: the prompt as trained on (system prompt, worked example, question); ``zero_shot`` drops the worked example.
-PROMPT_WORDINGS: dict[str, Callable[[Messages], Messages]] = {"train": list, "zero_shot": zero_shot}
+#: the prompt as trained on (system prompt, worked example, question); ``zero_shot`` drops the worked example;
+#: ``question_only`` drops the system prompt too; ``reworded`` asks the question alone in other words.
+PROMPT_WORDINGS: dict[str, Callable[[Messages], Messages]] = {
+    "train": list,
+    "zero_shot": zero_shot,
+    "question_only": question_only,
+    "reworded": reworded,
+}
 DEFAULT_WORDINGS: tuple[str, ...] = ("train",)
 
 
