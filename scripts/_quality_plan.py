@@ -22,7 +22,7 @@ from grpo_prune import fileio
 MODEL = "smollm2-135m-instruct"
 EVAL_TASKS = ("lambada", "piqa", "arithmetic")
 MODES = ("oneshot", "trained", "recovered")
-CALIBRATION_SOURCES = ("mixed", "text", "arithmetic")
+CALIBRATION_SOURCES = ("mixed", "text", "arithmetic", "self", "mix")
 DEFAULT_OUTPUT_DIR = "results/quality"
 QUICK_OUTPUT_DIR = "results/quality-quick"
 

@@ -58,11 +58,19 @@ def _arithmetic_stream(tokenizer: Any, tokens_needed: int) -> list[int]:
     return stream
 
 
-def calibration_batches(tokenizer: Any, calibration: Calibration) -> list[Any]:
-    """Input-id batches ``[n, length]`` (one per source) for ``prune_oneshot``."""
+def calibration_batches(tokenizer: Any, calibration: Calibration, model: Any = None) -> list[Any]:
+    """Input-id batches ``[n, length]`` (one per source) for ``prune_oneshot``. ``self`` and ``mix`` are
+    :func:`grpo_prune.data.calibration_windows`' sources (the dense ``model``'s own samples, cached; ``mix`` half
+    ``python_docs``), taken before pruning, in batches of 8 windows."""
     import torch
 
     n, length = calibration.windows, calibration.length
+    if calibration.source in ("self", "mix"):
+        from grpo_prune.data import calibration_windows
+
+        if model is None:
+            raise ValueError(f"calibration {calibration.source!r} samples the dense model: pass model=")
+        return list(calibration_windows(tokenizer, calibration.source, n, length, model=model).split(8))
     if calibration.source == "mixed":
         counts = {"text": n - n // 2, "arithmetic": n // 2}
     else:
@@ -135,7 +143,7 @@ def run_oneshot(plan: Plan, setting: Setting, scorer: Scorer) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     model, tokenizer = _load(plan)
-    batches = calibration_batches(tokenizer, plan.calibration)
+    batches = calibration_batches(tokenizer, plan.calibration, model)
     t_load = time.perf_counter() - t0
     t0 = time.perf_counter()
     report = _prune_oneshot(model, batches, setting, scorer)
@@ -317,7 +325,7 @@ def run_recovered(plan: Plan, setting: Setting, scorer: Scorer) -> dict[str, Any
 
     t0 = time.perf_counter()
     model, tokenizer = _load(plan)
-    batches = calibration_batches(tokenizer, plan.calibration)
+    batches = calibration_batches(tokenizer, plan.calibration, model)
     report = _prune_oneshot(model, batches, setting, scorer)
     t_prune = time.perf_counter() - t0
     sliced_params = None

@@ -322,6 +322,11 @@ def describe_calibration(calibration: Calibration) -> str:
     arithmetic = "`arithmetic` train conversations with gold answers, chat template (consecutive windows)"
     if calibration.source == "mixed":
         return f"{n - n // 2} x {length} tokens of {text} + {n // 2} x {length} tokens of {arithmetic}"
+    if calibration.source in ("self", "mix"):
+        own = "the dense model's own samples (half answers to `arithmetic` train prompts, half neutral openings)"
+        if calibration.source == "self":
+            return f"{n} x {length} tokens of {own}"
+        return f"{n - n // 2} x {length} tokens of {text} + {n // 2} x {length} tokens of {own}"
     return f"{n} x {length} tokens of {text if calibration.source == 'text' else arithmetic}"
 
 

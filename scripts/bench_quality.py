@@ -37,7 +37,10 @@ decoder-linear weights that are exactly zero, and the wall time of each conditio
 Calibration for one-shot pruning (``--calibration``, deterministic, never evaluation text): ``mixed`` (default) is
 half windows of the stdlib's Python documentation (``pydoc_data.topics``, general English prose and code) and half
 windows of ``arithmetic`` *train* conversations (prompt plus its gold answer in the format the system prompt asks
-for, rendered with the chat template); ``text`` and ``arithmetic`` use one source only.
+for, rendered with the chat template); ``text`` and ``arithmetic`` use one source only; ``self`` is the dense
+model's own samples and ``mix`` half Python docs, half those (``grpo_prune.data.calibration_windows``, sampled once
+and cached). ``self`` with ``--calibration-windows 128`` is what results/calibration measured best for sparsegpt
+(``grpo-prune oneshot``'s default); the committed quality rows were measured with ``mixed`` 8 x 256.
 
 Each condition's result is written to ``OUTPUT_DIR/conditions/<condition>.json`` as soon as it is done, with the
 settings it was made with; a rerun skips conditions whose cached settings match (so an interrupted run resumes), and

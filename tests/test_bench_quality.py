@@ -281,3 +281,22 @@ def test_tables_only_without_a_json_is_a_usage_error(bq, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         bq.main(["--tables-only", "--output-dir", str(tmp_path)])
     assert exc.value.code == 2 and "quality.json" in capsys.readouterr().err
+
+
+def test_self_and_mix_calibration_sample_the_dense_model(bq, tmp_path, monkeypatch):
+    import torch
+    from tiny import char_tokenizer, tiny_model
+
+    from grpo_prune import data
+
+    monkeypatch.setattr(data, "self_generated_cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(data, "SELF_MAX_NEW_TOKENS", {"task": 6, "open": 10})
+    tok, model = char_tokenizer(), tiny_model()
+    mix = bq.calibration_batches(tok, bq.Calibration("mix", 10, 16), model)
+    assert [tuple(b.shape) for b in mix] == [(8, 16), (2, 16)]  # batches of 8 windows, taken before pruning
+    windows = torch.cat(mix)
+    assert torch.equal(windows, data.calibration_windows(tok, "mix", 10, 16, model=model))
+    assert torch.equal(windows[:5], data.calibration_windows(tok, "python_docs", 5, 16))  # half the built-in text
+    assert "own samples" in bq.describe_calibration(bq.Calibration("self", 4, 16))
+    with pytest.raises(ValueError, match="pass model="):
+        bq.calibration_batches(tok, bq.Calibration("self", 2, 16))
