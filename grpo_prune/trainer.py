@@ -185,9 +185,9 @@ class MamaGRPOTrainer(GRPOTrainer):
         check_supported(settings)  # ValueError naming the field (structured, compensate, zscore)
         if args.distillation_enabled and settings.needs_movement:
             raise ValueError(
-                "Under FSDP2 the reward statistic (`prune_alpha` > 0 with mama, or `prune_scorer: movement`) is read "
+                "Under FSDP2 the reward statistic (`mama_alpha` > 0 with mama, or `prune_scorer: movement`) is read "
                 "from the sharded gradients of the GRPO loss, which must then be the whole loss: set "
-                "`distill_coef: 0`, or `prune_alpha: 0` (the measured default)."
+                "`distill_coef: 0`, or `mama_alpha: 0` (the measured default)."
             )
 
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
