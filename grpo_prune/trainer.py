@@ -313,10 +313,8 @@ class MamaGRPOTrainer(GRPOTrainer):
         """At the optimizer step, if any process saw a reward signal: one step of the statistic, ``f`` of the step's
         reward-term gradient (the buffered one averaged over ranks, or the accumulated, all-reduced
         ``weight.grad``). The flag is reduced first, so that every rank takes the same path and collectives."""
-        signal = self._step_has_reward_signal
+        signal = self.pruner.indicators.any_rank(self._step_has_reward_signal)
         self._step_has_reward_signal = False
-        if self.accelerator.num_processes > 1:
-            signal = self._any_process(signal)
         if not signal:
             self.pruner.indicators.step_gradient.clear()
             return
