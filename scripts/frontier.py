@@ -1,0 +1,524 @@
+"""The sparsity-quality frontier: quality against sparsity for each method, and the highest sparsity that keeps the
+task.
+
+Every point is a model made by the user-facing commands (``grpo-prune oneshot`` and ``grpo-prune train``, run as
+subprocesses, exactly as printed in the table), then evaluated in this process on held-out data. Methods
+(``--methods``):
+
+* ``sparsegpt``: ``grpo-prune oneshot --scorer sparsegpt`` at its defaults (128 x 256 tokens of the dense model's
+  own samples, ``results/calibration``); no training.
+* ``recipe``: that one-shot model (the same folder: made once per sparsity), then ``grpo-prune train --config
+  configs/quickstart.yaml`` with its masks held (``prune_init_masks``), the dense model as teacher, learning rate
+  3e-5: GRPO with distillation recovers it.
+* ``wanda-trained`` / ``mama-trained``: ``grpo-prune train --config configs/quickstart.yaml`` from the dense model,
+  pruning during training on the quickstart's cubic schedule with ``mama_alpha`` 0 (the score is then wanda's,
+  from the activations training saw) or ``--mama-alpha`` (default 0.2, statistic ``abs``).
+* ``join``: ``grpo-prune oneshot --scorer sparsegpt`` at ``--join-start`` of the target (default 0.7: 35% for a
+  50% target), then ``grpo-prune train`` from it with ``mama`` events (``--mama-alpha``) up to the target, at the
+  recovery learning rate: a sparsegpt start followed by MAMA.
+
+Evaluation (:func:`grpo_prune.evaluate.evaluate_model`, the same seeded items for every model): LAMBADA perplexity on
+``--lambada`` windows of 512 tokens, PIQA ``acc_norm`` on ``--piqa`` validation questions, and greedy accuracy on the
+``--arithmetic-task`` test problems (default ``arithmetic``: all 159 of its test split, disjoint from every train
+prompt; ``arithmetic_wide`` holds ~1,600) in each of ``--wordings`` (the training format, and wordings never trained
+on). Each point reports its training tokens (TRL's ``num_tokens`` of the rollouts, plus the distilled text windows),
+the CPU-seconds of its commands (user + system of the subprocesses, every thread) and of its evaluation, and TRL's
+``frac_reward_zero_std`` and ``completions/clipped_ratio`` (medians over the run's steps) for trained points.
+
+Headline (per method, per seed, then the worst over seeds): the highest sparsity at which the model keeps at least
+``--keep`` (95%) of the dense arithmetic accuracy in every wording measured, at no more than ``--max-ppl`` (1.25x)
+the dense perplexity. Points run one at a time, each written to ``OUTPUT_DIR/points/<point>.json`` when done; a
+rerun skips finished points (an interrupted run resumes), so two processes with different ``--methods`` can share
+one output folder. ``frontier.md``, ``frontier.json`` and ``frontier.png`` are rewritten after every point;
+``--tables-only`` rewrites them from the points, measuring nothing.
+
+    OMP_NUM_THREADS=1 python scripts/frontier.py [--methods sparsegpt recipe] [--sparsities 0.3 0.4 0.5 0.6]
+        [--seeds 0] [--wordings train zero_shot reworded] [--output-dir results/frontier] [--work-dir /tmp/frontier]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import _results_page as results_page
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "smollm2-135m-instruct"
+CONFIG = "configs/quickstart.yaml"
+METHODS = ("sparsegpt", "recipe", "wanda-trained", "mama-trained", "join")
+#: Learning rates measured in results/sweep: 3e-5 recovers a one-shot model, 1e-4 (the quickstart's) prunes during
+#: training.
+RECOVER_LR = "3e-5"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output-dir", type=Path, default=Path("results/frontier"))
+    parser.add_argument(
+        "--work-dir", type=Path, default=Path("/tmp/frontier"), help="models and logs (large; not results)"
+    )
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=["sparsegpt", "recipe"])
+    parser.add_argument("--sparsities", nargs="+", type=float, default=[0.3, 0.4, 0.5, 0.6])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds (one-shot: seed 0 only)")
+    parser.add_argument("--mama-alpha", type=float, default=0.2)
+    parser.add_argument("--join-start", type=float, default=0.7, help="join: one-shot sparsity / target")
+    parser.add_argument("--lambada", type=int, default=12, help="LAMBADA windows of 512 tokens")
+    parser.add_argument("--piqa", type=int, default=150, help="PIQA validation questions")
+    parser.add_argument("--arithmetic-task", default="arithmetic", choices=("arithmetic", "arithmetic_wide"))
+    parser.add_argument("--arithmetic", type=int, default=None, help="problems (default: the whole test split)")
+    parser.add_argument("--wordings", nargs="+", default=["train", "zero_shot", "reworded"])
+    parser.add_argument("--keep", type=float, default=0.95, help="headline: arithmetic kept, fraction of dense")
+    parser.add_argument("--max-ppl", type=float, default=1.25, help="headline: largest perplexity / dense")
+    parser.add_argument("--keep-models", action="store_true", help="keep trained models (one-shot ones are kept)")
+    parser.add_argument("--tables-only", action="store_true")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Points: the commands that make each model
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def point_name(method: str, sparsity: float, seed: int) -> str:
+    return "dense" if method == "dense" else f"{method}-{round(100 * sparsity)}-s{seed}"
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, float, int]]:
+    points = [("dense", 0.0, 0)]
+    for sparsity in args.sparsities:
+        for method in args.methods:
+            for seed in [0] if method == "sparsegpt" else args.seeds:
+                points.append((method, sparsity, seed))
+    return points
+
+
+def oneshot_dir(args: argparse.Namespace, sparsity: float) -> Path:
+    return args.work_dir / f"oneshot-sparsegpt-{round(1000 * sparsity)}"
+
+
+def oneshot_command(folder: Path, sparsity: float) -> list[str]:
+    return ["grpo-prune", "oneshot", MODEL, str(folder), "--scorer", "sparsegpt", "--sparsity", f"{sparsity:g}"]
+
+
+def train_command(folder: Path, sparsity: float, seed: int, *extra: str) -> list[str]:
+    return [
+        "grpo-prune", "train", "--config", CONFIG, "--output_dir", str(folder), "--save_strategy", "no",
+        "--prune_target_sparsity", f"{sparsity:g}", "--seed", str(seed), *extra,
+    ]  # fmt: skip
+
+
+def commands(args: argparse.Namespace, method: str, sparsity: float, seed: int) -> tuple[list[list[str]], Path]:
+    """The commands that make a point's model, and the folder that holds it."""
+    name = point_name(method, sparsity, seed)
+    trained = args.work_dir / name
+    if method == "dense":
+        return [], Path(MODEL)
+    if method == "sparsegpt":
+        return [oneshot_command(oneshot_dir(args, sparsity), sparsity)], oneshot_dir(args, sparsity)
+    if method == "recipe":
+        start = oneshot_dir(args, sparsity)
+        recover = [
+            "--model_name_or_path", str(start), "--prune_init_masks", str(start),
+            "--teacher_model_name_or_path", MODEL, "--learning_rate", RECOVER_LR,
+        ]  # fmt: skip
+        return [oneshot_command(start, sparsity), train_command(trained, sparsity, seed, *recover)], trained
+    if method in ("wanda-trained", "mama-trained"):
+        alpha = "0" if method == "wanda-trained" else f"{args.mama_alpha:g}"
+        return [train_command(trained, sparsity, seed, "--mama_alpha", alpha)], trained
+    if method == "join":
+        start_sparsity = round(args.join_start * sparsity, 4)
+        start = oneshot_dir(args, start_sparsity)
+        join = [
+            "--model_name_or_path", str(start), "--prune_init_masks", str(start),
+            "--teacher_model_name_or_path", MODEL, "--learning_rate", RECOVER_LR,
+            "--prune_initial_sparsity", f"{start_sparsity:g}", "--mama_alpha", f"{args.mama_alpha:g}",
+        ]  # fmt: skip
+        return [oneshot_command(start, start_sparsity), train_command(trained, sparsity, seed, *join)], trained
+    raise ValueError(f"unknown method {method!r}")
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+_LOGGED = re.compile(r"\{'loss'[^{}]*\}")
+
+
+def run_command(command: list[str], log: Path) -> dict[str, Any]:
+    """Run one command (its output to ``log``); its CPU-seconds, wall seconds and, for training, what TRL logged."""
+    c0, w0 = _children_cpu(), time.time()
+    with open(log, "w", encoding="utf-8") as f:
+        proc = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, check=False)
+    record: dict[str, Any] = {
+        "command": shlex.join(command),
+        "cpu_seconds": _children_cpu() - c0,
+        "wall_seconds": time.time() - w0,
+    }
+    if proc.returncode != 0:
+        tail = log.read_text(encoding="utf-8", errors="replace")[-3000:]
+        raise RuntimeError(f"{shlex.join(command)} exited {proc.returncode}:\n{tail}")
+    if command[1] == "train":
+        steps = [eval(m.group(0), {}) for m in _LOGGED.finditer(log.read_text(encoding="utf-8", errors="replace"))]  # noqa: S307 (TRL's own dict repr)
+        summary = json.loads((Path(command[command.index("--output_dir") + 1]) / "run_summary.json").read_text())
+
+        def median(key: str) -> float | None:
+            values = [float(s[key]) for s in steps if key in s]
+            return statistics.median(values) if values else None
+
+        record.update(
+            steps=len(steps),
+            rollout_tokens=int(float(steps[-1]["num_tokens"])) if steps else None,
+            frac_reward_zero_std=median("frac_reward_zero_std"),
+            clipped_ratio=median("completions/clipped_ratio"),
+            reward_first=summary.get("reward_first"),
+            reward_last=summary.get("reward_last"),
+            sparsity_reached=summary.get("sparsity_reached"),
+        )
+    return record
+
+
+def text_tokens(steps: int) -> int:
+    """Distilled text tokens of a quickstart-config run: ``distill_text_batch_size`` x ``distill_text_length`` per
+    step (read from the config)."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / CONFIG).read_text())
+    if not config.get("distill_text_coef") or not config.get("distill_dataset"):
+        return 0
+    return steps * int(config["distill_text_batch_size"]) * int(config["distill_text_length"])
+
+
+def evaluate(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    from grpo_prune.evaluate import evaluate_model
+
+    limits = {"lambada": args.lambada, "piqa": args.piqa, args.arithmetic_task: args.arithmetic}
+    c0 = time.process_time()
+    result = evaluate_model(
+        str(folder), ["lambada", "piqa", args.arithmetic_task], limits=limits, wordings=args.wordings,
+        batch_size=16, progress=False,
+    )  # fmt: skip
+    tasks = result["tasks"]
+    arithmetic = tasks[args.arithmetic_task]
+    by_wording = arithmetic.get("wordings", {args.wordings[0]: arithmetic})
+    return {
+        "ppl": tasks["lambada"]["perplexity"],
+        "piqa": tasks["piqa"]["acc_norm"],
+        "arithmetic": {w: m["accuracy"] for w, m in by_wording.items()},
+        "arithmetic_n": arithmetic["scored"],
+        "arithmetic_samples": {w: m["samples"] for w, m in by_wording.items()},
+        "sparsity": result["layer_sparsity"],
+        "eval_cpu_seconds": time.process_time() - c0,
+    }
+
+
+def eval_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "lambada": args.lambada,
+        "piqa": args.piqa,
+        "arithmetic_task": args.arithmetic_task,
+        "arithmetic": args.arithmetic,
+        "wordings": list(args.wordings),
+    }
+
+
+def run_point(args: argparse.Namespace, method: str, sparsity: float, seed: int) -> dict[str, Any]:
+    cmds, folder = commands(args, method, sparsity, seed)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    steps = []
+    for i, command in enumerate(cmds):
+        if command[1] == "oneshot" and (Path(command[3]) / "pruning_masks.safetensors").exists():
+            steps.append({"command": shlex.join(command), "cpu_seconds": 0.0, "reused": True})
+            continue  # made for another point (deterministic: same command, same model)
+        steps.append(run_command(command, args.work_dir / f"{point_name(method, sparsity, seed)}.{i}.log"))
+    record = {
+        "method": method,
+        "target": sparsity,
+        "seed": seed,
+        "eval_settings": eval_settings(args),
+        "steps": steps,
+        **evaluate(args, folder),
+        "device": results_page.device_name(),
+        "date": results_page.run_record()["date"],
+    }
+    trained = [s for s in steps if s.get("steps")]
+    record["training_tokens"] = sum(s["rollout_tokens"] + text_tokens(s["steps"]) for s in trained)
+    # One-shot CPU-s count only where the model was made; a reused one-shot model costs what its maker's row says.
+    record["cpu_seconds"] = sum(s["cpu_seconds"] for s in steps)
+    record["training_cpu_seconds"] = sum(s["cpu_seconds"] for s in trained)
+    if trained and not args.keep_models and folder != Path(MODEL):
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+    return record
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tables, headline, plot
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def kept(record: dict[str, Any], dense: dict[str, Any]) -> dict[str, float]:
+    """Arithmetic as a fraction of dense, per wording."""
+    return {w: a / dense["arithmetic"][w] for w, a in record["arithmetic"].items() if dense["arithmetic"].get(w)}
+
+
+def keeps_task(record: dict[str, Any], dense: dict[str, Any], keep: float, max_ppl: float) -> bool:
+    ratios = kept(record, dense)
+    return bool(ratios) and min(ratios.values()) >= keep and record["ppl"] / dense["ppl"] <= max_ppl
+
+
+def headline(records: list[dict[str, Any]], dense: dict[str, Any], keep: float, max_ppl: float) -> dict[str, Any]:
+    """Per method: the highest target sparsity kept, per seed, and the worst over seeds (``None``: none kept)."""
+    out: dict[str, Any] = {}
+    for method in dict.fromkeys(r["method"] for r in records):
+        mine = [r for r in records if r["method"] == method]
+        per_seed = {}
+        for seed in sorted({r["seed"] for r in mine}):
+            ok = [r["target"] for r in mine if r["seed"] == seed and keeps_task(r, dense, keep, max_ppl)]
+            per_seed[seed] = max(ok, default=None)
+        values = list(per_seed.values())
+        out[method] = {"per_seed": per_seed, "worst": None if None in values else min(values)}
+    return out
+
+
+def _mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.0f}"
+    return f"{statistics.mean(values):.0f} ± {statistics.stdev(values):.0f}"
+
+
+def render(args: argparse.Namespace, records: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    dense = records.get("dense")
+    rows = sorted((r for k, r in records.items() if k != "dense"), key=lambda r: (r["method"], r["target"], r["seed"]))
+    wordings = list(dense["arithmetic"]) if dense else list(args.wordings)
+    n = dense["arithmetic_n"] if dense else "?"
+    dates = [r["date"] for r in records.values()]
+    devices = sorted({r["device"] for r in records.values()})
+    head = headline(rows, dense, args.keep, args.max_ppl) if dense else {}
+    budget = (
+        f"model {MODEL} (float32); training runs: `{CONFIG}` (16 GRPO steps, one prompt x 8 completions, distillation "
+        f"from the dense model on the rollouts and 2 x 128 text tokens a step); evaluation: LAMBADA {args.lambada} x "
+        f"512 tokens, PIQA {args.piqa}, `{args.arithmetic_task}` test split ({n} problems) in {', '.join(wordings)}"
+    )
+    lines = [
+        "# The sparsity-quality frontier",
+        "",
+        results_page.page_header(
+            generated_by="python scripts/frontier.py --tables-only",
+            command=args.recorded_command,
+            device=", ".join(devices) or None,
+            date=results_page.date_span(dates),
+            budget=budget,
+        ).rstrip(),
+        "",
+    ]
+    if dense:
+        se = {w: math.sqrt(a * (1 - a) / n) for w, a in dense["arithmetic"].items()}
+        lines += [
+            f"Dense: LAMBADA perplexity {dense['ppl']:.2f}, PIQA {100 * dense['piqa']:.1f}%, arithmetic "
+            + ", ".join(f"{w} {100 * a:.1f}%" for w, a in dense["arithmetic"].items())
+            + f" ({n} problems; one standard error "
+            + ", ".join(
+                f"{100 * se[w]:.1f} points = {100 * se[w] / a:.0f}% of dense"
+                for w, a in dense["arithmetic"].items()
+                if a
+            )
+            + ").",
+            "",
+            f"Headline: the highest sparsity at which a model keeps at least {args.keep:.0%} of dense arithmetic in "
+            f"every wording at no more than {args.max_ppl:g}x the dense perplexity (worst over seeds):",
+            "",
+            "| method | keep-task sparsity | per seed |",
+            "| --- | ---: | --- |",
+        ]
+        for method, h in head.items():
+            worst = "none measured" if h["worst"] is None else f"{h['worst']:.0%}"
+            per_seed = ", ".join(f"seed {s}: {'-' if v is None else f'{v:.0%}'}" for s, v in h["per_seed"].items())
+            lines.append(f"| {method} | {worst} | {per_seed} |")
+        lines += [
+            "",
+            "Per point: ratios to dense (perplexity / dense; PIQA and arithmetic as % of dense); arithmetic per "
+            "wording; tokens and CPU-seconds of training (user + system of `grpo-prune train`), of the whole point "
+            "(one-shot included where this point made it) and of its evaluation; GRPO's medians over steps.",
+            "",
+            "| method | target | seed | sparsity | ppl | ppl / dense | PIQA % of dense | arithmetic % of dense ("
+            + " / ".join(wordings)
+            + ") | training tokens | training CPU-s | point CPU-s | eval CPU-s | frac_reward_zero_std | clipped_ratio |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in [dense, *rows]:
+            ratios = kept(r, dense)
+            trained = [s for s in r["steps"] if s.get("steps")]
+            zero_std = [s["frac_reward_zero_std"] for s in trained if s.get("frac_reward_zero_std") is not None]
+            clipped = [s["clipped_ratio"] for s in trained if s.get("clipped_ratio") is not None]
+            lines.append(
+                f"| {r['method']} | {r['target']:.0%} | {r['seed']} | {r['sparsity']:.3f} | {r['ppl']:.2f} | "
+                f"{r['ppl'] / dense['ppl']:.2f}x | {100 * r['piqa'] / dense['piqa']:.0f}% | "
+                + " / ".join(f"{100 * ratios[w]:.0f}%" if w in ratios else "-" for w in wordings)
+                + f" | {r.get('training_tokens', 0):,} | {r.get('training_cpu_seconds', 0):.0f} | "
+                f"{r.get('cpu_seconds', 0):.0f} | {r['eval_cpu_seconds']:.0f} | "
+                + (f"{zero_std[0]:.3f}" if zero_std else "-")
+                + " | "
+                + (f"{clipped[0]:.3f}" if clipped else "-")
+                + " |"
+            )
+        seeded = [m for m in head if len({r["seed"] for r in rows if r["method"] == m}) > 1]
+        if seeded:
+            lines += [
+                "",
+                "Over seeds (mean ± standard deviation):",
+                "",
+                "| method | target | seeds | ppl / dense | PIQA % of dense | arithmetic % of dense ("
+                + " / ".join(wordings)
+                + ") |",
+                "| --- | ---: | ---: | ---: | ---: | --- |",
+            ]
+            for method in seeded:
+                for target in sorted({r["target"] for r in rows if r["method"] == method}):
+                    group = [r for r in rows if r["method"] == method and r["target"] == target]
+                    ppl = [r["ppl"] / dense["ppl"] for r in group]
+                    ppl_text = f"{statistics.mean(ppl):.2f}x" + (
+                        f" ± {statistics.stdev(ppl):.2f}" if len(ppl) > 1 else ""
+                    )
+                    lines.append(
+                        f"| {method} | {target:.0%} | {len(group)} | {ppl_text} | "
+                        f"{_mean_sd([100 * r['piqa'] / dense['piqa'] for r in group])}% | "
+                        + " / ".join(f"{_mean_sd([100 * kept(r, dense)[w] for r in group])}%" for w in wordings)
+                        + " |"
+                    )
+        lines += ["", "Commands of each point (run in the repository root):", ""]
+        for r in rows:
+            for s in r["steps"]:
+                reused = " (reused: made by another point)" if s.get("reused") else ""
+                lines.append(f"- {point_name(r['method'], r['target'], r['seed'])}: `{s['command']}`{reused}")
+    missing = [point_name(*p) for p in plan(args) if point_name(*p) not in records]
+    if missing:
+        lines += ["", f"Planned but not measured: {', '.join(missing)}."]
+    return "\n".join(lines) + "\n", head
+
+
+def plot(args: argparse.Namespace, records: dict[str, dict[str, Any]], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[bench]'): no plot", flush=True)
+        return
+    from grpo_prune import fileio
+
+    dense = records["dense"]
+    rows = [r for k, r in records.items() if k != "dense"]
+    wordings = list(dense["arithmetic"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        targets = sorted({r["target"] for r in rows if r["method"] == method})
+        ppl = [
+            statistics.mean(r["ppl"] / dense["ppl"] for r in rows if r["method"] == method and r["target"] == t)
+            for t in targets
+        ]
+        worst = [
+            statistics.mean(
+                100 * min(kept(r, dense).values()) for r in rows if r["method"] == method and r["target"] == t
+            )
+            for t in targets
+        ]
+        xs = [100 * t for t in targets]
+        axes[0].plot(xs, ppl, marker="o", label=method)
+        axes[1].plot(xs, worst, marker="o", label=method)
+    axes[0].axhline(args.max_ppl, color="grey", linestyle="--", linewidth=1)
+    axes[0].set_ylabel("LAMBADA perplexity / dense")
+    axes[0].set_yscale("log")
+    axes[1].axhline(100 * args.keep, color="grey", linestyle="--", linewidth=1)
+    axes[1].set_ylabel(f"arithmetic, % of dense (worst of {', '.join(wordings)})")
+    for ax in axes:
+        ax.set_xlabel("sparsity of the decoder linears (%)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(f"{MODEL}: the sparsity-quality frontier (dashed: the headline's bounds; mean over seeds)")
+    fig.tight_layout()
+    try:
+        fileio.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    finally:
+        plt.close(fig)
+
+
+def write(args: argparse.Namespace, records: dict[str, dict[str, Any]]) -> str:
+    from grpo_prune.fileio import write_json_atomic, write_text_atomic
+
+    text, head = render(args, records)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(args.output_dir / "frontier.md", text)
+    write_json_atomic(
+        args.output_dir / "frontier.json",
+        {"command": args.recorded_command, "headline": head, "points": records},
+        default=str,
+    )
+    if "dense" in records and len(records) > 1:
+        plot(args, records, args.output_dir / "frontier.png")
+    return text
+
+
+def load_points(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    records: dict[str, Any] = {}
+    for path in sorted((args.output_dir / "points").glob("*.json")):
+        record = json.loads(path.read_text())
+        if record["eval_settings"] == eval_settings(args):
+            records[path.stem] = record
+        else:
+            print(f"[ignored] {path}: measured with other evaluation settings", flush=True)
+    previous = args.output_dir / "frontier.json"
+    args.recorded_command = json.loads(previous.read_text()).get("command") if previous.exists() else None
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from grpo_prune.evaluation.tasks import check_wordings
+    from grpo_prune.fileio import write_json_atomic
+
+    check_wordings(args.wordings)
+    for s in args.sparsities:
+        if not 0 < s < 1:
+            raise SystemExit(f"--sparsities must be in (0, 1), got {s}")
+    records = load_points(args)
+    if not args.tables_only:
+        command = results_page.command_line(sys.argv[1:] if argv is None else argv, __file__)
+        previous = args.recorded_command
+        if previous and command not in previous.split("; "):
+            command = f"{previous}; {command}"  # several processes (method groups) fill one frontier
+        args.recorded_command = command
+        for method, sparsity, seed in plan(args):
+            name = point_name(method, sparsity, seed)
+            if name in records:
+                continue
+            print(f"[run] {name}", flush=True)
+            record = run_point(args, method, sparsity, seed)
+            write_json_atomic(args.output_dir / "points" / f"{name}.json", record, default=str)
+            records[name] = record
+            print(
+                f"[done] {name}: ppl {record['ppl']:.2f}, arithmetic "
+                + json.dumps({w: round(a, 3) for w, a in record["arithmetic"].items()})
+                + f", cpu {record['cpu_seconds']:.0f} + eval {record['eval_cpu_seconds']:.0f}",
+                flush=True,
+            )
+            write(args, records)
+    print(write(args, records))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
