@@ -97,9 +97,8 @@ def point_name(method: str, sparsity: float, seed: int) -> str:
 def plan(args: argparse.Namespace) -> list[tuple[str, float, int]]:
     points = [("dense", 0.0, 0)]
     for sparsity in args.sparsities:
-        for method in args.methods:
-            for seed in [0] if method == "sparsegpt" else args.seeds:
-                points.append((method, sparsity, seed))
+        for seed in args.seeds:  # seed-major: an interrupted run leaves every method with as many seeds
+            points += [(method, sparsity, seed) for method in args.methods if seed == 0 or method != "sparsegpt"]
     return points
 
 
