@@ -296,6 +296,62 @@ def test_eval_command_refuses_an_unknown_wording_before_loading(capsys):
     assert exit_.value.code == 2 and "unknown prompt wording" in capsys.readouterr().err
 
 
+def _questions(dataset) -> set[str]:
+    return {prompt[-1]["content"] for prompt in dataset["prompt"]}
+
+
+def test_arithmetic_wide_is_a_large_test_split_disjoint_from_every_train_split():
+    from grpo_prune.data import load_prompt_dataset
+
+    wide = load_generation_dataset("arithmetic_wide")  # default limit None: the whole split
+    questions = _questions(wide)
+    assert len(wide) == len(questions) == 1608 and "1608" in TASKS["arithmetic_wide"].description
+    assert TASKS["arithmetic_wide"].default_limit is None
+    # Larger operands than the default's 30: the wider range is really there.
+    operands = [int(x) for q in questions for x in q.removeprefix("What is ").removesuffix("?").split()[::2]]
+    assert max(operands) == 99
+    for name in ("arithmetic", "arithmetic-easy", "arithmetic-hard"):
+        train = _questions(load_prompt_dataset(name, "train"))
+        assert len(train) > 500 and not questions & train, name
+    default_test = _questions(load_generation_dataset("arithmetic"))
+    assert len(default_test) == 159 and default_test <= questions
+    for question, answer in zip(wide["prompt"][:30], wide["answer"][:30], strict=True):
+        a, op, b = question[-1]["content"].removeprefix("What is ").removesuffix("?").split()
+        assert int(answer) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+
+
+def test_arithmetic_wide_is_not_a_default_task_and_loads_in_every_wording():
+    from grpo_prune.evaluate import DEFAULT_TASKS
+
+    assert "arithmetic_wide" not in DEFAULT_TASKS and "arithmetic" in DEFAULT_TASKS  # defaults cost what they did
+    assert evaluate.build_parser().parse_args(["--model", "m"]).tasks == list(DEFAULT_TASKS)
+    train = load_generation_dataset("arithmetic_wide", 6, seed=0)
+    assert [p[-1]["content"].split()[3] for p in train["prompt"]] == ["+", "-", "*"] * 2  # a balanced prefix
+    assert _questions(train) <= _questions(load_generation_dataset("arithmetic_wide", 60, seed=0))  # nested
+    for wording in ("zero_shot", "question_only", "reworded"):
+        asked = load_generation_dataset("arithmetic_wide", 6, seed=0, wording=wording)
+        assert asked["answer"] == train["answer"] and asked["prompt"] != train["prompt"], wording
+    assert [p[-1] for p in load_generation_dataset("arithmetic_wide", 6, wording="zero_shot")["prompt"]] == [
+        p[-1] for p in train["prompt"]
+    ]
+
+
+def test_eval_command_runs_arithmetic_wide_in_several_wordings(tmp_path, capsys):
+    folder = tmp_path / "tiny"
+    tiny_model(seed=2, max_position_embeddings=512).save_pretrained(folder)  # char-level chat prompts are long
+    char_tokenizer().save_pretrained(folder)
+    out = tmp_path / "wide.json"
+    argv = ["--model", str(folder), "--tasks", "arithmetic_wide", "--limit", "arithmetic_wide=3"]
+    argv += ["--wordings", "train", "reworded", "--max-new-tokens", "2", "--json", str(out), "--no-progress"]
+    assert evaluate.main(argv) == 0
+    metrics = json.loads(out.read_text())["tasks"]["arithmetic_wide"]
+    assert set(metrics["wordings"]) == {"train", "reworded"}
+    assert metrics["n"] == metrics["wordings"]["reworded"]["n"] == 3
+    printed = capsys.readouterr().out
+    assert "| arithmetic_wide (n=3) | accuracy (%) |" in printed
+    assert "| arithmetic_wide (n=3) | accuracy (%), reworded wording |" in printed
+
+
 class ScaffoldBoundGenerator(torch.nn.Module):
     """A fake model that answers right only when its prompt holds the worked example ("2 + 3 = 5"): it kept the
     training scaffold, not the skill. It finds the question by the (char-tokenized) text of each row's last turn."""
