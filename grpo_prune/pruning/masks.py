@@ -27,6 +27,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "decoder_layer_of",
+    "density_sparsities",
     "expand_group_mask",
     "global_unstructured_masks",
     "group_mask",
@@ -35,6 +37,8 @@ __all__ = [
     "outlier_ratio",
     "owl_sparsities",
     "parse_n_m",
+    "reward_sparsities",
+    "statistic_density",
     "unstructured_mask",
 ]
 
@@ -363,7 +367,8 @@ def expand_group_mask(keep: Tensor, shape: Sequence[int] | torch.Size, dim: int,
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Per-layer allocation: outlier-weighted layer sparsity (OWL, Yin et al. 2023, arXiv 2310.05175)
+# Per-layer allocation: one sparsity per decoder layer from a per-layer density (OWL's outliers, Yin et al. 2023,
+# arXiv 2310.05175; or the reward statistic's mass), by :func:`density_sparsities`
 # --------------------------------------------------------------------------------------------------------------------
 
 _LAYER_PREFIX = re.compile(r"^(.*?\.\d+)\.")
@@ -376,6 +381,14 @@ def decoder_layer_of(name: str) -> str:
     return match.group(1) if match else name
 
 
+def _decoder_layers(names: Sequence[str]) -> dict[str, list[str]]:
+    """Decoder layer -> its targets, both in the order of ``names``."""
+    layers: dict[str, list[str]] = {}
+    for n in names:
+        layers.setdefault(decoder_layer_of(n), []).append(n)
+    return layers
+
+
 def outlier_ratio(scores: Sequence[Tensor], m: float = 5.0) -> float:
     """OWL's layerwise outlier density: the fraction of entries whose score exceeds ``m`` times the mean score of
     all of ``scores`` (one decoder layer's targets together). Scores must be non-negative, e.g. Wanda's
@@ -384,6 +397,16 @@ def outlier_ratio(scores: Sequence[Tensor], m: float = 5.0) -> float:
     if flat.numel() == 0:
         return 0.0
     return float((flat > m * flat.mean()).float().mean())
+
+
+def statistic_density(statistic: Sequence[Tensor]) -> float:
+    """The reward statistic's mass density of one decoder layer: ``sum |R| / numel`` over its targets' weights
+    (``|R|`` so that the signed form, movement, counts how much it moved whichever the direction; the abs and
+    squared forms are non-negative already). Summed in float64: a layer holds millions of small values."""
+    numel = sum(t.numel() for t in statistic)
+    if numel == 0:
+        return 0.0
+    return float(sum(t.detach().abs().sum(dtype=torch.float64) for t in statistic)) / numel
 
 
 def _exact_counts(real: dict[str, float], total: int, lower: dict[str, int], upper: dict[str, int]) -> dict[str, int]:
@@ -401,35 +424,34 @@ def _exact_counts(real: dict[str, float], total: int, lower: dict[str, int], upp
                 missing -= step
                 moved = True
         if not moved:
-            raise ValueError("owl_sparsities: the bounds cannot reach the requested count")
+            raise ValueError("density_sparsities: the bounds cannot reach the requested count")
     return counts
 
 
-def owl_sparsities(
-    scores: Mapping[str, Tensor],
+def density_sparsities(
+    density: Mapping[str, float],
+    sizes: Mapping[str, int],
     sparsity: float,
     *,
     lam: float = 0.08,
-    m: float = 5.0,
     prev_masks: Mapping[str, Tensor] | None = None,
 ) -> dict[str, float]:
-    """Per-target sparsities that spread ``sparsity`` over decoder layers by their outliers, with the exact global
-    count: ``sum(round(s_t * numel_t)) == round(sparsity * total)``.
+    """Per-target sparsities that spread ``sparsity`` over decoder layers by a per-layer density, with the exact
+    global count: ``sum(round(s_t * numel_t)) == round(sparsity * total)``. Shared by every non-uniform allocation
+    (:func:`owl_sparsities`, :func:`reward_sparsities`).
 
-    OWL: a decoder layer ``l`` with outlier density ``D_l`` (:func:`outlier_ratio` of its targets' scores) gets
-    sparsity ``sparsity - lam * (D_l - mean(D)) / max|D - mean(D)|``, the mean weighted by the layers' sizes, so that
-    layers with more outliers are pruned less, every layer stays within ``lam`` of ``sparsity`` and the weighted
-    mean is ``sparsity`` itself. (The paper min-max scales ``D`` into a ``2 lam`` range around an unweighted mean;
-    this form is the same line through the same centre when the layers have equal sizes, and it keeps the global
-    count exact when they do not.) All targets of a layer share its sparsity; rounding is distributed by largest
-    remainders. ``lam`` is capped at ``min(sparsity, 1 - sparsity)``; equal densities give uniform sparsity.
+    A decoder layer ``l`` with density ``D_l`` gets sparsity ``sparsity - lam * (D_l - mean(D)) / max|D - mean(D)|``,
+    the mean weighted by the layers' sizes, so that denser layers are pruned less, every layer stays within ``lam``
+    of ``sparsity`` and the weighted mean is ``sparsity`` itself. All targets of a layer share its sparsity; rounding
+    is distributed by largest remainders. ``lam`` is capped at ``min(sparsity, 1 - sparsity)``; equal densities give
+    uniform sparsity.
 
     Args:
-        scores: target name -> non-negative scores (Wanda's ``|W| * ||x||``, or ``|W|``), any shapes.
+        density: decoder layer (:func:`decoder_layer_of` of its targets) -> density; one entry per layer of
+            ``sizes``.
+        sizes: target name -> number of weights, in the order ties are broken.
         sparsity: global fraction to prune, in ``[0, 1]``.
-        lam: largest deviation of a layer's sparsity from ``sparsity`` (the paper's lambda; 0.08 is its LLaMA
-            setting).
-        m: outlier threshold, in multiples of the layer's mean score (the paper's M; 5 for LLaMA).
+        lam: largest deviation of a layer's sparsity from ``sparsity``.
         prev_masks: current keep-masks (monotone pruning): a target never gets fewer pruned entries than it has;
             the layers' sparsities are shifted together to keep the global count.
 
@@ -438,20 +460,24 @@ def owl_sparsities(
         ``k_t`` exactly).
     """
     _check_sparsity(sparsity)
-    if lam < 0 or m <= 0:
-        raise ValueError(f"owl_sparsities needs lam >= 0 and m > 0; got lam={lam}, m={m}")
-    names = list(scores)
+    if lam < 0:
+        raise ValueError(f"density_sparsities needs lam >= 0; got lam={lam}")
+    names = list(sizes)
     if not names:
         return {}
-    sizes = {n: scores[n].numel() for n in names}
+    layers = _decoder_layers(names)
+    if set(density) != set(layers):
+        raise ValueError(
+            f"density must have one entry per decoder layer of the targets: layers {sorted(layers)}, "
+            f"densities for {sorted(density)}"
+        )
+    bad = {layer: d for layer, d in density.items() if not math.isfinite(d)}
+    if bad:
+        raise ValueError(f"density_sparsities needs finite densities; got {bad}")
     total = sum(sizes.values())
-    layers: dict[str, list[str]] = {}
-    for n in names:
-        layers.setdefault(decoder_layer_of(n), []).append(n)
-    density = {layer: outlier_ratio([scores[n] for n in members], m) for layer, members in layers.items()}
     layer_size = {layer: sum(sizes[n] for n in members) for layer, members in layers.items()}
     mean = sum(density[layer] * layer_size[layer] for layer in layers) / total
-    spread = max(abs(d - mean) for d in density.values())
+    spread = max(abs(density[layer] - mean) for layer in layers)
     lam = min(float(lam), float(sparsity), 1.0 - float(sparsity))
     share = {
         layer: float(sparsity) - (lam * (density[layer] - mean) / spread if spread > 0 else 0.0) for layer in layers
@@ -477,5 +503,83 @@ def owl_sparsities(
             lo = mid
         else:
             hi = mid
-    counts = _exact_counts(counts_at(hi), k_total, lower, sizes)
+    counts = _exact_counts(counts_at(hi), k_total, lower, dict(sizes))
     return {n: counts[n] / sizes[n] for n in names}
+
+
+def owl_sparsities(
+    scores: Mapping[str, Tensor],
+    sparsity: float,
+    *,
+    lam: float = 0.08,
+    m: float = 5.0,
+    prev_masks: Mapping[str, Tensor] | None = None,
+) -> dict[str, float]:
+    """Per-target sparsities that spread ``sparsity`` over decoder layers by their outliers, with the exact global
+    count: ``sum(round(s_t * numel_t)) == round(sparsity * total)``.
+
+    OWL: a decoder layer ``l`` with outlier density ``D_l`` (:func:`outlier_ratio` of its targets' scores) gets
+    sparsity ``sparsity - lam * (D_l - mean(D)) / max|D - mean(D)|``, the mean weighted by the layers' sizes, so that
+    layers with more outliers are pruned less, every layer stays within ``lam`` of ``sparsity`` and the weighted
+    mean is ``sparsity`` itself (:func:`density_sparsities`). (The paper min-max scales ``D`` into a ``2 lam`` range
+    around an unweighted mean; this form is the same line through the same centre when the layers have equal sizes,
+    and it keeps the global count exact when they do not.) All targets of a layer share its sparsity; rounding is
+    distributed by largest remainders. ``lam`` is capped at ``min(sparsity, 1 - sparsity)``; equal densities give
+    uniform sparsity.
+
+    Args:
+        scores: target name -> non-negative scores (Wanda's ``|W| * ||x||``, or ``|W|``), any shapes.
+        sparsity: global fraction to prune, in ``[0, 1]``.
+        lam: largest deviation of a layer's sparsity from ``sparsity`` (the paper's lambda; 0.08 is its LLaMA
+            setting).
+        m: outlier threshold, in multiples of the layer's mean score (the paper's M; 5 for LLaMA).
+        prev_masks: current keep-masks (monotone pruning): a target never gets fewer pruned entries than it has;
+            the layers' sparsities are shifted together to keep the global count.
+
+    Returns:
+        target name -> sparsity ``k_t / numel_t``, to hand to :func:`unstructured_mask` (which rounds it back to
+        ``k_t`` exactly).
+    """
+    _check_sparsity(sparsity)
+    if lam < 0 or m <= 0:
+        raise ValueError(f"owl_sparsities needs lam >= 0 and m > 0; got lam={lam}, m={m}")
+    layers = _decoder_layers(list(scores))
+    density = {layer: outlier_ratio([scores[n] for n in members], m) for layer, members in layers.items()}
+    sizes = {n: t.numel() for n, t in scores.items()}
+    return density_sparsities(density, sizes, sparsity, lam=lam, prev_masks=prev_masks)
+
+
+def reward_sparsities(
+    statistic: Mapping[str, Tensor],
+    sparsity: float,
+    *,
+    lam: float = 0.08,
+    prev_masks: Mapping[str, Tensor] | None = None,
+) -> dict[str, float]:
+    """Per-target sparsities that spread ``sparsity`` over decoder layers by the reward statistic's mass: where RL
+    moves the model, prune less. The exact global count, as :func:`owl_sparsities`.
+
+    A decoder layer ``l`` has density ``D_l = sum |R| / numel`` over its targets' weights
+    (:func:`statistic_density`, ``R`` the accumulated reward statistic in any of its forms) and gets sparsity
+    ``sparsity - lam * (D_l - mean(D)) / max|D - mean(D)|`` (:func:`density_sparsities`: size-weighted mean, every
+    layer within ``lam`` of ``sparsity``, rounding by largest remainders). An all-zero statistic, or one with equal
+    densities, gives uniform sparsity.
+
+    Args:
+        statistic: target name -> accumulated reward statistic, the weight's shape.
+        sparsity: global fraction to prune, in ``[0, 1]``.
+        lam: largest deviation of a layer's sparsity from ``sparsity`` (``owl_lambda``).
+        prev_masks: current keep-masks (monotone pruning), as in :func:`density_sparsities`.
+
+    Returns:
+        target name -> sparsity, to hand to :func:`unstructured_mask`.
+    """
+    density: dict[str, float] = {}
+    sizes: dict[str, int] = {}
+    # One decoder layer's tensors at a time, each read once: ``statistic`` may decompress them on access.
+    for layer, members in _decoder_layers(list(statistic)).items():
+        tensors = [statistic[n] for n in members]
+        density[layer] = statistic_density(tensors)
+        sizes.update((n, t.numel()) for n, t in zip(members, tensors, strict=True))
+    sizes = {n: sizes[n] for n in statistic}  # the targets' order, which breaks rounding ties
+    return density_sparsities(density, sizes, sparsity, lam=lam, prev_masks=prev_masks)

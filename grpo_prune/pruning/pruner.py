@@ -25,7 +25,7 @@ import dataclasses
 import json
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -459,16 +459,18 @@ class Pruner:
         return self.current_sparsity
 
     @torch.no_grad()
-    def _new_masks(self, sparsity: float, scores: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """(weight masks, unit masks) at ``sparsity``, monotone w.r.t. the current ones."""
+    def _new_masks(
+        self, sparsity: float, scores: dict[str, Tensor], notes: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(weight masks, unit masks) at ``sparsity``, monotone w.r.t. the current ones. ``notes`` receives what
+        the event records about the allocation (``reward_allocation``)."""
         s = self.settings
         if self.layout is not None:
             return sharded_new_masks(self.layout, s, sparsity, scores, self.masks), {}
         if s.granularity == "unstructured":
             if s.comparison == "global":
                 new = M.global_unstructured_masks(scores, sparsity, dict(self.masks))
-            elif s.allocation == "owl":
-                layer = M.owl_sparsities(scores, sparsity, lam=s.owl_lambda, m=s.owl_m, prev_masks=self.masks)
+            elif (layer := self._allocated_sparsities(sparsity, scores, {} if notes is None else notes)) is not None:
                 new = {n: M.unstructured_mask(sc, layer[n], self.masks[n]) for n, sc in scores.items()}
             else:
                 per_row = s.comparison == "row"
@@ -504,6 +506,33 @@ class Pruner:
                 shape = tuple(self.targets[name].weight.shape)
                 new[name] = M.expand_group_mask(units[g.prefix], shape, dim, group_size=size) & self.masks[name]
         return new, units
+
+    def _allocated_sparsities(
+        self, sparsity: float, scores: dict[str, Tensor], notes: dict[str, Any]
+    ) -> dict[str, float] | None:
+        """Per-target sparsities of ``settings.allocation`` (unstructured, layer comparison), or None: every target
+        at ``sparsity``.
+
+        ``"owl"``: :func:`~grpo_prune.pruning.masks.owl_sparsities` of the scores. ``"reward"``: the reward
+        statistic's mass per decoder layer (:func:`~grpo_prune.pruning.masks.reward_sparsities`), both bounded by
+        ``owl_lambda``; while the statistic carries no signal (not tracked, fewer than ``min_statistic_updates``
+        reward-signal steps, all zero) the event is uniform, a warning says so and ``notes["reward_allocation"]``
+        is False, as ``statistic_mixed`` is for mama (True when the statistic decided)."""
+        s = self.settings
+        if s.allocation == "owl":
+            return M.owl_sparsities(scores, sparsity, lam=s.owl_lambda, m=s.owl_m, prev_masks=self.masks)
+        if s.allocation != "reward":
+            return None
+        usable, why = self.indicators.statistic_signal()
+        notes["reward_allocation"] = usable
+        if not usable:
+            warnings.warn(
+                f"allocation='reward': the reward statistic has no signal ({why}); this event prunes every layer "
+                "at the same sparsity.",
+                stacklevel=5,
+            )
+            return None
+        return M.reward_sparsities(_StatisticView(self.indicators), sparsity, lam=s.owl_lambda, prev_masks=self.masks)
 
     def _compensated_layers(self) -> list[str]:
         if self.groups:
@@ -599,7 +628,7 @@ class Pruner:
         acts = self.indicators.reduced_activations() if need_acts else ReducedActivations()
         ctx = self._context(acts)
         scores = SCORERS[self.settings.scorer](ctx)
-        new_masks, new_units = self._new_masks(sparsity, scores)
+        new_masks, new_units = self._new_masks(sparsity, scores, ctx.notes)
         before = self.num_pruned()
         if self.settings.compensate:
             self._compensate_(new_masks, acts)
@@ -836,6 +865,23 @@ class Pruner:
         self.load_state_dict(state)
         if not holds_sums:
             self.indicators.clear_rank_sums_()
+
+
+class _StatisticView(Mapping):
+    """Target name -> the reward statistic in float32, decompressed on access (one tensor at a time, rather than a
+    float32 copy of every target's at once)."""
+
+    def __init__(self, indicators: Indicators):
+        self._indicators = indicators
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._indicators.reduced_statistic(name)
+
+    def __iter__(self):
+        return iter(self._indicators.statistic)
+
+    def __len__(self) -> int:
+        return len(self._indicators.statistic)
 
 
 SCORE_SAMPLE_SIZE = 10_000

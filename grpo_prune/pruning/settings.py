@@ -29,7 +29,7 @@ GRANULARITIES = ("unstructured", "n:m", "structured")
 NORMALIZATIONS = ("rank", "zscore")
 COMPARISONS = ("layer", "row", "global")
 STRUCTURED_UNITS = ("mlp", "heads", "mlp+heads")
-ALLOCATIONS = ("uniform", "owl")
+ALLOCATIONS = ("uniform", "owl", "reward")
 
 
 def _is_number(x: Any) -> bool:
@@ -53,11 +53,18 @@ class PruningSettings:
         uniform: structured: prune the same number of units in every layer (exportable as a vanilla config).
             ``False`` ranks MLP neurons across layers (heads always stay uniform).
         allocation: how the target spreads over decoder layers (unstructured, ``comparison="layer"``):
-            ``"uniform"`` (every matrix at the target) or ``"owl"`` (outlier-weighted, Yin et al. 2023: layers
-            with more score outliers are pruned less, each within ``owl_lambda`` of the target, the global count
-            exact; see :func:`~grpo_prune.pruning.masks.owl_sparsities`). ``"owl"`` reads raw scores, so it
-            needs scorer ``wanda`` (``|W| * ||x||``, as in the paper) or ``magnitude``.
-        owl_lambda: OWL's largest deviation of a layer's sparsity from the target (the paper's lambda).
+            ``"uniform"`` (every matrix at the target), ``"owl"`` (outlier-weighted, Yin et al. 2023: layers
+            with more score outliers are pruned less; see :func:`~grpo_prune.pruning.masks.owl_sparsities`) or
+            ``"reward"`` (where RL moves the model, prune less: a layer's density is the reward statistic's mass
+            ``sum |R| / numel`` over its target weights, ``|R|`` for the signed form; see
+            :func:`~grpo_prune.pruning.masks.reward_sparsities`). Both map densities to sparsities alike (denser
+            layers pruned less, linearly, each within ``owl_lambda`` of the target, the global count exact, the
+            masks monotone). ``"owl"`` reads raw scores, so it needs scorer ``wanda`` (``|W| * ||x||``, as in the
+            paper) or ``magnitude``. ``"reward"`` needs the statistic: scorer ``movement``, or ``mama`` with
+            ``alpha > 0``; an event at which it carries no signal yet (fewer than ``min_statistic_updates``
+            reward-signal steps, or all zero) prunes uniformly, warns, and records ``reward_allocation: False``.
+        owl_lambda: largest deviation of a layer's sparsity from the target, for both non-uniform allocations
+            (OWL's lambda; the name is OWL's, the bound is shared by ``"reward"``).
         owl_m: OWL's outlier threshold, in multiples of the layer's mean score (the paper's M).
 
     Parameters that control the scores:
@@ -234,21 +241,27 @@ class PruningSettings:
                 raise ValueError("`compensate` is not supported with scorer='sparsegpt' (OBS already compensates).")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"`allocation` must be one of {ALLOCATIONS}, got {self.allocation!r}.")
-        if self.allocation == "owl":
+        if self.allocation != "uniform":
             if self.granularity != "unstructured" or self.comparison != "layer":
                 raise ValueError(
-                    "`allocation`='owl' sets one sparsity per decoder layer: it needs granularity 'unstructured' "
-                    f"and comparison 'layer', got {self.granularity!r} and {self.comparison!r}."
+                    f"`allocation`={self.allocation!r} sets one sparsity per decoder layer: it needs granularity "
+                    f"'unstructured' and comparison 'layer', got {self.granularity!r} and {self.comparison!r}."
                 )
+            if not (_is_number(self.owl_lambda) and 0.0 <= self.owl_lambda < 1.0):
+                raise ValueError(f"`owl_lambda` must be in [0, 1), got {self.owl_lambda!r}.")
+        if self.allocation == "owl":
             if self.scorer not in ("wanda", "magnitude"):
                 raise ValueError(
                     "`allocation`='owl' counts outliers of raw scores (|W| * ||x|| or |W|): use scorer 'wanda' or "
                     f"'magnitude', got {self.scorer!r}."
                 )
-            if not (_is_number(self.owl_lambda) and 0.0 <= self.owl_lambda < 1.0):
-                raise ValueError(f"`owl_lambda` must be in [0, 1), got {self.owl_lambda!r}.")
             if not (_is_number(self.owl_m) and self.owl_m > 0):
                 raise ValueError(f"`owl_m` must be > 0, got {self.owl_m!r}.")
+        if self.allocation == "reward" and not self.needs_movement:
+            raise ValueError(
+                "`allocation`='reward' spreads the sparsity by the reward statistic, which only `scorer`='movement' "
+                f"or `scorer`='mama' with `alpha` > 0 accumulates; got scorer={self.scorer!r}, alpha={self.alpha!r}."
+            )
         if self.granularity == "structured" and not self.uniform and "heads" in self.structured_units:
             raise ValueError(
                 "`uniform=False` is only supported for structured_units='mlp': heads are pruned in equal numbers "

@@ -23,7 +23,8 @@ input, so the hooks record full per-feature statistics, summed across ranks by t
 Not supported under FSDP2 (refused by :func:`check_supported`): structured units (their scores would need per-unit
 sums across the rows of ``gate/up`` and the columns of the row-sharded ``down_proj``), compensation (it adds bias
 parameters, which cannot be added to a module after ``fully_shard``), z-score normalisation (its mean and standard
-deviation, all-reduced, would not be bit-identical to one process's) and 2-D meshes (HSDP).
+deviation, all-reduced, would not be bit-identical to one process's), non-uniform per-layer allocation (``owl``,
+``reward``: the sharded selection prunes every layer at one sparsity) and 2-D meshes (HSDP).
 """
 
 from __future__ import annotations
@@ -83,10 +84,17 @@ def check_supported(settings: Any) -> None:
             "layer's full input on one rank); prune one-shot with sparsegpt and train with `prune_init_masks`, or "
             "use DDP."
         )
-    if getattr(settings, "allocation", "uniform") != "uniform":
+    allocation = getattr(settings, "allocation", "uniform")
+    if allocation == "owl":
         raise ValueError(
-            f"`allocation`={settings.allocation!r} is not supported under FSDP2 (the outlier densities would need "
-            "every rank's rows); prune one-shot with it and train with `prune_init_masks`, or use DDP."
+            "`allocation`='owl' is not supported under FSDP2 (the outlier densities would need every rank's rows); "
+            "prune one-shot with it and train with `prune_init_masks`, or use DDP."
+        )
+    if allocation != "uniform":
+        raise ValueError(
+            f"`allocation`={allocation!r} is not supported under FSDP2 (the sharded selection prunes every layer at "
+            "the same sparsity; per-layer sparsities from the statistic's mass on every rank's rows are not "
+            "implemented); use allocation 'uniform', or DDP."
         )
     mixes = settings.scorer == "mama" and 0.0 < settings.alpha < 1.0
     if mixes and settings.normalization != "rank":
