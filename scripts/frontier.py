@@ -298,6 +298,12 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.0f} ± {statistics.stdev(values):.0f}"
 
 
+def _kept_over_seeds(group: list[dict[str, Any]], dense: dict[str, Any], wording: str) -> str:
+    # "-" where dense answered nothing in this wording: there is no ratio to average (as in the per-point table).
+    values = [100 * ratios[wording] for ratios in (kept(r, dense) for r in group) if wording in ratios]
+    return f"{_mean_sd(values)}%" if values else "-"
+
+
 def render(args: argparse.Namespace, records: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     dense = records.get("dense")
     rows = sorted((r for k, r in records.items() if k != "dense"), key=lambda r: (r["method"], r["target"], r["seed"]))
@@ -343,7 +349,7 @@ def render(args: argparse.Namespace, records: dict[str, dict[str, Any]]) -> tupl
             "| --- | ---: | --- |",
         ]
         for method, h in head.items():
-            worst = "none measured" if h["worst"] is None else f"{h['worst']:.0%}"
+            worst = "none kept" if h["worst"] is None else f"{h['worst']:.0%}"
             per_seed = ", ".join(f"seed {s}: {'-' if v is None else f'{v:.0%}'}" for s, v in h["per_seed"].items())
             lines.append(f"| {method} | {worst} | {per_seed} |")
         lines += [
@@ -394,7 +400,7 @@ def render(args: argparse.Namespace, records: dict[str, dict[str, Any]]) -> tupl
                     lines.append(
                         f"| {method} | {target:.0%} | {len(group)} | {ppl_text} | "
                         f"{_mean_sd([100 * r['piqa'] / dense['piqa'] for r in group])}% | "
-                        + " / ".join(f"{_mean_sd([100 * kept(r, dense)[w] for r in group])}%" for w in wordings)
+                        + " / ".join(_kept_over_seeds(group, dense, w) for w in wordings)
                         + " |"
                     )
         lines += ["", "Commands of each point (run in the repository root):", ""]
@@ -431,7 +437,9 @@ def plot(args: argparse.Namespace, records: dict[str, dict[str, Any]], path: Pat
         ]
         worst = [
             statistics.mean(
-                100 * min(kept(r, dense).values()) for r in rows if r["method"] == method and r["target"] == t
+                100 * min(kept(r, dense).values(), default=math.nan)
+                for r in rows
+                if r["method"] == method and r["target"] == t
             )
             for t in targets
         ]
