@@ -143,15 +143,18 @@ class PruningCallback(TrainerCallback):
             "layer_sparsity": event["layer_sparsity"],
             "seconds": seconds,
         }
-        if "statistic_mixed" in event:
-            record["statistic_mixed"] = event["statistic_mixed"]
+        # Whether the reward statistic decided this event (mama's mix, the "reward" allocation): false = fell back.
+        for flag in ("statistic_mixed", "reward_allocation"):
+            if flag in event:
+                record[flag] = event[flag]
         record.update(self._score_quantiles(event.get("score_sample")))
         self.prune_events.append(record)
         metrics = self.host.train_metrics
         if guard_event["reward_before"] is not None:
             metrics["prune/reward_before_event"].append(guard_event["reward_before"])
-        if "statistic_mixed" in record:
-            metrics["prune/statistic_mixed"].append(float(record["statistic_mixed"]))
+        for flag in ("statistic_mixed", "reward_allocation"):
+            if flag in record:
+                metrics[f"prune/{flag}"].append(float(record[flag]))
         for key, value in record.items():
             if key.startswith("score_q"):
                 metrics[f"prune/{key}"].append(value)
