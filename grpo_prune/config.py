@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 from grpo_prune.distill import DIVERGENCES
+from grpo_prune.pruning.oneshot import ONESHOT_SCORERS
 from grpo_prune.pruning.pruner import PruningSettings
+from grpo_prune.pruning.settings import ALLOCATIONS
 
 #: `PruningSettings` field -> the `MamaGRPOConfig` (YAML / flag) field a user writes (as `pruning_settings` maps
 #: them). The engine's ValueErrors name the internal field; `MamaGRPOConfig` rewrites them with
@@ -31,6 +33,7 @@ SETTINGS_TO_CONFIG: dict[str, str] = {
     "every": "prune_every",
     "targets": "prune_targets",
     "comparison": "prune_comparison",
+    "allocation": "prune_allocation",
     "structured_units": "prune_structured_units",
     "compensate": "prune_compensate",
     "seed": "seed",
@@ -43,9 +46,22 @@ _INTERNAL_NAME = re.compile(
 )
 
 
-def config_field_names(message: str) -> str:
-    """Rewrite the `PruningSettings` field names in an engine error message as the config fields users write."""
-    return _INTERNAL_NAME.sub(lambda m: SETTINGS_TO_CONFIG[m.group(1) or m.group(2)], message)
+#: Prompt dataset whose train prompts the dense student answers for a self-generated `prune_calibration` (as for
+#: `distill_dataset: self`, and `grpo-prune oneshot --calibration-task`'s default).
+ONESHOT_START_TASK = "arithmetic"
+
+#: How the one-shot start's settings (`MamaGRPOConfig.oneshot_start_settings`) name their own fields.
+ONESHOT_START_TO_CONFIG: dict[str, str] = {
+    **SETTINGS_TO_CONFIG,
+    "target_sparsity": "prune_init_sparsity",
+    "scorer": "prune_init_scorer",
+}
+
+
+def config_field_names(message: str, names: dict[str, str] = SETTINGS_TO_CONFIG) -> str:
+    """Rewrite the `PruningSettings` field names in an engine error message as the config fields users write
+    (``names``: internal -> config field; by default the training pruner's, `SETTINGS_TO_CONFIG`)."""
+    return _INTERNAL_NAME.sub(lambda m: names[m.group(1) or m.group(2)], message)
 
 
 @dataclass
@@ -76,6 +92,14 @@ class MamaGRPOConfig(GRPOConfig):
         prune_comparison (`str`, defaults to `"layer"`):
             Where scores compete: `"layer"` (exact sparsity in every matrix), `"row"` (every output row, as Wanda)
             or `"global"` (one ranking over all targeted layers).
+        prune_allocation (`str`, defaults to `"uniform"`):
+            How the sparsity spreads over the decoder layers (unstructured, `prune_comparison="layer"`), one of
+            `grpo_prune.pruning.settings.ALLOCATIONS`: `"uniform"` (every matrix at the target), `"owl"`
+            (outlier-weighted, Yin et al. 2023: layers with more score outliers are pruned less; `prune_scorer`
+            `wanda` or `magnitude`) or `"reward"` (layers where the reward statistic has more mass are pruned less;
+            `prune_scorer` `movement`, or `mama` with `mama_alpha` > 0); each layer within a bound of the target,
+            the global count exact. The one-shot start (`prune_init_scorer`) allocates alike, except under
+            `"reward"` (no reward statistic exists before training): it starts uniform, the events allocate.
 
         > Parameters that control the MAMA score
 
@@ -129,6 +153,32 @@ class MamaGRPOConfig(GRPOConfig):
             to the masks' sparsity they are held while training recovers (the one-shot-then-recover recipe, e.g.
             from `sparsegpt`). `unstructured` and `n:m` only: a structured one-shot model is trained as its
             physically smaller export, with no masks.
+        prune_init_scorer (`str`, *optional*):
+            Start from a one-shot prune made inside this run instead of dense: at the start of `train()` the
+            student is pruned to `prune_init_sparsity` with this scorer (one of `grpo-prune oneshot`'s: `sparsegpt`,
+            `wanda`, `magnitude`, `mama`, `movement`, `random`) on `prune_calibration`, then the pruner starts from
+            those masks as with `prune_init_masks` (exclusive with it). The same code as `grpo-prune oneshot`
+            (`grpo_prune.oneshot_start.prune_on_calibration`); the dense model stays the teacher and `|W0|` (the
+            teacher built from the student's weights is built before the prune) and the self-generated calibration
+            samples come from the dense student. One process only (multi-process runs: `grpo-prune oneshot`, then
+            `prune_init_masks`); a resumed run takes the masks from its checkpoint and does not prune again. The CPU
+            time and the sparsity reached are recorded under `oneshot_start` in `pruning_report.json`. `unstructured`
+            and `n:m` only. `None` starts dense.
+        prune_init_sparsity (`float`, *optional*):
+            Sparsity of the one-shot start, in `(0, prune_target_sparsity]`. Default: `prune_target_sparsity` (the
+            schedule's events then hold the masks). Below the target, the events prune further from there with
+            `prune_scorer` (e.g. a `sparsegpt` start at 35%, then `mama` events to 50%). Under `n:m` it must equal the
+            target.
+        prune_calibration (`str`, defaults to `"self"`):
+            Calibration text of the one-shot start, as `grpo-prune oneshot --calibration`: the dense student's own
+            samples (`"self"`: half its answers to the `arithmetic` train prompts, half its continuations of neutral
+            sentence openings; `"self:task"`, `"self:open"`; sampled with the run's `seed` before pruning and cached
+            on disk),
+            `"python_docs"` (built in), `"mix"` (half each), or a `.txt` / `.jsonl` (`"text"` field) file.
+        prune_calibration_windows (`int`, defaults to `128`):
+            Windows of calibration tokens of the one-shot start.
+        prune_calibration_length (`int`, defaults to `256`):
+            Tokens per calibration window of the one-shot start.
         reward_window (`int`, defaults to `4`):
             Number of generation batches in the rolling mean reward recorded before and after each prune event.
         reward_guard_tolerance (`float`, *optional*):
@@ -203,6 +253,10 @@ class MamaGRPOConfig(GRPOConfig):
         default="layer",
         metadata={"help": "Where scores compete.", "choices": ["layer", "row", "global"]},
     )
+    prune_allocation: str = field(
+        default="uniform",
+        metadata={"help": "How the sparsity spreads over decoder layers.", "choices": list(ALLOCATIONS)},
+    )
     prune_scorer: str = field(
         default="mama",
         metadata={"help": "Scorer.", "choices": ["mama", "magnitude", "wanda", "movement", "random", "sparsegpt"]},
@@ -248,6 +302,34 @@ class MamaGRPOConfig(GRPOConfig):
             "help": "Masks to start from (a masked export folder, or its pruning_masks.safetensors), e.g. a one-shot "
             "prune's; later events only prune further. None: start dense."
         },
+    )
+    prune_init_scorer: str | None = field(
+        default=None,
+        metadata={
+            "help": "Start from a one-shot prune made at the start of training with this scorer (as grpo-prune "
+            "oneshot), on prune_calibration; the dense model stays the teacher. None: start dense.",
+            "choices": list(ONESHOT_SCORERS),
+        },
+    )
+    prune_init_sparsity: float | None = field(
+        default=None,
+        metadata={
+            "help": "Sparsity of the one-shot start, in (0, prune_target_sparsity]; events prune further from "
+            "there. Default: prune_target_sparsity."
+        },
+    )
+    prune_calibration: str = field(
+        default="self",
+        metadata={
+            "help": "Calibration text of the one-shot start: 'self' (the dense student's own samples, cached), "
+            "'self:task', 'self:open', 'python_docs', 'mix', or a .txt / .jsonl file."
+        },
+    )
+    prune_calibration_windows: int = field(
+        default=128, metadata={"help": "Calibration windows of the one-shot start."}
+    )
+    prune_calibration_length: int = field(
+        default=256, metadata={"help": "Tokens per calibration window of the one-shot start."}
     )
     reward_window: int = field(
         default=4, metadata={"help": "Generation batches in the rolling reward recorded around prune events."}
@@ -334,6 +416,9 @@ class MamaGRPOConfig(GRPOConfig):
             )
         if self.prune_target_sparsity > 0:
             _refuse_deepspeed(self.deepspeed)
+        if isinstance(self.prune_targets, str):  # a single pattern from the command line
+            self.prune_targets = [self.prune_targets]
+        self._check_oneshot_start()  # before `prune_init_masks` is read: the two are exclusive
         if self.prune_init_masks is not None:
             from grpo_prune.export import masks_sidecar_granularity
 
@@ -347,8 +432,6 @@ class MamaGRPOConfig(GRPOConfig):
                     "granularity, 'unstructured' or 'n:m' (a structured one-shot model is trained as its sliced "
                     "export, without masks)."
                 )
-        if isinstance(self.prune_targets, str):  # a single pattern from the command line
-            self.prune_targets = [self.prune_targets]
         if not self.use_cpu and not _accelerator_available():
             # Without this, accelerate treats `torchrun` CPU processes as independent runs (no gradient sync).
             self.use_cpu = True
@@ -364,6 +447,96 @@ class MamaGRPOConfig(GRPOConfig):
         elif not 0.0 <= self.prune_target_sparsity < 1.0:
             raise ValueError(f"`prune_target_sparsity` must be a number in [0, 1), got {self.prune_target_sparsity}.")
         super().__post_init__()
+
+    def _check_oneshot_start(self) -> None:
+        """Validate the one-shot start's fields (`prune_init_scorer` and the fields it reads) and resolve
+        `prune_init_sparsity`; nothing is loaded."""
+        if self.prune_init_scorer is None:
+            if self.prune_init_sparsity is not None:
+                raise ValueError(
+                    f"`prune_init_sparsity` ({self.prune_init_sparsity}) is the sparsity of the one-shot start: set "
+                    f"`prune_init_scorer` (one of {', '.join(ONESHOT_SCORERS)}) too, or leave it unset."
+                )
+            return
+        if self.prune_init_scorer not in ONESHOT_SCORERS:
+            raise ValueError(
+                f"`prune_init_scorer` must be one of {', '.join(ONESHOT_SCORERS)} (or unset), got "
+                f"{self.prune_init_scorer!r}."
+            )
+        if self.prune_init_masks is not None:
+            raise ValueError(
+                "`prune_init_scorer` and `prune_init_masks` both choose the starting masks: set one of them (the "
+                "one-shot start is made in this run; `prune_init_masks` reads a `grpo-prune oneshot` export)."
+            )
+        if self.prune_target_sparsity <= 0:
+            raise ValueError("`prune_init_scorer` needs pruning on (`prune_target_sparsity` > 0).")
+        if self.prune_granularity == "structured":
+            raise ValueError(
+                "`prune_init_scorer` needs `prune_granularity` 'unstructured' or 'n:m': a structured one-shot model "
+                "is trained as its physically smaller export (`grpo-prune oneshot --granularity structured`), "
+                "without masks."
+            )
+        if self.prune_compensate:
+            raise ValueError(
+                "`prune_init_scorer` cannot be combined with `prune_compensate: true`: the one-shot start does not "
+                "fold its pruned weights into biases. Set `prune_compensate: false`."
+            )
+        if self.prune_init_sparsity is None:
+            self.prune_init_sparsity = self.prune_target_sparsity
+        sparsity = self.prune_init_sparsity
+        if (
+            not isinstance(sparsity, (int, float))
+            or isinstance(sparsity, bool)
+            or not 0.0 < sparsity <= self.prune_target_sparsity
+        ):
+            raise ValueError(
+                f"`prune_init_sparsity` must be in (0, prune_target_sparsity={self.prune_target_sparsity}], got "
+                f"{sparsity!r}: the schedule's events only prune further from the start."
+            )
+        from grpo_prune.data import validate_calibration_source, validate_dataset_name
+
+        try:
+            kind = validate_calibration_source(self.prune_calibration)
+        except ValueError as err:
+            raise ValueError(f"`prune_calibration`: {err}") from None
+        if kind != "text":
+            validate_dataset_name(ONESHOT_START_TASK)
+        for name, least in (("prune_calibration_windows", 1), ("prune_calibration_length", 2)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"`{name}` must be an int >= {least}, got {value!r}.")
+        try:  # the start's own settings (scorer against granularity, comparison, allocation; N:M sparsity)
+            PruningSettings(
+                **{k: v for k, v in self.oneshot_start_settings().items() if k not in ("sparsity", "scorer")},
+                target_sparsity=sparsity,
+                scorer=self.prune_init_scorer,
+                schedule="oneshot",
+            ).validate()
+        except ValueError as err:
+            raise ValueError(
+                f"The one-shot start (`prune_init_scorer`={self.prune_init_scorer!r}, `prune_init_sparsity`="
+                f"{sparsity}): {config_field_names(str(err), ONESHOT_START_TO_CONFIG)}"
+            ) from err
+
+    def oneshot_start_settings(self) -> dict[str, object]:
+        """Keyword arguments of `prune_oneshot` (through `grpo_prune.oneshot_start.prune_on_calibration`) for the
+        one-shot start: its scorer and sparsity, and the run's granularity, targets, comparison and allocation
+        (`reward` excepted: uniform), so that its masks fit the training pruner's. `mama` weighs its indicators as
+        the run does (`mama_alpha`, `mama_normalization`)."""
+        settings: dict[str, object] = {
+            "scorer": self.prune_init_scorer,
+            "sparsity": self.prune_init_sparsity,
+            "granularity": self.prune_granularity,
+            "n_m": self.prune_n_m,
+            "targets": list(self.prune_targets) if self.prune_targets else None,
+            "comparison": self.prune_comparison,
+            # No reward statistic exists before training: a `reward` allocation is the events' (the start is uniform).
+            "allocation": "uniform" if self.prune_allocation == "reward" else self.prune_allocation,
+            "seed": self.seed,
+        }
+        if self.prune_init_scorer == "mama":
+            settings.update(alpha=self.mama_alpha, normalization=self.mama_normalization)
+        return settings
 
     @property
     def pruning_enabled(self) -> bool:
@@ -399,6 +572,7 @@ class MamaGRPOConfig(GRPOConfig):
             every=self.prune_every,
             targets=list(self.prune_targets) if self.prune_targets else None,
             comparison=self.prune_comparison,
+            allocation=self.prune_allocation,
             structured_units=self.prune_structured_units,
             compensate=self.prune_compensate,
             seed=self.seed,

@@ -1,7 +1,9 @@
 """The ``grpo-prune oneshot`` command: prune a model in one step on calibration text and export it.
 
 It lives here, beside the other commands, and not in :mod:`grpo_prune.pruning.oneshot`, so that the pruning engine
-stays pure torch (it imports nothing from the rest of ``grpo_prune`` except :mod:`grpo_prune.fileio`).
+stays pure torch (it imports nothing from the rest of ``grpo_prune`` except :mod:`grpo_prune.fileio`). The prune
+itself (calibration windows, then ``prune_oneshot``) is :func:`grpo_prune.oneshot_start.prune_on_calibration`, which
+``grpo-prune train`` runs too for its one-shot start (``prune_init_scorer``).
 """
 
 from __future__ import annotations
@@ -11,16 +13,12 @@ from typing import Any
 from torch import Tensor
 
 from grpo_prune import data
-from grpo_prune.pruning.oneshot import ONESHOT_SCORERS, prune_oneshot
+from grpo_prune.pruning.oneshot import ONESHOT_SCORERS
 from grpo_prune.pruning.pruner import PruningSettings
+from grpo_prune.pruning.settings import ALLOCATIONS
 from grpo_prune.usage import OneLineArgumentParser
 
 __all__ = ["calibration_windows", "main"]
-
-
-#: Calibration windows per forward pass: bounds the activations' memory (wanda's forward computes the logits of
-#: every window), whatever the number of windows.
-CALIBRATION_CHUNK = 8
 
 
 def calibration_windows(
@@ -56,6 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--granularity", default="unstructured", choices=("unstructured", "n:m", "structured"))
     parser.add_argument("--n-m", default="2:4", help="N:M pattern for --granularity n:m (default 2:4)")
     parser.add_argument("--structured-units", default="mlp", choices=("mlp", "heads", "mlp+heads"))
+    parser.add_argument(
+        "--allocation",
+        default="uniform",
+        choices=ALLOCATIONS,
+        help="how the sparsity spreads over decoder layers (default uniform: every layer at --sparsity; owl: "
+        "outlier-weighted, for wanda and magnitude)",
+    )
     # Defaults from results/calibration (scripts/measure_calibration.py; SmolLM2-135M-Instruct, sparsegpt 50%):
     # held-out LAMBADA perplexity 2.79x dense with 8 x 256 tokens of python_docs (the old default), 2.23x with
     # 128 x 256; 1.68x with 128 x 256 of the model's own samples, which also keep 52% of dense arithmetic (3% with
@@ -91,52 +96,52 @@ def main(argv: list[str] | None = None) -> int:
         data.validate_dataset_name(args.calibration_task)
     if args.calibration_windows < 1 or args.calibration_length < 2:
         raise ValueError("`--calibration-windows` must be >= 1 and `--calibration-length` >= 2.")
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, Any] = {"allocation": args.allocation}
     if args.granularity == "structured":
         overrides["structured_units"] = args.structured_units
-    settings_scorer = "random" if args.scorer == "sparsegpt" else args.scorer  # sparsegpt: its own checks below
     if args.scorer == "sparsegpt" and args.granularity == "structured":
         raise ValueError(
             "`--scorer sparsegpt` reconstructs weights, not whole units: use --granularity unstructured "
             "or n:m, or a structured scorer such as wanda."
         )
-    PruningSettings(
-        target_sparsity=args.sparsity, granularity=args.granularity, n_m=args.n_m, scorer=settings_scorer, **overrides
-    ).validate()
-    if args.scorer in ("movement", "mama"):
-        overrides["min_statistic_updates"] = 1
+    try:
+        PruningSettings(
+            target_sparsity=args.sparsity, granularity=args.granularity, n_m=args.n_m, scorer=args.scorer, **overrides
+        ).validate()
+    except ValueError as err:  # the engine's field names, as this command's flags
+        raise ValueError(
+            str(err).replace("`allocation`", "`--allocation`").replace("`scorer`", "`--scorer`")
+        ) from None
 
     from grpo_prune.export import export_pruned  # heavy (transformers); only once the arguments are checked
     from grpo_prune.models import load_model, load_tokenizer
+    from grpo_prune.oneshot_start import prune_on_calibration
 
     model = load_model(args.model, dtype=args.dtype)
     tokenizer = load_tokenizer(args.model)
     model.eval()
-    windows = calibration_windows(
-        tokenizer,
-        args.calibration,
-        args.calibration_windows,
-        args.calibration_length,
-        model=model,
-        seed=args.calibration_seed,
-        task=args.calibration_task,
-    )
-    batches = list(windows.split(CALIBRATION_CHUNK))
-    report = prune_oneshot(
+    result = prune_on_calibration(
         model,
+        tokenizer,
+        scorer=args.scorer,
         sparsity=args.sparsity,
         granularity=args.granularity,
         n_m=args.n_m,
-        scorer=args.scorer,
-        calibration=batches,
+        calibration=args.calibration,
+        windows=args.calibration_windows,
+        length=args.calibration_length,
+        calibration_seed=args.calibration_seed,
+        task=args.calibration_task,
         **overrides,
     )
+    report = result.report
     exported = export_pruned(
         model, args.output_dir, pruner=report, tokenizer=tokenizer, compressed=args.format == "compressed"
     )
     print(
         f"Pruned {args.model} one-shot with {args.scorer}: {report.global_sparsity:.1%} of the targeted weights "
-        f"({args.calibration_windows} x {args.calibration_length} tokens of {args.calibration}); exported "
+        f"({args.calibration_windows} x {args.calibration_length} tokens of {args.calibration}; "
+        f"{result.cpu_seconds:.0f} CPU-s); exported "
         f"{exported['mode']} to {args.output_dir}"
         + (
             f". Train it further with `model_name_or_path: {args.output_dir}`, `prune_init_masks: {args.output_dir}` "

@@ -13,6 +13,9 @@ The subclass is thin. The pruning engine (`grpo_prune.pruning`) does the math; t
   (unless the reward guard holds it) and runs the prune event it calls for;
 * `_compute_loss`: add the distillation terms that the `Distiller` (`grpo_prune.distiller`, the owner of the frozen
   teacher) computes from the student's captured forward, divided by `gradient_accumulation_steps`, to TRL's GRPO loss;
+* `_prepare_for_training` (with `prune_init_scorer`): the one-shot start, once, before the optimizer exists: the dense
+  student (the teacher and `|W0|` were taken from it in `__init__`) is pruned on calibration text as
+  `grpo-prune oneshot` prunes, and the pruner starts from those masks; a resumed run takes them from its checkpoint;
 * `_save_checkpoint` / `save_model`: checkpoints carry the pruner's training state (resuming restores it exactly);
   the final `output_dir` gets only what a user ships (model with zeros, tokenizer, masks sidecar, report).
 """
@@ -20,6 +23,7 @@ The subclass is thin. The pruning engine (`grpo_prune.pruning`) does the math; t
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from contextlib import contextmanager
@@ -48,6 +52,8 @@ def silence_trl_deprecations() -> None:
 
 silence_trl_deprecations()
 
+logger = logging.getLogger(__name__)
+
 TRAINER_STATE_NAME = "mama_trainer_state.json"
 REPORT_NAME = "pruning_report.json"
 __all__ = ["EVENTS_NAME", "REPORT_NAME", "TRAINER_STATE_NAME", "MamaGRPOTrainer"]
@@ -66,6 +72,9 @@ class MamaGRPOTrainer(GRPOTrainer):
             (None when distillation is off).
         pruning_callback: the [`~grpo_prune.pruning_callback.PruningCallback`] that runs the schedule (None when
             pruning is off); `reward_guard`, `prune_events`, `prune_clock` and `last_score_sample` are its.
+        oneshot_start: the record of the one-shot start (`prune_init_scorer`) once made, or restored from the
+            checkpoint a run resumes (scorer, requested and reached sparsity, calibration, CPU and wall seconds);
+            None before `train()` and without `prune_init_scorer`.
     """
 
     _tag_names = ["trl", "grpo", "grpo-prune", "mama-pruning"]
@@ -113,6 +122,10 @@ class MamaGRPOTrainer(GRPOTrainer):
                 deepspeed=self.is_deepspeed_enabled,
                 fsdp=self.is_fsdp_enabled,
             )
+
+        self.oneshot_start: dict[str, Any] | None = None
+        if args.prune_init_scorer is not None:
+            self._check_oneshot_start_supported()
 
         self._grads_processed = False
         self._step_has_reward_signal = False
@@ -166,6 +179,61 @@ class MamaGRPOTrainer(GRPOTrainer):
             self.pruner.set_reduce_fn(lambda t: self.accelerator.reduce(t, reduction="sum"))
             self.pruner.indicators.any_fn = self._any_process
 
+    def _check_oneshot_start_supported(self) -> None:
+        """`prune_init_scorer` runs in one process: every rank would sample its own calibration text (and sparsegpt
+        reconstruct its own weights), so ranks could start from different masks."""
+        if self.accelerator.num_processes > 1 or self._sharded_pruner:
+            raise ValueError(
+                f"`prune_init_scorer` runs on one process only, this run has {self.accelerator.num_processes} "
+                "processes (their calibration samples, and so their masks, could differ). Prune first, once: "
+                f"`grpo-prune oneshot MODEL DIR --scorer {self.args.prune_init_scorer} --sparsity "
+                f"{self.args.prune_init_sparsity} --calibration {self.args.prune_calibration}`, then train with "
+                "`model_name_or_path: DIR`, `prune_init_masks: DIR` and `teacher_model_name_or_path: MODEL` (the "
+                "dense model), without `prune_init_scorer`."
+            )
+
+    def _start_oneshot(self) -> None:
+        """The one-shot start: prune the dense student as `grpo-prune oneshot` does (same function,
+        `grpo_prune.oneshot_start.prune_on_calibration`), then start the pruner from its masks as
+        `prune_init_masks` does. Runs before the optimizer is created, so no optimizer state needs masking.
+
+        The teacher built from the student's weights and the pruner's ``|W0|`` (a snapshot, the checkpoint file, or
+        that teacher) were taken from the dense weights in `__init__`; the self-generated calibration samples are
+        drawn here, before the prune changes anything."""
+        from grpo_prune.config import ONESHOT_START_TASK
+        from grpo_prune.oneshot_start import prune_on_calibration
+
+        args = self.args
+        self._check_oneshot_start_supported()
+        model = self.accelerator.unwrap_model(self.model)
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        result = prune_on_calibration(
+            model,
+            tokenizer,
+            calibration=args.prune_calibration,
+            windows=args.prune_calibration_windows,
+            length=args.prune_calibration_length,
+            calibration_seed=args.seed,
+            task=ONESHOT_START_TASK,
+            **args.oneshot_start_settings(),
+        )
+        reached = self.pruner.start_from_masks(result.report.masks)
+        self.oneshot_start = {**result.summary(), "sparsity_reached": reached}
+        self._metrics["train"]["prune/start_sparsity"].append(reached)
+        self._metrics["train"]["prune/start_cpu_seconds"].append(result.cpu_seconds)
+        logger.info(
+            "One-shot start: %s pruned %.2f%% of the targeted weights (requested %.2f%%) on %d x %d tokens of %s "
+            "in %.1f CPU-s (%.1f s)",
+            args.prune_init_scorer,
+            100 * reached,
+            100 * args.prune_init_sparsity,
+            args.prune_calibration_windows,
+            args.prune_calibration_length,
+            args.prune_calibration,
+            result.cpu_seconds,
+            result.wall_seconds,
+        )
+
     def _any_process(self, flag: bool) -> bool:
         """``flag`` or-ed over every process (a collective)."""
         total = self.accelerator.reduce(torch.tensor([float(flag)], device=self.accelerator.device), reduction="sum")
@@ -194,6 +262,10 @@ class MamaGRPOTrainer(GRPOTrainer):
         # On resume the parent loads the checkpoint after sharding the model: `_load_optimizer_and_scheduler`
         # builds the pruner first. Otherwise it is built here, once the parameters are DTensor shards.
         self._train_max_steps = max_steps  # a resume resolves the default `prune_end_step` from it before loading
+        if self.args.prune_init_scorer is not None and self.oneshot_start is None and resume_from_checkpoint is None:
+            # A resumed run never prunes again: its weights were loaded from the checkpoint already (sparsegpt would
+            # reconstruct them a second time) and its masks and `oneshot_start` record come with the pruner state.
+            self._start_oneshot()
         out = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
         if self._sharded_pruner and self.pruner is None:
             self._build_pruner()
@@ -383,6 +455,8 @@ class MamaGRPOTrainer(GRPOTrainer):
                 ),
             },
         }
+        if self.oneshot_start is not None:
+            report["oneshot_start"] = dict(self.oneshot_start)
         if self.pruner is not None:
             report.update(self.pruner.report())
             report.update(
@@ -503,9 +577,12 @@ class MamaGRPOTrainer(GRPOTrainer):
             write_json_atomic(os.path.join(output_dir, REPORT_NAME), self.pruning_report())
 
     def _mama_state(self) -> dict[str, Any]:
-        """``mama_trainer_state.json``: the pruning callback's state (schedule clock, reward guard, events) and the
-        text-distillation sampler's position (the same on every rank: each draws one batch per micro-batch)."""
+        """``mama_trainer_state.json``: the pruning callback's state (schedule clock, reward guard, events), the
+        one-shot start's record, and the text-distillation sampler's position (the same on every rank: each draws
+        one batch per micro-batch)."""
         state = self.pruning_callback.state_dict() if self.pruning_callback is not None else {}
+        if self.oneshot_start is not None:
+            state["oneshot_start"] = dict(self.oneshot_start)  # a resume knows the start was made (and how)
         if self.text_sampler is not None:
             state["text_sampler_position"] = self.text_sampler.position
         return state
@@ -537,5 +614,13 @@ class MamaGRPOTrainer(GRPOTrainer):
         # DDP: the file holds sums over every rank; one rank keeps them (FSDP2: each rank reads its own file).
         self.pruner.load(checkpoint, holds_sums=self.pruner.layout is not None or self.accelerator.is_main_process)
         self.pruning_callback.load_state_dict(state)
+        if "oneshot_start" in state:
+            self.oneshot_start = dict(state["oneshot_start"])
+        elif self.args.prune_init_scorer is not None:
+            warnings.warn(
+                f"{checkpoint} records no one-shot start (it was written by a run without `prune_init_scorer`): "
+                "training continues from its masks, and no one-shot prune is made.",
+                stacklevel=2,
+            )
         self.pruner.apply_masks_()
         self.pruner.mask_optimizer_state_(self.optimizer)
