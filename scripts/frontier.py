@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--work-dir", type=Path, default=Path("/tmp/frontier"), help="models and logs (large; not results)"
     )
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=["sparsegpt", "recipe"])
+    parser.add_argument(
+        "--methods", nargs="+", type=method_spec, default=["sparsegpt", "recipe"], help=method_spec.__doc__
+    )
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.3, 0.4, 0.5, 0.6])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds (one-shot: seed 0 only)")
     parser.add_argument("--mama-alpha", type=float, default=0.2)
@@ -117,8 +119,28 @@ def train_command(folder: Path, sparsity: float, seed: int, *extra: str) -> list
     ]  # fmt: skip
 
 
+def method_spec(text: str) -> str:
+    """A ``--methods`` entry: a method name, or ``NAME@STEPS`` for its training run at ``STEPS`` optimizer steps
+    instead of the quickstart's 16 (e.g. ``recipe@48``: a longer recovery; one-shot methods take no steps)."""
+    base, at, steps = text.partition("@")
+    if base not in METHODS or (at and (base == "sparsegpt" or not steps.isdigit() or int(steps) < 1)):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: choose from {', '.join(METHODS)}, optionally @STEPS for a trained one (e.g. recipe@48)"
+        )
+    return text
+
+
 def commands(args: argparse.Namespace, method: str, sparsity: float, seed: int) -> tuple[list[list[str]], Path]:
     """The commands that make a point's model, and the folder that holds it."""
+    base, _, steps = method.partition("@")
+    if steps:  # the same commands, training for STEPS optimizer steps into this point's own folder
+        cmds, _ = commands(args, base, sparsity, seed)
+        folder = args.work_dir / point_name(method, sparsity, seed)
+        for c in cmds:
+            if c[1] == "train":
+                c[c.index("--output_dir") + 1] = str(folder)
+                c += ["--max_steps", steps]
+        return cmds, folder
     name = point_name(method, sparsity, seed)
     trained = args.work_dir / name
     if method == "dense":
