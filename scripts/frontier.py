@@ -13,6 +13,8 @@ subprocesses, exactly as printed in the table), then evaluated in this process o
 * ``wanda-trained`` / ``mama-trained``: ``grpo-prune train --config configs/quickstart.yaml`` from the dense model,
   pruning during training on the quickstart's cubic schedule with ``mama_alpha`` 0 (the score is then wanda's,
   from the activations training saw) or ``--mama-alpha`` (default 0.2, statistic ``abs``).
+* ``wanda`` / ``wanda-owl``: ``grpo-prune oneshot --scorer wanda`` on the same calibration, every layer at the
+  target or spread by outliers (``--allocation owl``, the global count exact); no training.
 * ``join``: ``grpo-prune oneshot --scorer sparsegpt`` at ``--join-start`` of the target (default 0.7: 35% for a
   50% target), then ``grpo-prune train`` from it with ``mama`` events (``--mama-alpha``) up to the target, at the
   recovery learning rate: a sparsegpt start followed by MAMA.
@@ -56,7 +58,9 @@ import _results_page as results_page
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
 CONFIG = "configs/quickstart.yaml"
-METHODS = ("sparsegpt", "recipe", "wanda-trained", "mama-trained", "join")
+METHODS = ("sparsegpt", "recipe", "wanda-trained", "mama-trained", "join", "wanda", "wanda-owl")
+#: One-shot methods (no training, so no seeds): method -> (scorer, allocation) of `grpo-prune oneshot`.
+ONESHOT = {"sparsegpt": ("sparsegpt", "uniform"), "wanda": ("wanda", "uniform"), "wanda-owl": ("wanda", "owl")}
 #: Learning rates measured in results/sweep: 3e-5 recovers a one-shot model, 1e-4 (the quickstart's) prunes during
 #: training.
 RECOVER_LR = "3e-5"
@@ -100,16 +104,18 @@ def plan(args: argparse.Namespace) -> list[tuple[str, float, int]]:
     points = [("dense", 0.0, 0)]
     for sparsity in args.sparsities:
         for seed in args.seeds:  # seed-major: an interrupted run leaves every method with as many seeds
-            points += [(method, sparsity, seed) for method in args.methods if seed == 0 or method != "sparsegpt"]
+            points += [(method, sparsity, seed) for method in args.methods if seed == 0 or method not in ONESHOT]
     return points
 
 
-def oneshot_dir(args: argparse.Namespace, sparsity: float) -> Path:
-    return args.work_dir / f"oneshot-sparsegpt-{round(1000 * sparsity)}"
+def oneshot_dir(args: argparse.Namespace, sparsity: float, method: str = "sparsegpt") -> Path:
+    return args.work_dir / f"oneshot-{method}-{round(1000 * sparsity)}"
 
 
-def oneshot_command(folder: Path, sparsity: float) -> list[str]:
-    return ["grpo-prune", "oneshot", MODEL, str(folder), "--scorer", "sparsegpt", "--sparsity", f"{sparsity:g}"]
+def oneshot_command(folder: Path, sparsity: float, method: str = "sparsegpt") -> list[str]:
+    scorer, allocation = ONESHOT[method]
+    command = ["grpo-prune", "oneshot", MODEL, str(folder), "--scorer", scorer, "--sparsity", f"{sparsity:g}"]
+    return command + (["--allocation", allocation] if allocation != "uniform" else [])
 
 
 def train_command(folder: Path, sparsity: float, seed: int, *extra: str) -> list[str]:
@@ -123,7 +129,7 @@ def method_spec(text: str) -> str:
     """A ``--methods`` entry: a method name, or ``NAME@STEPS`` for its training run at ``STEPS`` optimizer steps
     instead of the quickstart's 16 (e.g. ``recipe@48``: a longer recovery; one-shot methods take no steps)."""
     base, at, steps = text.partition("@")
-    if base not in METHODS or (at and (base == "sparsegpt" or not steps.isdigit() or int(steps) < 1)):
+    if base not in METHODS or (at and (base in ONESHOT or not steps.isdigit() or int(steps) < 1)):
         raise argparse.ArgumentTypeError(
             f"{text!r}: choose from {', '.join(METHODS)}, optionally @STEPS for a trained one (e.g. recipe@48)"
         )
@@ -145,8 +151,9 @@ def commands(args: argparse.Namespace, method: str, sparsity: float, seed: int) 
     trained = args.work_dir / name
     if method == "dense":
         return [], Path(MODEL)
-    if method == "sparsegpt":
-        return [oneshot_command(oneshot_dir(args, sparsity), sparsity)], oneshot_dir(args, sparsity)
+    if method in ONESHOT:
+        folder = oneshot_dir(args, sparsity, method)
+        return [oneshot_command(folder, sparsity, method)], folder
     if method == "recipe":
         start = oneshot_dir(args, sparsity)
         recover = [
