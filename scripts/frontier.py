@@ -12,7 +12,8 @@ subprocesses, exactly as printed in the table), then evaluated in this process o
   3e-5: GRPO with distillation recovers it.
 * ``wanda-trained`` / ``mama-trained``: ``grpo-prune train --config configs/quickstart.yaml`` from the dense model,
   pruning during training on the quickstart's cubic schedule with ``mama_alpha`` 0 (the score is then wanda's,
-  from the activations training saw) or ``--mama-alpha`` (default 0.2, statistic ``abs``).
+  from the activations training saw) or ``--mama-alpha`` (default 0.2, statistic ``abs``); ``mama-reward``: the
+  latter with each decoder layer's sparsity set by the reward statistic's mass (``prune_allocation: reward``).
 * ``wanda`` / ``wanda-owl``: ``grpo-prune oneshot --scorer wanda`` on the same calibration, every layer at the
   target or spread by outliers (``--allocation owl``, the global count exact); no training.
 * ``join``: ``grpo-prune oneshot --scorer sparsegpt`` at ``--join-start`` of the target (default 0.7: 35% for a
@@ -58,7 +59,7 @@ import _results_page as results_page
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
 CONFIG = "configs/quickstart.yaml"
-METHODS = ("sparsegpt", "recipe", "wanda-trained", "mama-trained", "join", "wanda", "wanda-owl")
+METHODS = ("sparsegpt", "recipe", "wanda-trained", "mama-trained", "mama-reward", "join", "wanda", "wanda-owl")
 #: One-shot methods (no training, so no seeds): method -> (scorer, allocation) of `grpo-prune oneshot`.
 ONESHOT = {"sparsegpt": ("sparsegpt", "uniform"), "wanda": ("wanda", "uniform"), "wanda-owl": ("wanda", "owl")}
 #: Learning rates measured in results/sweep: 3e-5 recovers a one-shot model, 1e-4 (the quickstart's) prunes during
@@ -161,9 +162,10 @@ def commands(args: argparse.Namespace, method: str, sparsity: float, seed: int) 
             "--teacher_model_name_or_path", MODEL, "--learning_rate", RECOVER_LR,
         ]  # fmt: skip
         return [oneshot_command(start, sparsity), train_command(trained, sparsity, seed, *recover)], trained
-    if method in ("wanda-trained", "mama-trained"):
+    if method in ("wanda-trained", "mama-trained", "mama-reward"):
         alpha = "0" if method == "wanda-trained" else f"{args.mama_alpha:g}"
-        return [train_command(trained, sparsity, seed, "--mama_alpha", alpha)], trained
+        allocation = ["--prune_allocation", "reward"] if method == "mama-reward" else []
+        return [train_command(trained, sparsity, seed, "--mama_alpha", alpha, *allocation)], trained
     if method == "join":
         start_sparsity = round(args.join_start * sparsity, 4)
         start = oneshot_dir(args, start_sparsity)
