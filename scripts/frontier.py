@@ -5,6 +5,8 @@ Every point is a model made by the user-facing commands (``grpo-prune oneshot`` 
 subprocesses, exactly as printed in the table), then evaluated in this process on held-out data. Methods
 (``--methods``):
 
+* ``quickstart``: ``grpo-prune train --config configs/quickstart.yaml`` as shipped, at the point's sparsity: its
+  one-shot start (``prune_init_scorer``) and recovery in one command; its CPU-seconds include the start.
 * ``sparsegpt``: ``grpo-prune oneshot --scorer sparsegpt`` at its defaults (128 x 256 tokens of the dense model's
   own samples, ``results/calibration``); no training.
 * ``recipe``: that one-shot model (the same folder: made once per sparsity), then ``grpo-prune train --config
@@ -59,7 +61,17 @@ import _results_page as results_page
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
 CONFIG = "configs/quickstart.yaml"
-METHODS = ("sparsegpt", "recipe", "wanda-trained", "mama-trained", "mama-reward", "join", "wanda", "wanda-owl")
+METHODS = (
+    "quickstart",
+    "sparsegpt",
+    "recipe",
+    "wanda-trained",
+    "mama-trained",
+    "mama-reward",
+    "join",
+    "wanda",
+    "wanda-owl",
+)
 #: One-shot methods (no training, so no seeds): method -> (scorer, allocation) of `grpo-prune oneshot`.
 ONESHOT = {"sparsegpt": ("sparsegpt", "uniform"), "wanda": ("wanda", "uniform"), "wanda-owl": ("wanda", "owl")}
 #: Learning rates measured in results/sweep: 3e-5 recovers a one-shot model, 1e-4 (the quickstart's) prunes during
@@ -152,6 +164,8 @@ def commands(args: argparse.Namespace, method: str, sparsity: float, seed: int) 
     trained = args.work_dir / name
     if method == "dense":
         return [], Path(MODEL)
+    if method == "quickstart":  # the shipped config as it is (its one-shot start included), at this sparsity
+        return [train_command(trained, sparsity, seed)], trained
     if method in ONESHOT:
         folder = oneshot_dir(args, sparsity, method)
         return [oneshot_command(folder, sparsity, method)], folder
