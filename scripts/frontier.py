@@ -508,8 +508,17 @@ def plot(args: argparse.Namespace, records: dict[str, dict[str, Any]], path: Pat
         plt.close(fig)
 
 
+def invocations(records: dict[str, dict[str, Any]]) -> str | None:
+    """The commands that measured the points, each once, in the order of first use (several processes, e.g. one
+    per method group, may fill one frontier)."""
+    seen = dict.fromkeys(r["invocation"] for r in records.values() if r.get("invocation"))
+    return "; ".join(seen) or None
+
+
 def write(args: argparse.Namespace, records: dict[str, dict[str, Any]]) -> str:
     from grpo_prune.fileio import write_json_atomic, write_text_atomic
+
+    args.recorded_command = invocations(records) or args.recorded_command
 
     text, head = render(args, records)
     args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -549,16 +558,13 @@ def main(argv: list[str] | None = None) -> int:
     records = load_points(args)
     if not args.tables_only:
         command = results_page.command_line(sys.argv[1:] if argv is None else argv, __file__)
-        previous = args.recorded_command
-        if previous and command not in previous.split("; "):
-            command = f"{previous}; {command}"  # several processes (method groups) fill one frontier
-        args.recorded_command = command
         for method, sparsity, seed in plan(args):
             name = point_name(method, sparsity, seed)
             if name in records:
                 continue
             print(f"[run] {name}", flush=True)
             record = run_point(args, method, sparsity, seed)
+            record["invocation"] = command  # the page lists every invocation that measured a point
             write_json_atomic(args.output_dir / "points" / f"{name}.json", record, default=str)
             records[name] = record
             print(
