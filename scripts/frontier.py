@@ -11,7 +11,8 @@ subprocesses, exactly as printed in the table), then evaluated in this process o
   own samples, ``results/calibration``); no training.
 * ``recipe``: that one-shot model (the same folder: made once per sparsity), then ``grpo-prune train --config
   configs/quickstart.yaml`` with its masks held (``prune_init_masks``), the dense model as teacher, learning rate
-  3e-5: GRPO with distillation recovers it.
+  3e-5: GRPO with distillation recovers it. ``recipe-mixed``: the same, GRPO on the mixed ``arithmetic`` train
+  prompts (``+``, ``-``, ``*``) instead of the quickstart's ``arithmetic-easy`` (``+``, ``-``).
 * ``wanda-trained`` / ``mama-trained``: ``grpo-prune train --config configs/quickstart.yaml`` from the dense model,
   pruning during training on the quickstart's cubic schedule with ``mama_alpha`` 0 (the score is then wanda's,
   from the activations training saw) or ``--mama-alpha`` (default 0.2, statistic ``abs``); ``mama-reward``: the
@@ -169,12 +170,14 @@ def commands(args: argparse.Namespace, method: str, sparsity: float, seed: int) 
     if method in ONESHOT:
         folder = oneshot_dir(args, sparsity, method)
         return [oneshot_command(folder, sparsity, method)], folder
-    if method == "recipe":
+    if method in ("recipe", "recipe-mixed"):
         start = oneshot_dir(args, sparsity)
         recover = [
             "--model_name_or_path", str(start), "--prune_init_masks", str(start),
             "--teacher_model_name_or_path", MODEL, "--learning_rate", RECOVER_LR,
         ]  # fmt: skip
+        if method == "recipe-mixed":  # GRPO on the mixed +, -, * prompts instead of the quickstart's + and - only
+            recover += ["--dataset_name", "arithmetic"]
         return [oneshot_command(start, sparsity), train_command(trained, sparsity, seed, *recover)], trained
     if method in ("wanda-trained", "mama-trained", "mama-reward"):
         alpha = "0" if method == "wanda-trained" else f"{args.mama_alpha:g}"
