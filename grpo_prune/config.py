@@ -307,8 +307,9 @@ class MamaGRPOConfig(GRPOConfig):
         default=None,
         metadata={
             "help": "Start from a one-shot prune made at the start of training with this scorer (as grpo-prune "
-            "oneshot), on prune_calibration; the dense model stays the teacher. None: start dense.",
-            "choices": list(ONESHOT_SCORERS),
+            "oneshot), on prune_calibration; the dense model stays the teacher. None (or 'none' on the command "
+            "line, to unset a config's): start dense.",
+            "choices": [*ONESHOT_SCORERS, "none"],
         },
     )
     prune_init_sparsity: float | None = field(
@@ -418,6 +419,8 @@ class MamaGRPOConfig(GRPOConfig):
             _refuse_deepspeed(self.deepspeed)
         if isinstance(self.prune_targets, str):  # a single pattern from the command line
             self.prune_targets = [self.prune_targets]
+        if not 0.0 <= self.prune_target_sparsity < 1.0:  # first: the start's and the masks' checks compare with it
+            raise ValueError(f"`prune_target_sparsity` must be a number in [0, 1), got {self.prune_target_sparsity}.")
         self._check_oneshot_start()  # before `prune_init_masks` is read: the two are exclusive
         if self.prune_init_masks is not None:
             from grpo_prune.export import masks_sidecar_granularity
@@ -444,13 +447,13 @@ class MamaGRPOConfig(GRPOConfig):
                 self.pruning_settings().validate()
             except ValueError as err:
                 raise ValueError(config_field_names(str(err))) from err
-        elif not 0.0 <= self.prune_target_sparsity < 1.0:
-            raise ValueError(f"`prune_target_sparsity` must be a number in [0, 1), got {self.prune_target_sparsity}.")
         super().__post_init__()
 
     def _check_oneshot_start(self) -> None:
         """Validate the one-shot start's fields (`prune_init_scorer` and the fields it reads) and resolve
         `prune_init_sparsity`; nothing is loaded."""
+        if self.prune_init_scorer == "none":  # a flag can unset what the YAML sets: --prune_init_scorer none
+            self.prune_init_scorer = None
         if self.prune_init_scorer is None:
             if self.prune_init_sparsity is not None:
                 raise ValueError(
@@ -466,7 +469,8 @@ class MamaGRPOConfig(GRPOConfig):
         if self.prune_init_masks is not None:
             raise ValueError(
                 "`prune_init_scorer` and `prune_init_masks` both choose the starting masks: set one of them (the "
-                "one-shot start is made in this run; `prune_init_masks` reads a `grpo-prune oneshot` export)."
+                "one-shot start is made in this run; `prune_init_masks` reads a `grpo-prune oneshot` export). With "
+                "a config that sets `prune_init_scorer` (e.g. configs/quickstart.yaml), add `--prune_init_scorer none`."
             )
         if self.prune_target_sparsity <= 0:
             raise ValueError("`prune_init_scorer` needs pruning on (`prune_target_sparsity` > 0).")

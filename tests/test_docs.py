@@ -495,13 +495,13 @@ max_steps: 4
 grpo-prune train --config configs/quickstart.yaml --max_steps 60   # right
 OMP_NUM_THREADS=1 grpo-prune train --config my_docs_run.yaml   # right: a doc-defined config and reward
 grpo-prune oneshot smollm2-135m-instruct outputs/doc-oneshot --scorer wanda && \\
-  grpo-prune train --config configs/quickstart.yaml --prune_init_masks outputs/doc-oneshot
+  grpo-prune train --config configs/quickstart.yaml --prune_init_scorer none --prune_init_masks outputs/doc-oneshot
 grpo-prune eval --model outputs/quickstart --tasks piqa --limit piqa=10
 grpo-prune train --config configs/quickstart.yaml --prune_target_sparsty 0.6
 grpo-prune train --config configs/no_such.yaml
 grpo-prune train --config configs/quickstart.yaml --prune_target_sparsity 1.5
 grpo-prune train --config configs/quickstart.yaml --model_name_or_path outputs/never-written
-grpo-prune train --config configs/quickstart.yaml --prune_init_masks outputs/never-written
+grpo-prune train --config configs/quickstart.yaml --prune_init_scorer none --prune_init_masks outputs/never-written
 grpo-prune eval --model smollm2-135m-instruct --taks piqa
 grpo-prune export outputs/quickstart outputs/x --format zip
 grpo-prune prune outputs/quickstart
@@ -543,7 +543,7 @@ def test_checker_finds_wrong_links_flags_files_and_scripts(tmp_path):
         "grpo-prune train --config configs/quickstart.yaml --max_steps 60",
         "grpo-prune train --config my_docs_run.yaml",
         "grpo-prune oneshot smollm2-135m-instruct outputs/doc-oneshot --scorer wanda",
-        "grpo-prune train --config configs/quickstart.yaml --prune_init_masks outputs/doc-oneshot",
+        "grpo-prune train --config configs/quickstart.yaml --prune_init_scorer none --prune_init_masks outputs/doc-oneshot",
         "grpo-prune eval --model outputs/quickstart --tasks piqa --limit piqa=10",
     ]
     wrong = {command: problem for command, problem in problems.items() if problem is not None}

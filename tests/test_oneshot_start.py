@@ -3,6 +3,7 @@ start of `train()` by the code `grpo-prune oneshot` runs, the pruner starts from
 stay dense, and a resume does not prune again."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ from tiny import char_tokenizer, tiny_args, tiny_model, tiny_trainer
 from transformers import TrainerCallback
 
 from grpo_prune import data
+
+REPO = Path(__file__).resolve().parents[1]
 
 LINEAR_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Built-in text: no sampling, so the start costs well under a second on the tiny model.
@@ -339,3 +342,20 @@ def test_train_command_reports_the_start(tmp_path, tiny_model_dir, monkeypatch):
     assert report["global_sparsity"] == pytest.approx(0.5)
     summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
     assert summary["sparsity_reached"] == pytest.approx(0.5)
+
+
+def test_a_flag_unsets_the_start_that_the_quickstart_config_sets(tmp_path):
+    """The README's two-command route trains configs/quickstart.yaml (which sets `prune_init_scorer`) from a
+    `grpo-prune oneshot` export: `--prune_init_scorer none` unsets the start so `prune_init_masks` may be given."""
+    from grpo_prune.cli import parse_train_args
+
+    masks = tmp_path / "oneshot"
+    masks.mkdir()
+    quickstart = ["--config", str(REPO / "configs" / "quickstart.yaml"), "--prune_init_masks", str(masks)]
+    with pytest.raises(ValueError, match="add `--prune_init_scorer none`"):
+        parse_train_args(quickstart)
+    assert parse_train_args(["--config", str(REPO / "configs" / "quickstart.yaml")]).training.prune_init_scorer == (
+        "sparsegpt"
+    )
+    with pytest.raises((ValueError, FileNotFoundError), match="pruning_masks"):  # unset: the masks are read
+        parse_train_args([*quickstart, "--prune_init_scorer", "none"])
