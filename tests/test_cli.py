@@ -11,20 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tiny import char_tokenizer, tiny_model
 
 from grpo_prune.cli import main, parse_train_args
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(glob.glob(str(REPO / "configs" / "*.yaml")))
-
-
-@pytest.fixture
-def tiny_model_dir(tmp_path):
-    path = tmp_path / "tiny-model"
-    tiny_model().save_pretrained(path)
-    char_tokenizer().save_pretrained(path)
-    return path
 
 
 def write_config(tmp_path, model_dir, **overrides):

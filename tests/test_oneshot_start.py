@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tiny import char_tokenizer, tiny_args, tiny_model, tiny_trainer
+from tiny import tiny_args, tiny_model, tiny_trainer
 from transformers import TrainerCallback
 
 from grpo_prune import data
@@ -260,12 +260,6 @@ def test_multi_process_runs_are_refused_naming_the_two_step_route(tmp_path, monk
 
 
 # ------------------------------------------------------------------------------ one code path with the CLI
-@pytest.fixture
-def tiny_model_dir(tmp_path):
-    path = tmp_path / "tiny-model"
-    tiny_model().save_pretrained(path)
-    char_tokenizer().save_pretrained(path)
-    return path
 
 
 def test_the_start_and_grpo_prune_oneshot_make_the_same_masks(tmp_path, tiny_model_dir, capsys):
