@@ -726,15 +726,26 @@ def _tensor_digest(h: Any, tensor: Any) -> None:
     h.update(sample.numpy().tobytes())
 
 
+#: Config fields that do not change a model's outputs, left out of :func:`model_fingerprint`.
+_RUNTIME_CONFIG_FIELDS = frozenset(
+    {"use_cache", "_name_or_path", "transformers_version", "output_attentions", "output_hidden_states", "return_dict"}
+)
+
+
 def model_fingerprint(model: Any) -> str:
     """Short hash of a model's identity for cache keys: its config and a strided sample of every parameter.
 
     Two models with the same architecture but different weights (a pruned copy, another seed) differ; the same
-    weights loaded twice agree. About 0.1 s for a 135M model.
+    weights loaded twice agree, and so does a model whose trainer turned ``use_cache`` off (``grpo-prune oneshot``
+    and a training run's one-shot start share their samples). About 0.1 s for a 135M model.
     """
     h = hashlib.sha256()
     config = getattr(model, "config", None)
-    h.update((config.to_json_string(use_diff=False) if config is not None else type(model).__name__).encode())
+    if config is None:
+        h.update(type(model).__name__.encode())
+    else:  # runtime switches that do not change what the model computes (a trainer turns `use_cache` off) are left out
+        fields = {k: v for k, v in config.to_dict().items() if k not in _RUNTIME_CONFIG_FIELDS}
+        h.update(json.dumps(fields, sort_keys=True, default=str).encode())
     for name, param in model.named_parameters():
         h.update(name.encode())
         _tensor_digest(h, param)

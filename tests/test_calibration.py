@@ -83,6 +83,11 @@ def test_the_cache_is_keyed_by_the_model(small_recipe, tmp_path):
     a, b = tiny_model(seed=0), tiny_model(seed=1)
     assert model_fingerprint(a) == model_fingerprint(tiny_model(seed=0))
     assert model_fingerprint(a) != model_fingerprint(b)
+    other = tiny_model(seed=0, rope_theta=1234.0)  # same weights, another function: another key
+    assert model_fingerprint(other) != model_fingerprint(a)
+    runtime = tiny_model(seed=0)
+    runtime.config.use_cache = False  # what a trainer does to its model: samples are still shared with `oneshot`
+    assert model_fingerprint(runtime) == model_fingerprint(a)
     calibration_windows(tok, "self:open", 2, 16, model=a, cache_dir=tmp_path)
     counter = CountingGenerate(b)
     calibration_windows(tok, "self:open", 2, 16, model=b, cache_dir=tmp_path)
