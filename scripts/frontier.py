@@ -66,6 +66,7 @@ METHODS = (
     "quickstart",
     "sparsegpt",
     "recipe",
+    "recipe-mixed",
     "wanda-trained",
     "mama-trained",
     "mama-reward",
