@@ -451,3 +451,19 @@ def test_tables_only_rewrites_the_pages_from_the_points(frontier, tmp_path, dens
         assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     else:
         assert not (out / "frontier.png").exists()
+
+
+def test_every_method_is_accepted_with_and_without_steps_and_builds_its_commands(frontier, tmp_path):
+    trained = [m for m in frontier.METHODS if m not in frontier.ONESHOT]
+    args = parse(frontier, "--methods", *frontier.METHODS, *(f"{m}@32" for m in trained), tmp_path=tmp_path)
+    for method in args.methods:
+        cmds, folder = frontier.commands(args, method, 0.5, 0)
+        train = [c for c in cmds if c[1] == "train"]
+        assert bool(train) == (method.partition("@")[0] not in frontier.ONESHOT), method
+        if "@" in method:
+            assert train[-1][-2:] == ["--max_steps", "32"] and str(folder).endswith("recipe@32-50-s0") == (
+                method == "recipe@32"
+            )
+    assert frontier.commands(args, "recipe-mixed", 0.5, 0)[0][1][-2:] == ["--dataset_name", "arithmetic"]
+    with pytest.raises(SystemExit):
+        parse(frontier, "--methods", "sparsegpt@32")  # a one-shot method has no training steps
