@@ -204,7 +204,6 @@ class MamaGRPOTrainer(GRPOTrainer):
         from grpo_prune.oneshot_start import prune_on_calibration
 
         args = self.args
-        self._check_oneshot_start_supported()
         model = self.accelerator.unwrap_model(self.model)
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         result = prune_on_calibration(
