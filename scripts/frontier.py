@@ -12,7 +12,12 @@ subprocesses, exactly as printed in the table), then evaluated in this process o
 * ``recipe``: that one-shot model (the same folder: made once per sparsity), then ``grpo-prune train --config
   configs/quickstart.yaml`` with its masks held (``prune_init_masks``), the dense model as teacher, learning rate
   3e-5: GRPO with distillation recovers it. ``recipe-mixed``: the same, GRPO on the mixed ``arithmetic`` train
-  prompts (``+``, ``-``, ``*``) instead of the quickstart's ``arithmetic-easy`` (``+``, ``-``).
+  prompts (``+``, ``-``, ``*``) instead of the quickstart's ``arithmetic-easy`` (``+``, ``-``); ``recipe-self``:
+  that, distilling the dense model's own samples (``distill_dataset: self``) instead of ``python_docs``.
+* ``sparsegpt-24`` / ``recipe-24``: the same for SparseGPT 2:4 (``--granularity n:m``; 50% only), the recovery as
+  ``recipe-self``'s with the pattern held. ``wanda-mlp`` / ``recipe-mlp``: whole MLP neurons (the sparsity is the
+  fraction of neurons removed; wanda scores them, sparsegpt cannot), exported physically smaller, then
+  ``recipe-self``'s recovery of that smaller model with no masks (``prune_target_sparsity`` 0).
 * ``wanda-trained`` / ``mama-trained``: ``grpo-prune train --config configs/quickstart.yaml`` from the dense model,
   pruning during training on the quickstart's cubic schedule with ``mama_alpha`` 0 (the score is then wanda's,
   from the activations training saw) or ``--mama-alpha`` (default 0.2, statistic ``abs``); ``mama-reward``: the
@@ -67,15 +72,38 @@ METHODS = (
     "sparsegpt",
     "recipe",
     "recipe-mixed",
+    "recipe-self",
+    "recipe-24",
+    "recipe-mlp",
     "wanda-trained",
     "mama-trained",
     "mama-reward",
     "join",
     "wanda",
     "wanda-owl",
+    "sparsegpt-24",
+    "wanda-mlp",
 )
-#: One-shot methods (no training, so no seeds): method -> (scorer, allocation) of `grpo-prune oneshot`.
-ONESHOT = {"sparsegpt": ("sparsegpt", "uniform"), "wanda": ("wanda", "uniform"), "wanda-owl": ("wanda", "owl")}
+#: One-shot methods (no training, so no seeds): method -> the flags of `grpo-prune oneshot` besides the sparsity.
+ONESHOT = {
+    "sparsegpt": ("--scorer", "sparsegpt"),
+    "wanda": ("--scorer", "wanda"),
+    "wanda-owl": ("--scorer", "wanda", "--allocation", "owl"),
+    "sparsegpt-24": ("--scorer", "sparsegpt", "--granularity", "n:m", "--n-m", "2:4"),
+    "wanda-mlp": ("--scorer", "wanda", "--granularity", "structured", "--structured-units", "mlp"),
+}
+#: Methods whose sparsity is fixed by their pattern.
+FIXED_SPARSITY = {"sparsegpt-24": 0.5, "recipe-24": 0.5}
+#: GRPO on the mixed `arithmetic` train prompts (+, -, *) instead of the quickstart's `arithmetic-easy` (+, -).
+MIXED = ("--dataset_name", "arithmetic")
+#: Recovery recipes: method -> (the one-shot method of the start, extra `grpo-prune train` flags).
+RECIPES = {
+    "recipe": ("sparsegpt", ()),
+    "recipe-mixed": ("sparsegpt", MIXED),
+    "recipe-self": ("sparsegpt", (*MIXED, "--distill_dataset", "self")),
+    "recipe-24": ("sparsegpt-24", (*MIXED, "--distill_dataset", "self", "--prune_granularity", "n:m")),
+    "recipe-mlp": ("wanda-mlp", (*MIXED, "--distill_dataset", "self")),
+}
 #: Learning rates measured in results/sweep: 3e-5 recovers a one-shot model, 1e-4 (the quickstart's) prunes during
 #: training.
 RECOVER_LR = "3e-5"
@@ -119,7 +147,12 @@ def plan(args: argparse.Namespace) -> list[tuple[str, float, int]]:
     points = [("dense", 0.0, 0)]
     for sparsity in args.sparsities:
         for seed in args.seeds:  # seed-major: an interrupted run leaves every method with as many seeds
-            points += [(method, sparsity, seed) for method in args.methods if seed == 0 or method not in ONESHOT]
+            points += [
+                (method, sparsity, seed)
+                for method in args.methods
+                if (seed == 0 or method not in ONESHOT)
+                and FIXED_SPARSITY.get(method.partition("@")[0], sparsity) == sparsity
+            ]
     return points
 
 
@@ -128,9 +161,7 @@ def oneshot_dir(args: argparse.Namespace, sparsity: float, method: str = "sparse
 
 
 def oneshot_command(folder: Path, sparsity: float, method: str = "sparsegpt") -> list[str]:
-    scorer, allocation = ONESHOT[method]
-    command = ["grpo-prune", "oneshot", MODEL, str(folder), "--scorer", scorer, "--sparsity", f"{sparsity:g}"]
-    return command + (["--allocation", allocation] if allocation != "uniform" else [])
+    return ["grpo-prune", "oneshot", MODEL, str(folder), "--sparsity", f"{sparsity:g}", *ONESHOT[method]]
 
 
 def train_command(folder: Path, sparsity: float, seed: int, *extra: str) -> list[str]:
@@ -171,15 +202,18 @@ def commands(args: argparse.Namespace, method: str, sparsity: float, seed: int) 
     if method in ONESHOT:
         folder = oneshot_dir(args, sparsity, method)
         return [oneshot_command(folder, sparsity, method)], folder
-    if method in ("recipe", "recipe-mixed"):
-        start = oneshot_dir(args, sparsity)
-        recover = [
-            "--model_name_or_path", str(start), "--prune_init_masks", str(start),
+    if method in RECIPES:
+        start_method, extra = RECIPES[method]
+        start = oneshot_dir(args, sparsity, start_method)
+        recover = [  # the config's own one-shot start is off: the start is the one-shot command's model
+            "--model_name_or_path", str(start), "--prune_init_scorer", "none",
             "--teacher_model_name_or_path", MODEL, "--learning_rate", RECOVER_LR,
         ]  # fmt: skip
-        if method == "recipe-mixed":  # GRPO on the mixed +, -, * prompts instead of the quickstart's + and - only
-            recover += ["--dataset_name", "arithmetic"]
-        return [oneshot_command(start, sparsity), train_command(trained, sparsity, seed, *recover)], trained
+        if start_method == "wanda-mlp":  # a physically smaller model: nothing left to mask, nothing to prune
+            train = train_command(trained, 0.0, seed, *recover, *extra)
+        else:  # the start's masks are held
+            train = train_command(trained, sparsity, seed, *recover, "--prune_init_masks", str(start), *extra)
+        return [oneshot_command(start, sparsity, start_method), train], trained
     if method in ("wanda-trained", "mama-trained", "mama-reward"):
         alpha = "0" if method == "wanda-trained" else f"{args.mama_alpha:g}"
         allocation = ["--prune_allocation", "reward"] if method == "mama-reward" else []
@@ -188,7 +222,7 @@ def commands(args: argparse.Namespace, method: str, sparsity: float, seed: int) 
         start_sparsity = round(args.join_start * sparsity, 4)
         start = oneshot_dir(args, start_sparsity)
         join = [
-            "--model_name_or_path", str(start), "--prune_init_masks", str(start),
+            "--model_name_or_path", str(start), "--prune_init_scorer", "none", "--prune_init_masks", str(start),
             "--teacher_model_name_or_path", MODEL, "--learning_rate", RECOVER_LR,
             "--prune_initial_sparsity", f"{start_sparsity:g}", "--mama_alpha", f"{args.mama_alpha:g}",
         ]  # fmt: skip
