@@ -467,3 +467,44 @@ def test_every_method_is_accepted_with_and_without_steps_and_builds_its_commands
     assert frontier.commands(args, "recipe-mixed", 0.5, 0)[0][1][-2:] == ["--dataset_name", "arithmetic"]
     with pytest.raises(SystemExit):
         parse(frontier, "--methods", "sparsegpt@32")  # a one-shot method has no training steps
+
+
+def test_every_training_command_is_a_valid_train_config(frontier, tmp_path, monkeypatch):
+    """The printed `grpo-prune train` commands parse and validate as the CLI would (config + overrides), so a
+    method cannot ship a flag combination the trainer refuses (e.g. `prune_init_masks` beside the quickstart's
+    own one-shot start)."""
+    import grpo_prune.export
+    import grpo_prune.models
+    from grpo_prune.cli import parse_train_args
+
+    monkeypatch.chdir(SCRIPT.parents[1])  # the config path in the commands is relative to the checkout
+    monkeypatch.setattr(grpo_prune.models, "validate_model_name_or_path", lambda name: None)  # not made here
+    monkeypatch.setattr(
+        grpo_prune.export, "masks_sidecar_granularity", lambda path: "n:m" if "-24-" in str(path) else "unstructured"
+    )
+    trained = [m for m in frontier.METHODS if m not in frontier.ONESHOT]
+    args = parse(frontier, "--methods", *trained, tmp_path=tmp_path)
+    for method in trained:
+        sparsity = frontier.FIXED_SPARSITY.get(method, 0.5 if method != "recipe-mlp" else 0.25)
+        (train,) = [c for c in frontier.commands(args, method, sparsity, 0)[0] if c[1] == "train"]
+        run = parse_train_args(train[2:])
+        config = run.training
+        if method == "recipe-mlp":  # the physically smaller model is trained as it is: no masks, no pruning
+            assert not config.pruning_enabled and config.prune_init_masks is None
+        else:
+            assert config.prune_target_sparsity == sparsity
+        if method.startswith("recipe"):
+            assert config.prune_init_scorer is None and config.teacher_model_name_or_path == frontier.MODEL
+        assert (config.prune_granularity == "n:m") == (method == "recipe-24"), method
+        assert (config.distill_dataset == "self") == (method in ("recipe-self", "recipe-24", "recipe-mlp")), method
+
+
+def test_fixed_pattern_methods_are_planned_at_their_own_sparsity_only(frontier, tmp_path):
+    args = parse(
+        frontier, "--methods", "sparsegpt-24", "recipe-24", "recipe", "--sparsities", "0.4", "0.5", tmp_path=tmp_path
+    )
+    assert frontier.plan(args) == [
+        ("dense", 0.0, 0), ("recipe", 0.4, 0), ("sparsegpt-24", 0.5, 0), ("recipe-24", 0.5, 0), ("recipe", 0.5, 0)
+    ]  # fmt: skip
+    (oneshot,) = frontier.commands(args, "sparsegpt-24", 0.5, 0)[0]
+    assert oneshot[oneshot.index("--granularity") + 1] == "n:m" and oneshot[oneshot.index("--n-m") + 1] == "2:4"
