@@ -157,6 +157,8 @@ def quickstart_fields(dry: bool, steps: int, output_dir: str) -> tuple[dict, dic
     # quickstart's one-shot start (a one-off cost before the first step) is left out.
     for key in [k for k in config if k.startswith(("prune_init_", "prune_calibration"))]:
         config.pop(key)
+    if str(config.get("distill_dataset", "")).startswith("self"):  # sampling it is the same kind of one-off cost
+        config["distill_dataset"] = "python_docs"
     config.update(DRY_SIZE if dry else GPU_SIZE)
     config.update(
         output_dir=output_dir,
