@@ -94,6 +94,7 @@ def generation_throughput(
                     max_new_tokens=new_tokens,
                     min_new_tokens=new_tokens,
                     pad_token_id=pad,
+                    use_cache=True,  # even for a model whose trainer turned the config's off
                 )
                 sync(device)
                 if call >= warmup:

@@ -305,6 +305,7 @@ def task_accuracy(
                 max_new_tokens=max_new_tokens,
                 pad_token_id=pad,
                 eos_token_id=sorted(eos_ids) or None,
+                use_cache=True,  # even for a model whose trainer turned the config's off
             )
             for row, i in enumerate(batch):
                 new = out[row, width:].tolist()
