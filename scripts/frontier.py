@@ -13,7 +13,8 @@ subprocesses, exactly as printed in the table), then evaluated in this process o
   configs/quickstart.yaml`` with its masks held (``prune_init_masks``), the dense model as teacher, learning rate
   3e-5: GRPO with distillation recovers it. ``recipe-mixed``: the same, GRPO on the mixed ``arithmetic`` train
   prompts (``+``, ``-``, ``*``) instead of the quickstart's ``arithmetic-easy`` (``+``, ``-``); ``recipe-self``:
-  that, distilling the dense model's own samples (``distill_dataset: self``) instead of ``python_docs``.
+  that, distilling the dense model's own samples (``distill_dataset: self``) instead of ``python_docs``;
+  ``recipe-task``: only its answers to the task's train prompts (``self:task``), 8 windows a step instead of 2.
 * ``sparsegpt-24`` / ``recipe-24``: the same for SparseGPT 2:4 (``--granularity n:m``; 50% only), the recovery as
   ``recipe-self``'s with the pattern held. ``wanda-mlp`` / ``recipe-mlp``: whole MLP neurons (the sparsity is the
   fraction of neurons removed; wanda scores them, sparsegpt cannot), exported physically smaller, then
@@ -73,6 +74,7 @@ METHODS = (
     "recipe",
     "recipe-mixed",
     "recipe-self",
+    "recipe-task",
     "recipe-24",
     "recipe-mlp",
     "wanda-trained",
@@ -101,6 +103,7 @@ RECIPES = {
     "recipe": ("sparsegpt", ()),
     "recipe-mixed": ("sparsegpt", MIXED),
     "recipe-self": ("sparsegpt", (*MIXED, "--distill_dataset", "self")),
+    "recipe-task": ("sparsegpt", (*MIXED, "--distill_dataset", "self:task", "--distill_text_batch_size", "8")),
     "recipe-24": ("sparsegpt-24", (*MIXED, "--distill_dataset", "self", "--prune_granularity", "n:m")),
     "recipe-mlp": ("wanda-mlp", (*MIXED, "--distill_dataset", "self")),
 }
@@ -271,12 +274,16 @@ def run_command(command: list[str], log: Path) -> dict[str, Any]:
     return record
 
 
-def text_tokens(steps: int) -> int:
-    """Distilled text tokens of a quickstart-config run: ``distill_text_batch_size`` x ``distill_text_length`` per
-    step (read from the config)."""
+def text_tokens(command: str, steps: int) -> int:
+    """Distilled text tokens of a training command: ``distill_text_batch_size`` x ``distill_text_length`` per step,
+    from the command's overrides, else the config it names."""
     import yaml
 
     config = yaml.safe_load((ROOT / CONFIG).read_text())
+    words = shlex.split(command)
+    for i, word in enumerate(words[:-1]):
+        if word.startswith("--") and word[2:] in config:
+            config[word[2:]] = yaml.safe_load(words[i + 1])
     if not config.get("distill_text_coef") or not config.get("distill_dataset"):
         return 0
     return steps * int(config["distill_text_batch_size"]) * int(config["distill_text_length"])
@@ -335,7 +342,7 @@ def run_point(args: argparse.Namespace, method: str, sparsity: float, seed: int)
         "date": results_page.run_record()["date"],
     }
     trained = [s for s in steps if s.get("steps")]
-    record["training_tokens"] = sum(s["rollout_tokens"] + text_tokens(s["steps"]) for s in trained)
+    record["training_tokens"] = sum(s["rollout_tokens"] + text_tokens(s["command"], s["steps"]) for s in trained)
     # One-shot CPU-s count only where the model was made; a reused one-shot model costs what its maker's row says.
     record["cpu_seconds"] = sum(s["cpu_seconds"] for s in steps)
     record["training_cpu_seconds"] = sum(s["cpu_seconds"] for s in trained)

@@ -508,3 +508,10 @@ def test_fixed_pattern_methods_are_planned_at_their_own_sparsity_only(frontier, 
     ]  # fmt: skip
     (oneshot,) = frontier.commands(args, "sparsegpt-24", 0.5, 0)[0]
     assert oneshot[oneshot.index("--granularity") + 1] == "n:m" and oneshot[oneshot.index("--n-m") + 1] == "2:4"
+
+
+def test_text_tokens_follow_the_command_overrides(frontier):
+    base = "grpo-prune train --config configs/quickstart.yaml"
+    assert frontier.text_tokens(base, 16) == 16 * 2 * 128  # the config's 2 windows of 128 tokens a step
+    assert frontier.text_tokens(f"{base} --distill_text_batch_size 8 --max_steps 32", 32) == 32 * 8 * 128
+    assert frontier.text_tokens(f"{base} --distill_text_coef 0", 16) == 0
