@@ -96,12 +96,18 @@ ONESHOT = {
 }
 #: Methods whose sparsity is fixed by their pattern.
 FIXED_SPARSITY = {"sparsegpt-24": 0.5, "recipe-24": 0.5}
-#: GRPO on the mixed `arithmetic` train prompts (+, -, *) instead of the quickstart's `arithmetic-easy` (+, -).
+#: GRPO on the mixed `arithmetic` train prompts (+, -, *), as the quickstart now does.
 MIXED = ("--dataset_name", "arithmetic")
+#: The quickstart config's data before it moved to the mixed prompts and `self` text (commit 84287c2): the methods
+#: measured with it pin it, so that rerunning them reproduces their points.
+EASY_DOCS = ("--dataset_name", "arithmetic-easy", "--distill_dataset", "python_docs")
+#: Pruned during training from dense, as measured: the config's one-shot start off, and its learning rate before
+#: the start existed (1e-4: results/sweep's best rate for pruning during training).
+FROM_DENSE = ("--prune_init_scorer", "none", "--learning_rate", "1e-4", *EASY_DOCS)
 #: Recovery recipes: method -> (the one-shot method of the start, extra `grpo-prune train` flags).
 RECIPES = {
-    "recipe": ("sparsegpt", ()),
-    "recipe-mixed": ("sparsegpt", MIXED),
+    "recipe": ("sparsegpt", EASY_DOCS),
+    "recipe-mixed": ("sparsegpt", (*MIXED, "--distill_dataset", "python_docs")),
     "recipe-self": ("sparsegpt", (*MIXED, "--distill_dataset", "self")),
     "recipe-task": ("sparsegpt", (*MIXED, "--distill_dataset", "self:task", "--distill_text_batch_size", "8")),
     "recipe-24": ("sparsegpt-24", (*MIXED, "--distill_dataset", "self", "--prune_granularity", "n:m")),
@@ -220,14 +226,14 @@ def commands(args: argparse.Namespace, method: str, sparsity: float, seed: int) 
     if method in ("wanda-trained", "mama-trained", "mama-reward"):
         alpha = "0" if method == "wanda-trained" else f"{args.mama_alpha:g}"
         allocation = ["--prune_allocation", "reward"] if method == "mama-reward" else []
-        return [train_command(trained, sparsity, seed, "--mama_alpha", alpha, *allocation)], trained
+        return [train_command(trained, sparsity, seed, *FROM_DENSE, "--mama_alpha", alpha, *allocation)], trained
     if method == "join":
         start_sparsity = round(args.join_start * sparsity, 4)
         start = oneshot_dir(args, start_sparsity)
         join = [
             "--model_name_or_path", str(start), "--prune_init_scorer", "none", "--prune_init_masks", str(start),
             "--teacher_model_name_or_path", MODEL, "--learning_rate", RECOVER_LR,
-            "--prune_initial_sparsity", f"{start_sparsity:g}", "--mama_alpha", f"{args.mama_alpha:g}",
+            "--prune_initial_sparsity", f"{start_sparsity:g}", "--mama_alpha", f"{args.mama_alpha:g}", *EASY_DOCS,
         ]  # fmt: skip
         return [oneshot_command(start, start_sparsity), train_command(trained, sparsity, seed, *join)], trained
     raise ValueError(f"unknown method {method!r}")
