@@ -410,7 +410,10 @@ def render(args: argparse.Namespace, records: dict[str, dict[str, Any]]) -> tupl
     head = headline(rows, dense, args.keep, args.max_ppl) if dense else {}
     budget = (
         f"model {MODEL} (float32); training runs: `{CONFIG}` (16 GRPO steps, one prompt x 8 completions, distillation "
-        f"from the dense model on the rollouts and 2 x 128 text tokens a step); evaluation: LAMBADA {args.lambada} x "
+        f"from the dense model on the rollouts and 2 x 128 text tokens a step; `recipe`, `recipe-mixed`, `join`, "
+        f"`wanda-trained`, `mama-trained` and `mama-reward` pin the data the config had when they were measured, "
+        f"`arithmetic-easy` prompts and `python_docs` text, which their printed commands predate); evaluation: "
+        f"LAMBADA {args.lambada} x "
         f"512 tokens, PIQA {args.piqa}, `{args.arithmetic_task}` test split ({n} problems) in {', '.join(wordings)}"
     )
     lines = [
