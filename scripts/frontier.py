@@ -11,10 +11,11 @@ subprocesses, exactly as printed in the table), then evaluated in this process o
   own samples, ``results/calibration``); no training.
 * ``recipe``: that one-shot model (the same folder: made once per sparsity), then ``grpo-prune train --config
   configs/quickstart.yaml`` with its masks held (``prune_init_masks``), the dense model as teacher, learning rate
-  3e-5: GRPO with distillation recovers it. ``recipe-mixed``: the same, GRPO on the mixed ``arithmetic`` train
-  prompts (``+``, ``-``, ``*``) instead of the quickstart's ``arithmetic-easy`` (``+``, ``-``); ``recipe-self``:
-  that, distilling the dense model's own samples (``distill_dataset: self``) instead of ``python_docs``;
-  ``recipe-task``: only its answers to the task's train prompts (``self:task``), 8 windows a step instead of 2.
+  3e-5: GRPO with distillation recovers it, on the config's earlier data (``arithmetic-easy`` prompts, ``+`` and
+  ``-``; ``python_docs`` text). ``recipe-mixed``: the same on the mixed ``arithmetic`` prompts (``+``, ``-``,
+  ``*``); ``recipe-self``: that, distilling the dense model's own samples (``distill_dataset: self``) instead of
+  ``python_docs``: the quickstart's data now; ``recipe-task``: only its answers to the task's train prompts
+  (``self:task``), 8 windows a step instead of 2.
 * ``sparsegpt-24`` / ``recipe-24``: the same for SparseGPT 2:4 (``--granularity n:m``; 50% only), the recovery as
   ``recipe-self``'s with the pattern held. ``wanda-mlp`` / ``recipe-mlp``: whole MLP neurons (the sparsity is the
   fraction of neurons removed; wanda scores them, sparsegpt cannot), exported physically smaller, then
@@ -105,16 +106,17 @@ EASY_DOCS = ("--dataset_name", "arithmetic-easy", "--distill_dataset", "python_d
 #: the start existed (1e-4: results/sweep's best rate for pruning during training).
 FROM_DENSE = ("--prune_init_scorer", "none", "--learning_rate", "1e-4", *EASY_DOCS)
 #: Recovery recipes: method -> (the one-shot method of the start, extra `grpo-prune train` flags).
+SELF_TEXT = (*MIXED, "--distill_dataset", "self")  # the quickstart's data now
 RECIPES = {
     "recipe": ("sparsegpt", EASY_DOCS),
     "recipe-mixed": ("sparsegpt", (*MIXED, "--distill_dataset", "python_docs")),
-    "recipe-self": ("sparsegpt", (*MIXED, "--distill_dataset", "self")),
+    "recipe-self": ("sparsegpt", SELF_TEXT),
     "recipe-task": ("sparsegpt", (*MIXED, "--distill_dataset", "self:task", "--distill_text_batch_size", "8")),
-    "recipe-24": ("sparsegpt-24", (*MIXED, "--distill_dataset", "self", "--prune_granularity", "n:m")),
-    "recipe-mlp": ("wanda-mlp", (*MIXED, "--distill_dataset", "self")),
+    "recipe-24": ("sparsegpt-24", (*SELF_TEXT, "--prune_granularity", "n:m")),
+    "recipe-mlp": ("wanda-mlp", SELF_TEXT),
 }
-#: Learning rates measured in results/sweep: 3e-5 recovers a one-shot model, 1e-4 (the quickstart's) prunes during
-#: training.
+#: Learning rates measured in results/sweep: 3e-5 recovers a one-shot model (the quickstart's), 1e-4 prunes during
+#: training (`FROM_DENSE`).
 RECOVER_LR = "3e-5"
 
 
