@@ -95,8 +95,8 @@ ONESHOT = {
     "sparsegpt-24": ("--scorer", "sparsegpt", "--granularity", "n:m", "--n-m", "2:4"),
     "wanda-mlp": ("--scorer", "wanda", "--granularity", "structured", "--structured-units", "mlp"),
 }
-#: Methods whose sparsity is fixed by their pattern.
-FIXED_SPARSITY = {"sparsegpt-24": 0.5, "recipe-24": 0.5}
+#: One-shot methods whose sparsity is fixed by their pattern (a recipe from one of them is fixed alike).
+FIXED_SPARSITY = {"sparsegpt-24": 0.5}
 #: GRPO on the mixed `arithmetic` train prompts (+, -, *), as the quickstart now does.
 MIXED = ("--dataset_name", "arithmetic")
 #: The quickstart config's data before it moved to the mixed prompts and `self` text (commit 84287c2): the methods
@@ -105,8 +105,8 @@ EASY_DOCS = ("--dataset_name", "arithmetic-easy", "--distill_dataset", "python_d
 #: Pruned during training from dense, as measured: the config's one-shot start off, and its learning rate before
 #: the start existed (1e-4: results/sweep's best rate for pruning during training).
 FROM_DENSE = ("--prune_init_scorer", "none", "--learning_rate", "1e-4", *EASY_DOCS)
-#: Recovery recipes: method -> (the one-shot method of the start, extra `grpo-prune train` flags).
 SELF_TEXT = (*MIXED, "--distill_dataset", "self")  # the quickstart's data now
+#: Recovery recipes: method -> (the one-shot method of the start, extra `grpo-prune train` flags).
 RECIPES = {
     "recipe": ("sparsegpt", EASY_DOCS),
     "recipe-mixed": ("sparsegpt", (*MIXED, "--distill_dataset", "python_docs")),
@@ -161,10 +161,15 @@ def plan(args: argparse.Namespace) -> list[tuple[str, float, int]]:
             points += [
                 (method, sparsity, seed)
                 for method in args.methods
-                if (seed == 0 or method not in ONESHOT)
-                and FIXED_SPARSITY.get(method.partition("@")[0], sparsity) == sparsity
+                if (seed == 0 or method not in ONESHOT) and fixed_sparsity(method) in (None, sparsity)
             ]
     return points
+
+
+def fixed_sparsity(method: str) -> float | None:
+    """The only sparsity a method runs at (its one-shot start's pattern), or None."""
+    base = method.partition("@")[0]
+    return FIXED_SPARSITY.get(RECIPES[base][0] if base in RECIPES else base)
 
 
 def oneshot_dir(args: argparse.Namespace, sparsity: float, method: str = "sparsegpt") -> Path:
@@ -220,7 +225,7 @@ def commands(args: argparse.Namespace, method: str, sparsity: float, seed: int) 
             "--model_name_or_path", str(start), "--prune_init_scorer", "none",
             "--teacher_model_name_or_path", MODEL, "--learning_rate", RECOVER_LR,
         ]  # fmt: skip
-        if start_method == "wanda-mlp":  # a physically smaller model: nothing left to mask, nothing to prune
+        if "structured" in ONESHOT[start_method]:  # a physically smaller model: nothing to mask, nothing to prune
             train = train_command(trained, 0.0, seed, *recover, *extra)
         else:  # the start's masks are held
             train = train_command(trained, sparsity, seed, *recover, "--prune_init_masks", str(start), *extra)

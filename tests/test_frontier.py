@@ -486,7 +486,7 @@ def test_every_training_command_is_a_valid_train_config(frontier, tmp_path, monk
     trained = [m for m in frontier.METHODS if m not in frontier.ONESHOT]
     args = parse(frontier, "--methods", *trained, tmp_path=tmp_path)
     for method in trained:
-        sparsity = frontier.FIXED_SPARSITY.get(method, 0.5 if method != "recipe-mlp" else 0.25)
+        sparsity = frontier.fixed_sparsity(method) or (0.25 if method == "recipe-mlp" else 0.5)
         (train,) = [c for c in frontier.commands(args, method, sparsity, 0)[0] if c[1] == "train"]
         run = parse_train_args(train[2:])
         config = run.training

@@ -68,9 +68,9 @@ TASKS: dict[str, EvalTask] = {
     "arithmetic": EvalTask("generation", "arithmetic test accuracy, greedy, scored by math_answer", 40, 48),
     # The same generator's test problems with operands up to 99: 1608 of them (a superset of arithmetic's 159, and
     # test at every difficulty, so disjoint from every train split). The dense embedded model answers about 18% of
-    # them (41% of arithmetic's), so one standard error is ~5% of its score instead of ~10%. Every row by default (None): a smaller set is what `arithmetic` is for, and whoever
-    # names this task wants its size. That costs about 0.15 s a problem a wording on a 2-core CPU (~4 minutes a
-    # wording a model), so it is not among DEFAULT_TASKS.
+    # them (41% of arithmetic's), so one standard error is ~5% of its score instead of ~10%. Every row by default
+    # (None): a smaller set is what `arithmetic` is for, and whoever names this task wants its size. That costs about
+    # 0.15 s a problem a wording on a 2-core CPU (~4 minutes a wording a model), so it is not among DEFAULT_TASKS.
     "arithmetic_wide": EvalTask(
         "generation",
         "arithmetic test accuracy on the wide test split (1608 problems, operands up to 99), greedy, scored by "
