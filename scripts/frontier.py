@@ -78,6 +78,8 @@ METHODS = (
     "recipe-task",
     "recipe-24",
     "recipe-mlp",
+    "recipe-lr",
+    "recipe-cal",
     "wanda-trained",
     "mama-trained",
     "mama-reward",
@@ -86,6 +88,7 @@ METHODS = (
     "wanda-owl",
     "sparsegpt-24",
     "wanda-mlp",
+    "sparsegpt-256",
 )
 #: One-shot methods (no training, so no seeds): method -> the flags of `grpo-prune oneshot` besides the sparsity.
 ONESHOT = {
@@ -94,6 +97,7 @@ ONESHOT = {
     "wanda-owl": ("--scorer", "wanda", "--allocation", "owl"),
     "sparsegpt-24": ("--scorer", "sparsegpt", "--granularity", "n:m", "--n-m", "2:4"),
     "wanda-mlp": ("--scorer", "wanda", "--granularity", "structured", "--structured-units", "mlp"),
+    "sparsegpt-256": ("--scorer", "sparsegpt", "--calibration-windows", "256"),  # twice the default calibration
 }
 #: One-shot methods whose sparsity is fixed by their pattern (a recipe from one of them is fixed alike).
 FIXED_SPARSITY = {"sparsegpt-24": 0.5}
@@ -114,6 +118,8 @@ RECIPES = {
     "recipe-task": ("sparsegpt", (*MIXED, "--distill_dataset", "self:task", "--distill_text_batch_size", "8")),
     "recipe-24": ("sparsegpt-24", (*SELF_TEXT, "--prune_granularity", "n:m")),
     "recipe-mlp": ("wanda-mlp", SELF_TEXT),
+    "recipe-lr": ("sparsegpt", (*SELF_TEXT, "--learning_rate", "1e-4")),  # recovery at the from-dense rate
+    "recipe-cal": ("sparsegpt-256", SELF_TEXT),  # a start calibrated on 64k self tokens
 }
 #: Learning rates measured in results/sweep: 3e-5 recovers a one-shot model (the quickstart's), 1e-4 prunes during
 #: training (`FROM_DENSE`).
