@@ -80,6 +80,7 @@ METHODS = (
     "recipe-mlp",
     "recipe-lr",
     "recipe-cal",
+    "recipe-mlp-task",
     "wanda-trained",
     "mama-trained",
     "mama-reward",
@@ -89,6 +90,7 @@ METHODS = (
     "sparsegpt-24",
     "wanda-mlp",
     "sparsegpt-256",
+    "wanda-mlp-task",
 )
 #: One-shot methods (no training, so no seeds): method -> the flags of `grpo-prune oneshot` besides the sparsity.
 ONESHOT = {
@@ -98,6 +100,9 @@ ONESHOT = {
     "sparsegpt-24": ("--scorer", "sparsegpt", "--granularity", "n:m", "--n-m", "2:4"),
     "wanda-mlp": ("--scorer", "wanda", "--granularity", "structured", "--structured-units", "mlp"),
     "sparsegpt-256": ("--scorer", "sparsegpt", "--calibration-windows", "256"),  # twice the default calibration
+    # MLP neurons chosen by their activations on the dense model's answers to the task prompts alone
+    "wanda-mlp-task": ("--scorer", "wanda", "--granularity", "structured", "--structured-units", "mlp",
+                       "--calibration", "self:task"),
 }
 #: One-shot methods whose sparsity is fixed by their pattern (a recipe from one of them is fixed alike).
 FIXED_SPARSITY = {"sparsegpt-24": 0.5}
@@ -120,6 +125,7 @@ RECIPES = {
     "recipe-mlp": ("wanda-mlp", SELF_TEXT),
     "recipe-lr": ("sparsegpt", (*SELF_TEXT, "--learning_rate", "1e-4")),  # recovery at the from-dense rate
     "recipe-cal": ("sparsegpt-256", SELF_TEXT),  # a start calibrated on 64k self tokens
+    "recipe-mlp-task": ("wanda-mlp-task", SELF_TEXT),
 }
 #: Learning rates measured in results/sweep: 3e-5 recovers a one-shot model (the quickstart's), 1e-4 prunes during
 #: training (`FROM_DENSE`).

@@ -486,11 +486,14 @@ def test_every_training_command_is_a_valid_train_config(frontier, tmp_path, monk
     trained = [m for m in frontier.METHODS if m not in frontier.ONESHOT]
     args = parse(frontier, "--methods", *trained, tmp_path=tmp_path)
     for method in trained:
-        sparsity = frontier.fixed_sparsity(method) or (0.25 if method == "recipe-mlp" else 0.5)
+        smaller = method in frontier.RECIPES and "structured" in frontier.ONESHOT[frontier.RECIPES[method][0]]
+        sparsity = frontier.fixed_sparsity(method) or (0.25 if smaller else 0.5)
         (train,) = [c for c in frontier.commands(args, method, sparsity, 0)[0] if c[1] == "train"]
         run = parse_train_args(train[2:])
         config = run.training
-        if method == "recipe-mlp":  # the physically smaller model is trained as it is: no masks, no pruning
+        if method.startswith("recipe"):  # a recipe's own flags follow the shared recovery flags, so they win
+            assert config.learning_rate == (1e-4 if method == "recipe-lr" else 3e-5), method
+        if smaller:  # the physically smaller model is trained as it is: no masks, no pruning
             assert not config.pruning_enabled and config.prune_init_masks is None
         else:
             assert config.prune_target_sparsity == sparsity
