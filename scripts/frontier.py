@@ -81,6 +81,8 @@ METHODS = (
     "recipe-lr",
     "recipe-cal",
     "recipe-mlp-task",
+    "recipe-cool",
+    "recipe-wide",
     "wanda-trained",
     "mama-trained",
     "mama-reward",
@@ -126,6 +128,9 @@ RECIPES = {
     "recipe-lr": ("sparsegpt", (*SELF_TEXT, "--learning_rate", "1e-4")),  # recovery at the from-dense rate
     "recipe-cal": ("sparsegpt-256", SELF_TEXT),  # a start calibrated on 64k self tokens
     "recipe-mlp-task": ("wanda-mlp-task", SELF_TEXT),
+    # rollouts at temperature 0.7: completions nearer the greedy answers the evaluation scores
+    "recipe-cool": ("sparsegpt", (*SELF_TEXT, "--temperature", "0.7")),
+    "recipe-wide": ("sparsegpt", (*SELF_TEXT, "--per_device_train_batch_size", "16")),  # two prompts a step
 }
 #: Learning rates measured in results/sweep: 3e-5 recovers a one-shot model (the quickstart's), 1e-4 prunes during
 #: training (`FROM_DENSE`).
