@@ -633,26 +633,25 @@ def main(argv: list[str] | None = None) -> int:
     for s in args.sparsities:
         if not 0 < s < 1:
             raise SystemExit(f"--sparsities must be in (0, 1), got {s}")
-    records = load_points(args)
+    measured = load_points(args)
     if not args.tables_only:
         command = results_page.command_line(sys.argv[1:] if argv is None else argv, __file__)
         for method, sparsity, seed in plan(args):
             name = point_name(method, sparsity, seed)
-            if name in records:
+            if name in measured:
                 continue
             print(f"[run] {name}", flush=True)
             record = run_point(args, method, sparsity, seed)
             record["invocation"] = command  # the page lists every invocation that measured a point
             write_json_atomic(args.output_dir / "points" / f"{name}.json", record, default=str)
-            records[name] = record
             print(
                 f"[done] {name}: ppl {record['ppl']:.2f}, arithmetic "
                 + json.dumps({w: round(a, 3) for w, a in record["arithmetic"].items()})
                 + f", cpu {record['cpu_seconds']:.0f} + eval {record['eval_cpu_seconds']:.0f}",
                 flush=True,
             )
-            write(args, records)
-    print(write(args, records))
+            write(args, load_points(args))  # read again: a run beside this one may have added points
+    print(write(args, load_points(args)))
     return 0
 
 

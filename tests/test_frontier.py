@@ -423,6 +423,34 @@ def test_main_makes_each_point_once_reuses_one_shot_models_and_resumes(
     assert (out / "frontier.md").read_text() == page
 
 
+def test_the_page_keeps_points_a_run_beside_this_one_adds(frontier, tmp_path, fake_grpo_prune, monkeypatch, dense):
+    """Two runs side by side (one per core) share the points folder: the page each one writes lists the other's
+    points too, including those that landed after it started."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    (out / "points").mkdir(parents=True)
+    (out / "points" / "dense.json").write_text(json.dumps(dense))
+
+    def fake_evaluate(args, folder):  # the other run finishes its point while this one evaluates
+        (out / "points" / "recipe-60-s0.json").write_text(json.dumps(record("recipe", 0.6, 0, ppl=30.0)))
+        return {
+            "ppl": 24.0,
+            "piqa": 0.6,
+            "arithmetic": dict(DENSE_ARITHMETIC),
+            "arithmetic_n": 159,
+            "arithmetic_samples": {},
+            "sparsity": 0.49,
+            "eval_cpu_seconds": 1.0,
+        }
+
+    monkeypatch.setattr(frontier, "evaluate", fake_evaluate)
+    monkeypatch.setattr(frontier.results_page, "device_name", lambda device="cpu": "cpu (test)")
+    argv = ["--output-dir", str(out), "--work-dir", str(work), "--methods", "recipe", "--sparsities", "0.5"]
+    assert frontier.main(argv) == 0
+    assert [c[0] for c in fake_grpo_prune()] == ["oneshot", "train"]  # only this run's point is made
+    assert set(json.loads((out / "frontier.json").read_text())["points"]) == {"dense", "recipe-50-s0", "recipe-60-s0"}
+    assert "| recipe | 60% | 0 |" in (out / "frontier.md").read_text()
+
+
 def test_tables_only_rewrites_the_pages_from_the_points(frontier, tmp_path, dense, capsys):
     out = tmp_path / "out"
     (out / "points").mkdir(parents=True)
