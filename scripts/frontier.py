@@ -94,17 +94,17 @@ METHODS = (
     "sparsegpt-256",
     "wanda-mlp-task",
 )
+MLP_NEURONS = ("--granularity", "structured", "--structured-units", "mlp")  # whole MLP neurons, exported smaller
 #: One-shot methods (no training, so no seeds): method -> the flags of `grpo-prune oneshot` besides the sparsity.
 ONESHOT = {
     "sparsegpt": ("--scorer", "sparsegpt"),
     "wanda": ("--scorer", "wanda"),
     "wanda-owl": ("--scorer", "wanda", "--allocation", "owl"),
     "sparsegpt-24": ("--scorer", "sparsegpt", "--granularity", "n:m", "--n-m", "2:4"),
-    "wanda-mlp": ("--scorer", "wanda", "--granularity", "structured", "--structured-units", "mlp"),
+    "wanda-mlp": ("--scorer", "wanda", *MLP_NEURONS),
     "sparsegpt-256": ("--scorer", "sparsegpt", "--calibration-windows", "256"),  # twice the default calibration
     # MLP neurons chosen by their activations on the dense model's answers to the task prompts alone
-    "wanda-mlp-task": ("--scorer", "wanda", "--granularity", "structured", "--structured-units", "mlp",
-                       "--calibration", "self:task"),
+    "wanda-mlp-task": ("--scorer", "wanda", *MLP_NEURONS, "--calibration", "self:task"),
 }
 #: One-shot methods whose sparsity is fixed by their pattern (a recipe from one of them is fixed alike).
 FIXED_SPARSITY = {"sparsegpt-24": 0.5}
@@ -189,6 +189,11 @@ def fixed_sparsity(method: str) -> float | None:
     return FIXED_SPARSITY.get(RECIPES[base][0] if base in RECIPES else base)
 
 
+def physically_smaller(method: str) -> bool:
+    """Whether a recipe starts from a structured one-shot export, a physically smaller model."""
+    return method in RECIPES and "structured" in ONESHOT[RECIPES[method][0]]
+
+
 def oneshot_dir(args: argparse.Namespace, sparsity: float, method: str = "sparsegpt") -> Path:
     return args.work_dir / f"oneshot-{method}-{round(1000 * sparsity)}"
 
@@ -242,7 +247,7 @@ def commands(args: argparse.Namespace, method: str, sparsity: float, seed: int) 
             "--model_name_or_path", str(start), "--prune_init_scorer", "none",
             "--teacher_model_name_or_path", MODEL, "--learning_rate", RECOVER_LR,
         ]  # fmt: skip
-        if "structured" in ONESHOT[start_method]:  # a physically smaller model: nothing to mask, nothing to prune
+        if physically_smaller(method):  # nothing to mask, nothing to prune
             train = train_command(trained, 0.0, seed, *recover, *extra)
         else:  # the start's masks are held
             train = train_command(trained, sparsity, seed, *recover, "--prune_init_masks", str(start), *extra)

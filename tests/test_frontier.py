@@ -514,7 +514,7 @@ def test_every_training_command_is_a_valid_train_config(frontier, tmp_path, monk
     trained = [m for m in frontier.METHODS if m not in frontier.ONESHOT]
     args = parse(frontier, "--methods", *trained, tmp_path=tmp_path)
     for method in trained:
-        smaller = method in frontier.RECIPES and "structured" in frontier.ONESHOT[frontier.RECIPES[method][0]]
+        smaller = frontier.physically_smaller(method)
         sparsity = frontier.fixed_sparsity(method) or (0.25 if smaller else 0.5)
         (train,) = [c for c in frontier.commands(args, method, sparsity, 0)[0] if c[1] == "train"]
         run = parse_train_args(train[2:])
