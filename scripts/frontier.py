@@ -442,8 +442,8 @@ def render(args: argparse.Namespace, records: dict[str, dict[str, Any]]) -> tupl
         f"from the dense model on the rollouts and 2 x 128 text tokens a step; `recipe`, `recipe-mixed`, `join`, "
         f"`wanda-trained`, `mama-trained` and `mama-reward` pin the data the config had when they were measured, "
         f"`arithmetic-easy` prompts and `python_docs` text, which their printed commands predate); evaluation: "
-        f"LAMBADA {args.lambada} x "
-        f"512 tokens, PIQA {args.piqa}, `{args.arithmetic_task}` test split ({n} problems) in {', '.join(wordings)}"
+        f"LAMBADA {args.lambada} x 512 tokens, PIQA {args.piqa}, `{args.arithmetic_task}` test split ({n} problems) "
+        f"in {', '.join(wordings)}"
     )
     lines = [
         "# The sparsity-quality frontier",

@@ -519,13 +519,12 @@ def test_every_training_command_is_a_valid_train_config(frontier, tmp_path, monk
         (train,) = [c for c in frontier.commands(args, method, sparsity, 0)[0] if c[1] == "train"]
         run = parse_train_args(train[2:])
         config = run.training
-        if method.startswith("recipe"):  # a recipe's own flags follow the shared recovery flags, so they win
-            assert config.learning_rate == (1e-4 if method == "recipe-lr" else 3e-5), method
         if smaller:  # the physically smaller model is trained as it is: no masks, no pruning
             assert not config.pruning_enabled and config.prune_init_masks is None
         else:
             assert config.prune_target_sparsity == sparsity
-        if method.startswith("recipe"):
+        if method.startswith("recipe"):  # a recipe's own flags follow the shared recovery flags, so they win
+            assert config.learning_rate == (1e-4 if method == "recipe-lr" else 3e-5), method
             assert config.prune_init_scorer is None and config.teacher_model_name_or_path == frontier.MODEL
         assert (config.prune_granularity == "n:m") == (method == "recipe-24"), method
         # Methods measured before the quickstart moved to the mixed prompts and `self` text pin the old data.
