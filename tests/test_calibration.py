@@ -24,7 +24,7 @@ from tests.tiny import char_tokenizer, tiny_model
 def small_recipe(monkeypatch):
     """Short samples so that a tiny model generates several batches quickly."""
     monkeypatch.setattr(data, "SELF_MAX_NEW_TOKENS", {"task": 6, "open": 10})
-    monkeypatch.setattr(data, "SELF_BATCH_SIZE", 4)
+    monkeypatch.setattr(data, "SELF_BATCH_SIZE", {"task": 4, "open": 4})
 
 
 class CountingGenerate:
@@ -318,3 +318,41 @@ def test_sampling_uses_the_kv_cache_even_when_a_trainer_turned_it_off(small_reci
     model.generate = lambda *args, **kwargs: seen.append(kwargs.get("use_cache")) or inner(*args, **kwargs)
     self_generated_samples(model, tok, "open", 40, cache_dir=tmp_path)
     assert seen and all(flag is True for flag in seen)
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.95])
+def test_nucleus_warper_keeps_the_tokens_transformers_top_p_keeps(top_p):
+    from transformers import TopPLogitsWarper
+
+    torch.manual_seed(0)
+    # Peaked rows (the nucleus lies within the 8 candidates) and flat ones (it does not: the full-rank fallback).
+    scores = torch.cat([torch.randn(6, 200) * 4, torch.randn(6, 200) * 0.1])
+    ours = data.NucleusWarper(top_p, candidates=8)(None, scores.clone())
+    theirs = TopPLogitsWarper(top_p)(None, scores.clone())
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    assert torch.equal(ours[~torch.isinf(ours)], scores[~torch.isinf(ours)])  # kept logits are untouched
+    kept = (~torch.isinf(ours)).sum(-1)
+    assert int(kept.min()) <= 8 < int(kept.max())  # both paths ran: the candidates, and the full rank
+    assert torch.equal(data.NucleusWarper(1.0)(None, scores), scores)
+    with pytest.raises(ValueError, match="top_p"):
+        data.NucleusWarper(0.0)
+
+
+def test_sampling_cuts_the_nucleus_and_ignores_a_top_p_in_the_models_generation_config(small_recipe, tmp_path):
+    tok, model = char_tokenizer(), tiny_model()
+    model.generation_config.top_p = 0.01  # would leave only the argmax if transformers applied it
+    seen = []
+    warper_call = data.NucleusWarper.__call__
+
+    def spy(self, input_ids, scores):
+        out = warper_call(self, input_ids, scores)
+        seen.append(int((~torch.isinf(out)).sum(-1).min()))
+        return out
+
+    data.NucleusWarper.__call__ = spy
+    try:
+        samples = self_generated_samples(model, tok, "open", 40, cache_dir=tmp_path)
+    finally:
+        data.NucleusWarper.__call__ = warper_call
+    assert samples and seen  # the warper cut every step, and rows kept more than the argmax
+    assert max(seen) > 1
