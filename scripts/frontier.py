@@ -83,6 +83,7 @@ METHODS = (
     "recipe-mlp-task",
     "recipe-cool",
     "recipe-wide",
+    "recipe-coolwide",
     "wanda-trained",
     "mama-trained",
     "mama-reward",
@@ -131,6 +132,7 @@ RECIPES = {
     # rollouts at temperature 0.7: completions nearer the greedy answers the evaluation scores
     "recipe-cool": ("sparsegpt", (*SELF_TEXT, "--temperature", "0.7")),
     "recipe-wide": ("sparsegpt", (*SELF_TEXT, "--per_device_train_batch_size", "16")),  # two prompts a step
+    "recipe-coolwide": ("sparsegpt", (*SELF_TEXT, "--temperature", "0.7", "--per_device_train_batch_size", "16")),
 }
 #: Learning rates measured in results/sweep: 3e-5 recovers a one-shot model (the quickstart's), 1e-4 prunes during
 #: training (`FROM_DENSE`).
