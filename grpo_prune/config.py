@@ -219,7 +219,7 @@ class MamaGRPOConfig(GRPOConfig):
             stdlib's Python documentation; not an evaluation set), or the frozen teacher's own samples: `"self"`
             (half its answers to the task's train prompts, half its continuations of neutral sentence openings),
             `"self:task"` or `"self:open"`, 32k tokens made once before training and cached on disk
-            (`grpo_prune.data.self_generated_stream`; about 7 CPU-minutes on SmolLM2-135M, one thread). `None`
+            (`grpo_prune.data.self_generated_stream`; about 4 CPU-minutes on SmolLM2-135M, one thread). `None`
             disables text distillation.
         distill_text_coef (`float`, defaults to `1.0`):
             Weight of the text distillation term (logit divergence on every position of the windows).

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         default="self",
         help="what to calibrate on (default: self): the model's own samples ('self': half its answers to the "
         "--calibration-task train prompts, half its continuations of neutral sentence openings; 'self:task', "
-        "'self:open' one of them; sampled from the dense model before pruning, once, then cached: about 7 "
+        "'self:open' one of them; sampled from the dense model before pruning, once, then cached: about 4 "
         "CPU-minutes for 128 x 256 tokens on SmolLM2-135M, one thread), 'python_docs' (built-in text, nothing to "
         "sample), 'mix' (half python_docs, half self), or a .txt / .jsonl ('text' field) file",
     )

@@ -7,6 +7,7 @@ subprocesses, exactly as printed in the table), then evaluated in this process o
 
 * ``quickstart``: ``grpo-prune train --config configs/quickstart.yaml`` as shipped, at the point's sparsity: its
   one-shot start (``prune_init_scorer``) and recovery in one command; its CPU-seconds include the start.
+  ``quickstart-cool``: the same with rollouts at temperature 0.7.
 * ``sparsegpt``: ``grpo-prune oneshot --scorer sparsegpt`` at its defaults (128 x 256 tokens of the dense model's
   own samples, ``results/calibration``); no training.
 * ``recipe``: that one-shot model (the same folder: made once per sparsity), then ``grpo-prune train --config
@@ -71,6 +72,7 @@ MODEL = "smollm2-135m-instruct"
 CONFIG = "configs/quickstart.yaml"
 METHODS = (
     "quickstart",
+    "quickstart-cool",
     "sparsegpt",
     "recipe",
     "recipe-mixed",
@@ -134,6 +136,8 @@ RECIPES = {
     "recipe-wide": ("sparsegpt", (*SELF_TEXT, "--per_device_train_batch_size", "16")),  # two prompts a step
     "recipe-coolwide": ("sparsegpt", (*SELF_TEXT, "--temperature", "0.7", "--per_device_train_batch_size", "16")),
 }
+#: The shipped config in one command: method -> its `grpo-prune train` flags besides the sparsity and seed.
+QUICKSTARTS = {"quickstart": (), "quickstart-cool": ("--temperature", "0.7")}  # -cool: rollouts at temperature 0.7
 #: Learning rates measured in results/sweep: 3e-5 recovers a one-shot model (the quickstart's), 1e-4 prunes during
 #: training (`FROM_DENSE`).
 RECOVER_LR = "3e-5"
@@ -237,8 +241,8 @@ def commands(args: argparse.Namespace, method: str, sparsity: float, seed: int) 
     trained = args.work_dir / name
     if method == "dense":
         return [], Path(MODEL)
-    if method == "quickstart":  # the shipped config as it is (its one-shot start included), at this sparsity
-        return [train_command(trained, sparsity, seed)], trained
+    if method in QUICKSTARTS:  # the shipped config (its one-shot start included), at this sparsity
+        return [train_command(trained, sparsity, seed, *QUICKSTARTS[method])], trained
     if method in ONESHOT:
         folder = oneshot_dir(args, sparsity, method)
         return [oneshot_command(folder, sparsity, method)], folder
