@@ -687,9 +687,8 @@ SELF_SAMPLING = {"temperature": 1.0, "top_p": 0.95}
 #: about a paragraph.
 SELF_MAX_NEW_TOKENS = {"task": 48, "open": 160}
 #: Samples generated per ``generate`` call, by kind. Part of the cache key: batching changes the padding, so the
-#: samples. A batch decodes until its longest sample ends, so the long ``open`` continuations gain from a wide batch
-#: (1 thread: 16 -> 64 rows, 2.5x the tokens per CPU-second) and the short ``task`` answers do not
-#: (``scripts/bench_sampling.py``).
+#: samples. A step's cost grows slower than its rows, so the long ``open`` continuations gain from a wide batch; the
+#: short ``task`` answers, mostly prompt, gain little (``scripts/bench_sampling.py``).
 SELF_BATCH_SIZE = {"task": 16, "open": 64}
 #: Version of the generation recipe, in the cache key: bump it when the samples would change. 2: the nucleus is
 #: cut by :class:`NucleusWarper` and ``open`` is sampled 64 rows at a time.
@@ -880,8 +879,9 @@ def self_generated_samples(
     """The model's own samples (token ids, prompt + completion each) until they hold at least ``num_tokens`` tokens.
 
     ``kind`` is ``"task"`` (the ``task``'s train prompts, cycled) or ``"open"`` (:data:`NEUTRAL_OPENINGS`, cycled),
-    sampled with :data:`SELF_SAMPLING` in batches of :data:`SELF_BATCH_SIZE` (by kind). Batch ``b`` is seeded with ``(seed,
-    b)`` alone, so a smaller request is a prefix of a larger one, and the same arguments give the same samples.
+    sampled with :data:`SELF_SAMPLING` in batches of :data:`SELF_BATCH_SIZE` (by kind). Batch ``b`` is seeded with
+    ``(seed, b)`` alone, so a smaller request is a prefix of a larger one, and the same arguments give the same
+    samples.
 
     Samples are cached on disk (one JSON file per model fingerprint, tokenizer, kind, task, seed and generation
     recipe; written atomically): a request already covered reads the file and generates nothing, a larger one
