@@ -85,7 +85,6 @@ METHODS = (
     "recipe-mlp-task",
     "recipe-cool",
     "recipe-wide",
-    "recipe-coolwide",
     "wanda-trained",
     "mama-trained",
     "mama-reward",
@@ -120,6 +119,8 @@ EASY_DOCS = ("--dataset_name", "arithmetic-easy", "--distill_dataset", "python_d
 #: the start existed (1e-4: results/sweep's best rate for pruning during training).
 FROM_DENSE = ("--prune_init_scorer", "none", "--learning_rate", "1e-4", *EASY_DOCS)
 SELF_TEXT = (*MIXED, "--distill_dataset", "self")  # the quickstart's data now
+#: Rollouts at temperature 0.7: completions nearer the greedy answers the evaluation scores.
+COOL = ("--temperature", "0.7")
 #: Recovery recipes: method -> (the one-shot method of the start, extra `grpo-prune train` flags).
 RECIPES = {
     "recipe": ("sparsegpt", EASY_DOCS),
@@ -131,13 +132,11 @@ RECIPES = {
     "recipe-lr": ("sparsegpt", (*SELF_TEXT, "--learning_rate", "1e-4")),  # recovery at the from-dense rate
     "recipe-cal": ("sparsegpt-256", SELF_TEXT),  # a start calibrated on 64k self tokens
     "recipe-mlp-task": ("wanda-mlp-task", SELF_TEXT),
-    # rollouts at temperature 0.7: completions nearer the greedy answers the evaluation scores
-    "recipe-cool": ("sparsegpt", (*SELF_TEXT, "--temperature", "0.7")),
+    "recipe-cool": ("sparsegpt", (*SELF_TEXT, *COOL)),
     "recipe-wide": ("sparsegpt", (*SELF_TEXT, "--per_device_train_batch_size", "16")),  # two prompts a step
-    "recipe-coolwide": ("sparsegpt", (*SELF_TEXT, "--temperature", "0.7", "--per_device_train_batch_size", "16")),
 }
 #: The shipped config in one command: method -> its `grpo-prune train` flags besides the sparsity and seed.
-QUICKSTARTS = {"quickstart": (), "quickstart-cool": ("--temperature", "0.7")}  # -cool: rollouts at temperature 0.7
+QUICKSTARTS = {"quickstart": (), "quickstart-cool": COOL}
 #: Learning rates measured in results/sweep: 3e-5 recovers a one-shot model (the quickstart's), 1e-4 prunes during
 #: training (`FROM_DENSE`).
 RECOVER_LR = "3e-5"
