@@ -59,7 +59,6 @@ def main() -> None:
         "NucleusWarper, by kind": (lambda kind: data.SELF_BATCH_SIZE[kind], lambda: data.NucleusWarper(top_p)),
     }
     results: dict[str, dict[str, list[float]]] = {}
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     for kind in ("task", "open"):
         rows = max(16, data.SELF_BATCH_SIZE[kind])
         for _ in range(args.repeats):
