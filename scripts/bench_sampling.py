@@ -28,9 +28,10 @@ from pathlib import Path
 def time_kind(model, tokenizer, kind: str, rows: int, batch: int, nucleus) -> tuple[int, float]:
     """Tokens made and CPU-seconds spent sampling ``rows`` samples of ``kind``, ``batch`` rows a call."""
     from grpo_prune import data
+    from grpo_prune.evaluation.batching import pad_id
 
     prompts = data._self_prompts(tokenizer, kind, "arithmetic", 0)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer, tokenizer.eos_token_id)
     tokens, start = 0, time.process_time()
     for b in range(rows // batch):
         picked = [prompts[(b * batch + i) % len(prompts)] for i in range(batch)]

@@ -364,10 +364,12 @@ def test_samples_equal_those_of_transformers_top_p_at_the_same_seed(small_recipe
     identical before and after the switch)."""
     from transformers import TopPLogitsWarper
 
+    from grpo_prune.evaluation.batching import pad_id
+
     tok, model = char_tokenizer(), tiny_model()
     model.eval()
     prompts = data._self_prompts(tok, "open", "arithmetic", 0)[:4]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok, tok.eos_token_id)
     top_p = data.SELF_SAMPLING["top_p"]
     ours = data._generate_batch(model, prompts, 24, pad, seed=5)
     theirs = data._generate_batch(model, prompts, 24, pad, seed=5, nucleus=TopPLogitsWarper(top_p))

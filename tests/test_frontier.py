@@ -527,7 +527,7 @@ def test_every_training_command_is_a_valid_train_config(frontier, tmp_path, monk
             assert config.learning_rate == (1e-4 if method == "recipe-lr" else 3e-5), method
             assert config.prune_init_scorer is None and config.teacher_model_name_or_path == frontier.MODEL
         assert (config.prune_granularity == "n:m") == (method == "recipe-24"), method
-        assert config.temperature == (0.7 if "cool" in method else 1.0), method  # recipe-/quickstart-cool(wide)
+        assert config.temperature == (0.7 if "cool" in method else 1.0), method  # recipe-cool, quickstart-cool
         assert config.per_device_train_batch_size == (16 if "wide" in method else 8), method
         # Methods measured before the quickstart moved to the mixed prompts and `self` text pin the old data.
         old = method in ("recipe", "recipe-mixed", "join", "wanda-trained", "mama-trained", "mama-reward")
