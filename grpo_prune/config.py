@@ -439,6 +439,11 @@ class MamaGRPOConfig(GRPOConfig):
                     "granularity, 'unstructured' or 'n:m' (a structured one-shot model is trained as its sliced "
                     "export, without masks)."
                 )
+        if self.prune_target_sparsity > 0 and self.max_steps > 0:  # epochs-only runs are checked when training starts
+            start_at_target = (
+                self.prune_init_masks is not None or self.prune_init_sparsity == self.prune_target_sparsity
+            )
+            self.resolve_end_step(self.max_steps, at_target=start_at_target)
         if not self.use_cpu and not _accelerator_available():
             # Without this, accelerate treats `torchrun` CPU processes as independent runs (no gradient sync).
             self.use_cpu = True
@@ -452,6 +457,20 @@ class MamaGRPOConfig(GRPOConfig):
             except ValueError as err:
                 raise ValueError(config_field_names(str(err))) from err
         super().__post_init__()
+
+    def resolve_end_step(self, max_steps: int, *, at_target: bool) -> int:
+        """`prune_end_step`, or half of ``max_steps`` when unset. Refused when after the last step while the events
+        still have sparsity to add; a start at the target (``at_target``: `prune_init_masks`, or a one-shot start at
+        `prune_target_sparsity`) leaves them nothing to do, so there the schedule's end does not matter."""
+        end = self.prune_end_step
+        if end is None:
+            end = max(self.prune_start_step, max_steps // 2)
+        if end > max_steps and not at_target:
+            raise ValueError(
+                f"`prune_end_step` ({end}) is after the last training step ({max_steps}): the target sparsity "
+                f"{self.prune_target_sparsity} would never be reached. Lower it or train longer."
+            )
+        return end
 
     def _check_oneshot_start(self) -> None:
         """Validate the one-shot start's fields (`prune_init_scorer` and the fields it reads) and resolve

@@ -112,17 +112,8 @@ class PruningCallback(TrainerCallback):
 
     # ---------------------------------------------------------------------------------------------------- events
     def resolve_end_step(self, max_steps: int) -> int:
-        """``prune_end_step``, or half of ``max_steps`` when left unset; refused when after the last step."""
-        args = self.host.args
-        end = args.prune_end_step
-        if end is None:
-            end = max(args.prune_start_step, max_steps // 2)
-        if end > max_steps:
-            raise ValueError(
-                f"`prune_end_step` ({end}) is after the last training step ({max_steps}): the target sparsity "
-                f"{args.prune_target_sparsity} would never be reached. Lower it or train longer."
-            )
-        return end
+        """``prune_end_step`` for a run of ``max_steps`` (see `MamaGRPOConfig.resolve_end_step`)."""
+        return self.host.args.resolve_end_step(max_steps, at_target=self.pruner.reached_target)
 
     def run_prune_event(self, step: int) -> None:
         """Prune if the schedule calls for it at the current clock; record and log the event."""

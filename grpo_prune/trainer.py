@@ -348,11 +348,7 @@ class MamaGRPOTrainer(GRPOTrainer):
         """The reward statistic is fed while a later prune event can still use it: once the masks reach the target
         sparsity (after the last event, or from `prune_init_masks`), nothing more is computed for it."""
         pruner = self.pruner
-        return (
-            pruner is not None
-            and pruner.indicators.tracks_statistic
-            and pruner.current_sparsity < pruner.settings.final_sparsity - 1e-9
-        )
+        return pruner is not None and pruner.indicators.tracks_statistic and not pruner.reached_target
 
     @property
     def _statistic_from_separate_grad(self) -> bool:

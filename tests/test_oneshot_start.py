@@ -90,6 +90,15 @@ def test_start_below_the_target_is_grown_by_the_events(tmp_path):
     assert trainer.oneshot_start["sparsity"] == 0.25
 
 
+def test_start_at_the_target_trains_with_a_schedule_ending_after_the_run(tmp_path):
+    # The quickstart's config with a shorter run (`--max_steps 8` against its `prune_end_step: 10`): the start
+    # reaches the target, so the schedule's end does not matter and the run trains.
+    trainer, first = start_trainer(tmp_path / "out", prune_init_scorer="magnitude", prune_end_step=10, max_steps=2)
+    trainer.train()
+    assert trainer.state.global_step == 2 and trainer.prune_events == []
+    assert first.sparsity == pytest.approx(0.5, abs=1e-9) and trainer.pruner.sparsity() == pytest.approx(0.5, abs=1e-9)
+
+
 @pytest.mark.parametrize("teacher", ["copy", "reference"])
 def test_teacher_and_magnitude_are_the_dense_model(tmp_path, teacher):
     dense = tiny_model()
@@ -221,6 +230,10 @@ def test_resume_does_not_redo_the_start_and_gives_the_same_masks(tmp_path, monke
             "one-shot start.*`prune_allocation`='owl'",
         ),
         (dict(prune_allocation="spread"), "`prune_allocation` must be one of"),
+        (  # a start below the target leaves the events sparsity to add: their schedule must end in the run
+            dict(prune_init_scorer="wanda", prune_init_sparsity=0.25, prune_end_step=10),
+            r"`prune_end_step` \(10\) is after the last training step \(4\)",
+        ),
     ],
 )
 def test_config_errors_are_raised_before_any_model_loads(tmp_path, monkeypatch, overrides, match):

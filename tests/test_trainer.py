@@ -170,9 +170,22 @@ def test_structured_pruning_removes_whole_neurons(tmp_path):
         assert torch.equal(dead, (mlp.down_proj.weight == 0).all(dim=0))
 
 
-def test_prune_end_after_training_is_an_error(tmp_path):
-    trainer = make_trainer(tmp_path, prune_end_step=10)
-    with pytest.raises(ValueError, match="prune_end_step"):
+def test_prune_end_after_training_is_refused_before_any_model_loads(tmp_path, monkeypatch):
+    import transformers
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the config was validated")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_loading)
+    with pytest.raises(ValueError, match=r"`prune_end_step` \(10\) is after the last training step \(4\)"):
+        tiny_args(tmp_path, prune_end_step=10)
+
+
+def test_prune_end_after_an_epoch_run_is_refused_when_training_starts(tmp_path):
+    # No max_steps: the run's length (16 prompts, one group of 4 completions a step: 16 steps) is known only once
+    # the data is.
+    trainer = make_trainer(tmp_path, prune_end_step=20, max_steps=-1, num_train_epochs=1)
+    with pytest.raises(ValueError, match=r"`prune_end_step` \(20\) is after the last training step \(16\)"):
         trainer.train()
 
 
@@ -414,6 +427,21 @@ def test_training_from_init_masks_holds_them_exactly(tmp_path, granularity):
         w = target_weights(trainer.model)[name]
         assert torch.all(w[~mask] == 0) and not torch.equal(w[mask], before[name][mask]), name
     assert trainer.prune_events == []
+
+
+def test_init_masks_at_the_target_train_with_a_schedule_ending_after_the_run(tmp_path):
+    # The events have nothing to add, so a `prune_end_step` past the last step (a config written for a longer
+    # run) does not matter; masks below the target still need the schedule to end in time.
+    folder, masks = _oneshot_export(tmp_path)
+    trainer = make_trainer(tmp_path, prune_init_masks=str(folder), prune_end_step=10, max_steps=2)
+    trainer.train()
+    assert trainer.state.global_step == 2 and trainer.prune_events == []
+    assert all(torch.equal(trainer.pruner.masks[n].cpu(), m) for n, m in masks.items())
+    below = make_trainer(
+        tmp_path, prune_init_masks=str(folder), prune_target_sparsity=0.75, prune_end_step=10, max_steps=2
+    )
+    with pytest.raises(ValueError, match=r"`prune_end_step` \(10\) is after the last training step \(2\)"):
+        below.train()
 
 
 def test_init_masks_are_grown_further_by_the_schedule(tmp_path):
