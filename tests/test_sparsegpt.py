@@ -233,14 +233,16 @@ def test_prune_oneshot_exact_and_better_than_wanda(trained_tiny, granularity):
     assert ratios["sparsegpt"] - 1 < 0.8 * (ratios["wanda"] - 1), ratios
 
 
-def test_prune_oneshot_is_sequential():
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])  # gemma3: a sliding-window layer (window 4) and a full one
+def test_prune_oneshot_is_sequential(kind):
     """Each decoder layer is pruned from the outputs of the already pruned layers before it: the same result as
-    collecting Gram matrices with full forward passes of the model, one decoder layer at a time."""
+    collecting Gram matrices with full forward passes of the model, one decoder layer at a time. The recording pass
+    that skips the layers hands each one the masks and position embeddings of its own attention type."""
     ids = calib_ids(4, 6, 24)
     mask = torch.ones_like(ids)
     mask[:2, 18:] = 0  # right padding in two rows
     batch = {"input_ids": ids, "attention_mask": mask}
-    model = tiny_model(seed=5).eval()
+    model = tiny_model(kind, seed=5).eval()
     reference = copy.deepcopy(model)
     report = prune_oneshot(model, 0.5, scorer="sparsegpt", calibration=[batch], comparison="row")
 
@@ -256,6 +258,26 @@ def test_prune_oneshot_is_sequential():
             assert torch.equal(keep, report.masks[name]), name
     for name, mod in resolve_targets(model).items():
         torch.testing.assert_close(mod.weight, targets[name].weight, rtol=1e-4, atol=1e-5)
+
+
+def test_layer_arguments_are_recorded_without_running_the_layers():
+    from grpo_prune.pruning.sparsegpt import _layer_inputs
+    from grpo_prune.pruning.structure import decoder_layers
+
+    model = tiny_model(seed=5).eval()
+    layers = [layer for _, layer in decoder_layers(model)]
+    batches = [{"input_ids": calib_ids(1, 2, 8)}, {"input_ids": calib_ids(2, 3, 8)}]
+    ran = []
+    handles = [layer.mlp.register_forward_hook(lambda *a: ran.append(1)) for layer in layers]
+    own = layers[1].forward = lambda *a, **k: None  # set by someone else (e.g. accelerate): put back afterwards
+    hidden, calls = _layer_inputs(model, layers, batches)
+    for h in handles:
+        h.remove()
+    assert ran == []  # no layer computed anything
+    assert [h.shape for h in hidden] == [(2, 8, 32), (3, 8, 32)]
+    torch.testing.assert_close(hidden[1], model.model.embed_tokens(batches[1]["input_ids"]))
+    assert [len(c) for c in calls] == [2, 2]
+    assert "forward" not in vars(layers[0]) and layers[1].forward is own
 
 
 def test_prune_oneshot_sparsegpt_refusals():

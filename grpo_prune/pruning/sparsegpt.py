@@ -20,9 +20,9 @@ This module has the two pieces:
 
 :func:`sparsegpt_oneshot_` prunes a whole model *sequentially*: decoder layer ``i`` is pruned from the inputs
 produced by the already pruned layers ``< i`` (the paper's procedure; later layers then correct what earlier ones
-lost). Cost: one dense forward pass to record each decoder layer's call arguments, then per decoder layer two
-passes of that layer over the calibration batches (one to collect its Gram matrices, one with the pruned weights
-to produce the next layer's inputs), i.e. about three forward passes of the decoder stack, plus the OBS work
+lost). Cost: one pass through the embeddings to record each decoder layer's call arguments, then per decoder layer
+two passes of that layer over the calibration batches (one to collect its Gram matrices, one with the pruned
+weights to produce the next layer's inputs), i.e. about two forward passes of the decoder stack, plus the OBS work
 (per layer ``O(in^3)`` for the inverse and ``O(out * in^2)`` for the updates). Calibration hidden states of all
 batches are held at once: ``4 * tokens * hidden_size`` bytes (8 x 256 tokens of SmolLM2: 4.7 MB). Within a
 decoder layer every linear is pruned from the layer's dense inputs (the attention output projection does not
@@ -413,8 +413,11 @@ class _StopForward(Exception):
 def _layer_inputs(
     model: nn.Module, layers: list[nn.Module], batches: list[dict[str, Tensor]]
 ) -> tuple[list[Tensor], list[list[tuple[tuple, dict]]]]:
-    """One dense forward pass per batch, recording the first layer's hidden states and every layer's other call
-    arguments (masks and position embeddings can differ per layer, e.g. sliding-window layers of Qwen2).
+    """One pass of the model per batch with every decoder layer's computation skipped, recording the first layer's
+    hidden states and every layer's other call arguments (masks and position embeddings can differ per layer, e.g.
+    sliding-window layers of Qwen2). Those arguments are made before the decoder loop from the input alone, so each
+    layer stands in as the identity here: the pass costs the embeddings, not a dense forward of the stack (which
+    was a quarter of a SmolLM2 start).
 
     Returns:
         (hidden states of each batch ``[B, T, hidden]``, per layer per batch ``(args after hidden, kwargs)``).
@@ -423,8 +426,7 @@ def _layer_inputs(
     calls: list[list[tuple[tuple, dict]]] = [[] for _ in layers]
 
     def recorder(index: int) -> Callable:
-        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            kwargs = dict(kwargs)
+        def forward(*args: Any, **kwargs: Any) -> Tensor:
             if args:
                 h, rest = args[0], tuple(args[1:])
             else:
@@ -434,10 +436,15 @@ def _layer_inputs(
             calls[index].append((rest, kwargs))
             if index == len(layers) - 1:
                 raise _StopForward
+            return h  # the next layer's arguments do not depend on it
 
-        return pre_hook
+        return forward
 
-    handles = [layer.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    # An instance attribute, which nn.Module.__call__ runs (hooks included) in place of the class's forward; one set
+    # before (e.g. by accelerate's device hooks) is put back.
+    previous = [layer.__dict__.get("forward") for layer in layers]
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)
     try:
         for batch in batches:
             try:
@@ -445,8 +452,11 @@ def _layer_inputs(
             except _StopForward:
                 pass
     finally:
-        for handle in handles:
-            handle.remove()
+        for layer, forward in zip(layers, previous, strict=True):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
     if len(hidden) != len(batches) or any(len(c) != len(batches) for c in calls):
         raise RuntimeError("sparsegpt: the decoder layers were not each called once per calibration batch.")
     return hidden, calls
