@@ -7,7 +7,9 @@ subprocesses, exactly as printed in the table), then evaluated in this process o
 
 * ``quickstart``: ``grpo-prune train --config configs/quickstart.yaml`` as shipped, at the point's sparsity: its
   one-shot start (``prune_init_scorer``) and recovery in one command; its CPU-seconds include the start.
-  ``quickstart-cool``: the same with rollouts at temperature 0.7.
+  ``quickstart-cool``: the same with rollouts at temperature 0.7. Every other trained method runs 16 steps (the
+  config's ``max_steps`` when they were measured) unless given as ``NAME@STEPS``; ``quickstart@16`` is the
+  quickstart before it moved to 24 steps.
 * ``sparsegpt``: ``grpo-prune oneshot --scorer sparsegpt`` at its defaults (128 x 256 tokens of the dense model's
   own samples, ``results/calibration``); no training.
 * ``recipe``: that one-shot model (the same folder: made once per sparsity), then ``grpo-prune train --config
@@ -137,6 +139,10 @@ RECIPES = {
 }
 #: The shipped config in one command: method -> its `grpo-prune train` flags besides the sparsity and seed.
 QUICKSTARTS = {"quickstart": (), "quickstart-cool": COOL}
+#: Optimizer steps of every trained method but `quickstart` when not given as @STEPS: the config's `max_steps` when
+#: they were measured (it is 24 since the quickstart moved there), pinned so that their commands reproduce their
+#: points.
+MEASURED_STEPS = "16"
 #: Learning rates measured in results/sweep: 3e-5 recovers a one-shot model (the quickstart's), 1e-4 prunes during
 #: training (`FROM_DENSE`).
 RECOVER_LR = "3e-5"
@@ -216,7 +222,8 @@ def train_command(folder: Path, sparsity: float, seed: int, *extra: str) -> list
 
 def method_spec(text: str) -> str:
     """A ``--methods`` entry: a method name, or ``NAME@STEPS`` for its training run at ``STEPS`` optimizer steps
-    instead of the quickstart's 16 (e.g. ``recipe@48``: a longer recovery; one-shot methods take no steps)."""
+    instead of its default (the config's ``max_steps`` for ``quickstart``, :data:`MEASURED_STEPS` for the others; e.g.
+    ``recipe@48``: a longer recovery; one-shot methods take no steps)."""
     base, at, steps = text.partition("@")
     if base not in METHODS or (at and (base in ONESHOT or not steps.isdigit() or int(steps) < 1)):
         raise argparse.ArgumentTypeError(
@@ -226,16 +233,23 @@ def method_spec(text: str) -> str:
 
 
 def commands(args: argparse.Namespace, method: str, sparsity: float, seed: int) -> tuple[list[list[str]], Path]:
-    """The commands that make a point's model, and the folder that holds it."""
+    """The commands that make a point's model, and the folder that holds it: a method's training runs for its
+    @STEPS, else the config's `max_steps` (`quickstart`) or :data:`MEASURED_STEPS` (every other trained method)."""
     base, _, steps = method.partition("@")
-    if steps:  # the same commands, training for STEPS optimizer steps into this point's own folder
-        cmds, _ = commands(args, base, sparsity, seed)
+    if base in ONESHOT or (base == "quickstart" and not steps):
+        return _commands(args, method, sparsity, seed)
+    cmds, folder = _commands(args, base, sparsity, seed)
+    if steps:  # the same commands, training into this point's own folder
         folder = args.work_dir / point_name(method, sparsity, seed)
-        for c in cmds:
-            if c[1] == "train":
-                c[c.index("--output_dir") + 1] = str(folder)
-                c += ["--max_steps", steps]
-        return cmds, folder
+    for c in cmds:
+        if c[1] == "train":
+            c[c.index("--output_dir") + 1] = str(folder)
+            c += ["--max_steps", steps or MEASURED_STEPS]
+    return cmds, folder
+
+
+def _commands(args: argparse.Namespace, method: str, sparsity: float, seed: int) -> tuple[list[list[str]], Path]:
+    """`commands` at the config's `max_steps`."""
     name = point_name(method, sparsity, seed)
     trained = args.work_dir / name
     if method == "dense":
@@ -443,8 +457,9 @@ def render(args: argparse.Namespace, records: dict[str, dict[str, Any]]) -> tupl
     devices = sorted({r["device"] for r in records.values()})
     head = headline(rows, dense, args.keep, args.max_ppl) if dense else {}
     budget = (
-        f"model {MODEL} (float32); training runs: `{CONFIG}` (16 GRPO steps, one prompt x 8 completions, distillation "
-        f"from the dense model on the rollouts and 2 x 128 text tokens a step; `recipe`, `recipe-mixed`, `join`, "
+        f"model {MODEL} (float32); training runs: `{CONFIG}` (GRPO steps of one prompt x 8 completions, distillation "
+        f"from the dense model on the rollouts and 2 x 128 text tokens a step; {MEASURED_STEPS} steps, or a method's "
+        f"@STEPS, except `quickstart` at the config's own; `recipe`, `recipe-mixed`, `join`, "
         f"`wanda-trained`, `mama-trained` and `mama-reward` pin the data the config had when they were measured, "
         f"`arithmetic-easy` prompts and `python_docs` text, which their printed commands predate); evaluation: "
         f"LAMBADA {args.lambada} x 512 tokens, PIQA {args.piqa}, `{args.arithmetic_task}` test split ({n} problems) "

@@ -492,6 +492,10 @@ def test_every_method_is_accepted_with_and_without_steps_and_builds_its_commands
             assert train[-1][-2:] == ["--max_steps", "32"] and str(folder).endswith("recipe@32-50-s0") == (
                 method == "recipe@32"
             )
+        elif method == "quickstart":  # the shipped config as it is
+            assert "--max_steps" not in train[-1]
+        elif train:  # measured when the config ran 16 steps: pinned
+            assert train[-1][-2:] == ["--max_steps", frontier.MEASURED_STEPS] and train[-1].count("--max_steps") == 1
     recipe_mixed = frontier.commands(args, "recipe-mixed", 0.5, 0)[0][1]
     assert recipe_mixed[recipe_mixed.index("--dataset_name") + 1] == "arithmetic"
     with pytest.raises(SystemExit):
@@ -529,6 +533,7 @@ def test_every_training_command_is_a_valid_train_config(frontier, tmp_path, monk
         assert (config.prune_granularity == "n:m") == (method == "recipe-24"), method
         assert config.temperature == (0.7 if "cool" in method else 1.0), method  # recipe-cool, quickstart-cool
         assert config.per_device_train_batch_size == (16 if "wide" in method else 8), method
+        assert config.max_steps == (24 if method == "quickstart" else 16), method  # the others as measured
         # Methods measured before the quickstart moved to the mixed prompts and `self` text pin the old data.
         old = method in ("recipe", "recipe-mixed", "join", "wanda-trained", "mama-trained", "mama-reward")
         assert (config.distill_dataset == "python_docs") == old, method
