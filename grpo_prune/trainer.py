@@ -40,7 +40,12 @@ from grpo_prune.pruning.pruner import Pruner
 from grpo_prune.pruning.reward_guard import RewardGuard
 from grpo_prune.pruning_callback import EVENTS_NAME, PruningCallback
 from grpo_prune.tracking import WandbPruningCallback
-from grpo_prune.trl_compat import check_metrics_seam, check_overrides, check_trl_seams
+from grpo_prune.trl_compat import (
+    check_metrics_seam,
+    check_overrides,
+    check_trl_seams,
+    compact_fused_lm_head_on_cpu,
+)
 
 
 # TRL 1.16 reads the deprecated `model.is_gradient_checkpointing` (trl.models.utils, around generation), and peft
@@ -82,6 +87,7 @@ class MamaGRPOTrainer(GRPOTrainer):
     def __init__(self, model, reward_funcs=None, args: MamaGRPOConfig | None = None, *pargs, **kwargs):
         check_trl_seams()  # a TRL release that re-signed a method overridden below fails here, naming it
         check_overrides(MamaGRPOTrainer)  # and a method of ours that shadows one of TRL's by accident
+        compact_fused_lm_head_on_cpu()  # the policy's log-probs: project only the completion through the LM head
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
             args = MamaGRPOConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-MAMA-GRPO")

@@ -1,6 +1,7 @@
 """The private TRL methods MamaGRPOTrainer overrides still have the signatures it was written against."""
 
 import pytest
+import torch
 
 from grpo_prune.trl_compat import (
     INTENDED_OVERRIDES,
@@ -9,6 +10,7 @@ from grpo_prune.trl_compat import (
     check_metrics_seam,
     check_overrides,
     check_trl_seams,
+    compact_fused_lm_head_on_cpu,
 )
 
 
@@ -133,6 +135,9 @@ def test_reward_function_logging_a_metric_trains(tmp_path):
         return rewards
 
     trainer = tiny_trainer(tmp_path, reward=logging_reward, max_steps=2, prune_end_step=1, distill_coef=1.0)
+    from trl.trainer import utils as trl_utils
+
+    assert trl_utils._use_triton(torch.device("cpu"))  # the trainer turned on the fused head's compaction
     trainer.train()
     acc = [entry["acc"] for entry in trainer.state.log_history if "acc" in entry]
     assert len(acc) == 2 and all(0.0 <= a <= 1.0 for a in acc)
@@ -159,3 +164,57 @@ def test_trl_gradient_checkpointing_deprecation_is_silenced_narrowly():
         assert model.is_gradient_checkpointing is False  # what TRL reads
         warnings.warn("another deprecation", FutureWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["another deprecation"]
+
+
+def _fused_policy_outputs(model, ids, labels):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, fused_lm_head=True)
+    (out.log_probs.sum() + 0.5 * out.entropy.sum()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return out.log_probs.detach(), out.entropy.detach(), grads
+
+
+def test_fused_lm_head_scores_only_the_completion_on_cpu(monkeypatch):
+    """With the switch, TRL's fused LM head projects only the labelled positions on CPU: the same log-probs and
+    entropies bit for bit, the same gradients up to rounding, and the head sees the completion rows alone."""
+    from tiny import tiny_model
+    from trl.kernels.chunked_logprob import _use_triton as original
+    from trl.trainer import utils as trl_utils
+
+    monkeypatch.setattr(trl_utils, "_use_triton", original)  # TRL's own, whatever ran before; restored afterwards
+    model = tiny_model()
+    trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy"))
+    torch.manual_seed(0)
+    ids = torch.randint(3, 64, (3, 12))
+    labels = ids.clone()
+    labels[:, :-4] = -100  # a 4-token completion after an 8-token prompt
+    labels[1, -1] = -100  # and one row that ended early (padding)
+
+    rows = []
+    apply = trl_utils._ChunkedLogProbFunction.apply
+
+    def counting(hidden, *args):
+        rows.append(hidden.shape[0])
+        return apply(hidden, *args)
+
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", counting)
+    every = _fused_policy_outputs(model, ids, labels)
+    compact_fused_lm_head_on_cpu()
+    compact_fused_lm_head_on_cpu()  # idempotent: wraps once
+    assert trl_utils._use_triton.__wrapped__ is original
+    compacted = _fused_policy_outputs(model, ids, labels)
+    assert rows == [3 * 11, 3 * 4 - 1]  # every shifted position, then the labelled ones only
+    assert torch.equal(compacted[0], every[0]) and torch.equal(compacted[1], every[1])
+    assert compacted[0][1, -1] == 0 and compacted[0][:, :7].abs().sum() == 0  # unlabelled positions read zero
+    for name, grad in every[2].items():
+        torch.testing.assert_close(compacted[2][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert trl_utils._use_triton(torch.device("cpu")) is True
+    assert trl_utils._use_triton(torch.device("meta")) == original(torch.device("meta"))  # other devices: TRL's
+
+
+def test_fused_lm_head_switch_missing_is_named(monkeypatch):
+    from trl.trainer import utils as trl_utils
+
+    monkeypatch.delattr(trl_utils, "_use_triton")
+    with pytest.raises(TrlSeamError, match=r"trl\.trainer\.utils\._use_triton.*does not exist"):
+        compact_fused_lm_head_on_cpu()
