@@ -309,6 +309,45 @@ class Distiller:
         return hidden, [captured[i] for i in sorted(captured)] if layers else None
 
     @torch.no_grad()
+    def teacher_prediction_hidden(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int
+    ) -> torch.Tensor:
+        """The teacher's final hidden states ``[B, C, H]`` at the positions that predict the completion
+        ``input_ids[:, prompt_length:]`` (``C`` tokens): the last prompt position and every completion position but
+        the last.
+
+        A GRPO micro-batch holds each prompt ``num_generations`` times. Each distinct prompt then runs through the
+        teacher once, and its key/value cache is copied to the rows that share it before the completions run:
+        the quickstart's 8 completions of 32 tokens after an 87-token prompt cost the teacher 87 + 8 x 31 tokens
+        instead of 8 x 119. Positions are absolute in both paths, as in the student's forward, so left padding
+        lands where it does there. A batch whose prompts are all distinct, and an FSDP2 teacher (called through its
+        root, see `teacher_hidden`), take the whole sequence in one pass.
+        """
+        n_tokens = input_ids.size(1) - prompt_length
+        prompts = torch.cat([input_ids[:, :prompt_length], attention_mask[:, :prompt_length]], dim=1)
+        distinct, rows = torch.unique(prompts, dim=0, return_inverse=True)
+        if distinct.size(0) == input_ids.size(0) or _is_fsdp2_module(self.teacher):
+            hidden, _ = self.teacher_hidden(input_ids, attention_mask, layers=False)
+            return hidden[:, -n_tokens - 1 : -1]
+        with self._teacher_module() as teacher:
+            backbone = backbone_of(teacher)
+            head = backbone(
+                input_ids=distinct[:, :prompt_length], attention_mask=distinct[:, prompt_length:], use_cache=True
+            )
+            last_prompt = head.last_hidden_state[rows, -1:]
+            if n_tokens == 1:
+                return last_prompt
+            cache = head.past_key_values
+            cache.reorder_cache(rows)  # each row gets its prompt's keys and values
+            tail = backbone(
+                input_ids=input_ids[:, prompt_length:-1],
+                attention_mask=attention_mask[:, :-1],
+                past_key_values=cache,
+                use_cache=True,
+            )
+        return torch.cat([last_prompt, tail.last_hidden_state], dim=1)
+
+    @torch.no_grad()
     def teacher_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_tokens: int) -> torch.Tensor:
         """Teacher logits ``[B, n_tokens, V]`` predicting the last ``n_tokens`` tokens of ``input_ids`` (post-processed
         as the teacher's forward does). Materialises the logits: for inspection; the loss uses chunks."""
@@ -370,6 +409,7 @@ class Distiller:
                 captured.hidden,
                 captured.layer_list(),
                 args.distill_coef > 0,
+                prompt_length=inputs["prompt_ids"].size(1),
             )
             if kd is not None:
                 metrics["distill/loss"] = kd
@@ -395,18 +435,25 @@ class Distiller:
         student_hidden: torch.Tensor,
         student_layers: list[torch.Tensor],
         logits_term: bool,
+        prompt_length: int | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logit KD and the hidden-state term (each None when off) between the student's captured forward over
         ``input_ids`` ``[B, L]`` and the teacher's, at ``positions`` of the sequence, over the tokens ``mask``
-        (``[B, len(positions)]``) keeps."""
+        (``[B, len(positions)]``) keeps. With ``prompt_length`` (``positions`` then predict the completion after
+        it) and the hidden-state term off, the teacher runs each distinct prompt once
+        (`teacher_prediction_hidden`)."""
         args = self.args
         want_layers = args.distill_hidden_coef > 0
-        teacher_hidden, teacher_layers = self.teacher_hidden(input_ids, attention_mask, layers=want_layers)
+        if prompt_length is not None and not want_layers:
+            teacher_at, teacher_layers = self.teacher_prediction_hidden(input_ids, attention_mask, prompt_length), []
+        else:
+            teacher_hidden, teacher_layers = self.teacher_hidden(input_ids, attention_mask, layers=want_layers)
+            teacher_at = teacher_hidden[:, positions]
         kd = None
         if logits_term:
             kd = chunked_distillation_loss(
                 student_hidden[:, positions],
-                teacher_hidden[:, positions],
+                teacher_at,
                 self.logits_head(),
                 self.logits_head(teacher=True),
                 mask,

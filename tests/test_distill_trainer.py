@@ -292,3 +292,50 @@ def test_distill_dataset_self_distils_the_teachers_own_samples(tmp_path, monkeyp
     assert torch.equal(trainer.text_sampler.windows, windows)
     trainer.train()
     assert len(logged(trainer, "distill/text_loss")) == 4
+
+
+# ------------------------------------------------------------------------------------------------ shared prompts
+def _group_batch(prompts: list[list[int]], group: int, completion: int, pad: int = 0):
+    """``prompts`` left-padded to one length, each repeated ``group`` times (as GRPO lays them out), followed by random
+    completions whose later rows end early (completion mask zeros)."""
+    width = max(map(len, prompts))
+    rows = [p for p in prompts for _ in range(group)]
+    prompt_ids = torch.tensor([[pad] * (width - len(p)) + p for p in rows])
+    prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows])
+    torch.manual_seed(0)
+    completion_ids = torch.randint(3, 64, (len(rows), completion))
+    completion_mask = torch.ones_like(completion_ids)
+    for r in range(len(rows)):
+        completion_mask[r, completion - r % 3 :] = 0
+    return torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1), width
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])
+def test_teacher_runs_each_prompt_once_with_the_full_pass_result(tmp_path, kind):
+    """The teacher's hidden states at the completion-predicting positions are those of the whole sequence in one
+    pass, though each distinct prompt ran once and its keys and values were copied to its rows (left padding, ragged
+    completions, and Gemma 3's 4-token sliding window over a longer prompt included)."""
+    trainer = tiny_trainer(tmp_path, model=tiny_model(kind), prune_target_sparsity=0.0, distill_coef=1.0)
+    distiller = trainer.distiller
+    ids, mask, prompt_length = _group_batch([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16]], group=3, completion=6)
+    seen = []
+    embed = distiller.teacher.get_input_embeddings()
+    handle = embed.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    try:
+        shared = distiller.teacher_prediction_hidden(ids, mask, prompt_length)
+        full = distiller.teacher_hidden(ids, mask, layers=False)[0][:, -7:-1]
+    finally:
+        handle.remove()
+    assert seen == [(2, 7), (6, 5), (6, 13)]  # two prompts once, six completions over the cache; then the full pass
+    torch.testing.assert_close(shared, full, rtol=1e-5, atol=1e-5)
+
+    # Prompts that all differ: one pass over the whole sequence, as before.
+    distinct, distinct_mask, width = _group_batch([[5, 6, 7], [8, 9], [10, 11, 12], [13]], group=1, completion=4)
+    seen.clear()
+    handle = embed.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    try:
+        alone = distiller.teacher_prediction_hidden(distinct, distinct_mask, width)
+    finally:
+        handle.remove()
+    assert seen == [(4, 7)]
+    torch.testing.assert_close(alone, distiller.teacher_hidden(distinct, distinct_mask, layers=False)[0][:, -5:-1])

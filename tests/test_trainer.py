@@ -340,8 +340,10 @@ def test_distillation_loss_logged_and_teacher_frozen(tmp_path):
     teacher_before = {n: p.detach().clone() for n, p in trainer.teacher.named_parameters()}
     trainer.train()
     kd = logged(trainer, "distill/loss")
-    assert kd and all(v == v and v >= 0 for v in kd)
-    assert kd[-1] > 0  # the student was pruned away from the dense teacher
+    # KL >= 0, up to rounding: the teacher runs each prompt once (its cache then serves the group's completions), so
+    # at step 0, where the student is still the teacher, the two agree to float rounding, not bit for bit.
+    assert kd and all(v == v and v >= -1e-6 for v in kd)
+    assert abs(kd[0]) < 1e-6 and kd[-1] > 1e-3  # the student was pruned away from the dense teacher
     for name, p in trainer.teacher.named_parameters():
         assert torch.equal(p, teacher_before[name]), name
     # The teacher really is a separate dense model: its logits differ from the pruned student's.
