@@ -2,7 +2,8 @@
 
 Runs three variants on the same settings, each in its own process so that peak memory is its own:
 
-* ``plain``: TRL's `GRPOTrainer`;
+* ``plain``: TRL's `GRPOTrainer` (with the same fused-LM-head switch on CPU as ours,
+  `grpo_prune.trl_compat.compact_fused_lm_head_on_cpu`);
 * ``prune``: `MamaGRPOTrainer` with pruning (unstructured MAMA, cubic schedule), no distillation;
 * ``prune+distill``: the same plus distillation from the frozen dense teacher.
 
@@ -48,6 +49,7 @@ def run_variant(
     from grpo_prune.data import load_prompt_dataset
     from grpo_prune.models import load_model, load_tokenizer
     from grpo_prune.pruning.indicators import Indicators
+    from grpo_prune.trl_compat import compact_fused_lm_head_on_cpu
 
     torch.manual_seed(0)
     model = load_model("smollm2-135m-instruct")
@@ -57,6 +59,9 @@ def run_variant(
     output_dir = tempfile.mkdtemp(prefix=f"bench-{variant.replace('+', '-')}-")
     common = short_run_fields(output_dir, steps, completions, tokens)
     if variant == "plain":
+        # MamaGRPOTrainer makes TRL's fused LM head skip the prompt positions on CPU; the baseline gets the same
+        # switch, so that the ratios measure pruning and distillation, not that speed-up.
+        compact_fused_lm_head_on_cpu()
         trainer = GRPOTrainer(
             model=model,
             reward_funcs=[reward_fns.get("math_answer")],
