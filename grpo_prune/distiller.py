@@ -337,12 +337,12 @@ class Distiller:
             last_prompt = head.last_hidden_state[rows, -1:]
             if n_tokens == 1:
                 return last_prompt
-            cache = head.past_key_values
+            cache = head.cache
             cache.reorder_cache(rows)  # each row gets its prompt's keys and values
             tail = backbone(
                 input_ids=input_ids[:, prompt_length:-1],
                 attention_mask=attention_mask[:, :-1],
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
             )
         return torch.cat([last_prompt, tail.last_hidden_state], dim=1)

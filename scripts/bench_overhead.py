@@ -108,7 +108,10 @@ def run_variant(
             return timed_hook
 
         Indicators._make_hook = timed_make_hook
-        seams = [(trainer, n, "step") for n in ("process_pruning_gradients", "enforce_pruning_masks", "_reward_statistic_seam")]
+        seams = [
+            (trainer, n, "step")
+            for n in ("process_pruning_gradients", "enforce_pruning_masks", "_reward_statistic_seam")
+        ]
         seams.append((trainer.pruning_callback, "on_step_end", "event"))
         for owner, name, key in seams:
             original = getattr(owner, name)
