@@ -16,6 +16,8 @@ The subclass is thin. The pruning engine (`grpo_prune.pruning`) does the math; t
 * `_prepare_for_training` (with `prune_init_scorer`): the one-shot start, once, before the optimizer exists: the dense
   student (the teacher and `|W0|` were taken from it in `__init__`) is pruned on calibration text as
   `grpo-prune oneshot` prunes, and the pruner starts from those masks; a resumed run takes them from its checkpoint;
+* construction: TRL's fused LM head, which scores the policy's completions, skips the prompt positions on CPU as it
+  does on GPUs (`grpo_prune.trl_compat.compact_fused_lm_head_on_cpu`);
 * `_save_checkpoint` / `save_model`: checkpoints carry the pruner's training state (resuming restores it exactly);
   the final `output_dir` gets only what a user ships (model with zeros, tokenizer, masks sidecar, report).
 """
