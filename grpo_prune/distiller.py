@@ -30,6 +30,7 @@ from trl.trainer.utils import disable_dropout_in_model
 from grpo_prune.config import MamaGRPOConfig
 from grpo_prune.data import SELF_SOURCES, TextWindowSampler, text_token_stream
 from grpo_prune.distill import chunked_distillation_loss, hidden_state_loss, postprocess_logits
+from grpo_prune.prefix import prefill_distinct
 
 __all__ = ["Distiller", "StudentCapture", "has_adapters"]
 
@@ -316,36 +317,31 @@ class Distiller:
         ``input_ids[:, prompt_length:]`` (``C`` tokens): the last prompt position and every completion position but
         the last.
 
-        A GRPO micro-batch holds each prompt ``num_generations`` times. Each distinct prompt then runs through the
-        teacher once, and its key/value cache is copied to the rows that share it before the completions run:
-        the quickstart's 8 completions of 32 tokens after an 87-token prompt cost the teacher 87 + 8 x 31 tokens
-        instead of 8 x 119. Positions are absolute in both paths, as in the student's forward, so left padding
-        lands where it does there. A batch whose prompts are all distinct, and an FSDP2 teacher (called through its
-        root, see `teacher_hidden`), take the whole sequence in one pass.
+        A GRPO micro-batch holds each prompt ``num_generations`` times. Each distinct prompt runs through the
+        teacher once (`grpo_prune.prefix.prefill_distinct`), and its key/value cache serves the completions of its
+        rows: the quickstart's 8 completions of 32 tokens after an 87-token prompt cost the teacher 87 + 8 x 31
+        tokens instead of 8 x 119. A batch whose prompts all differ, and an FSDP2 teacher (called through its root,
+        see `teacher_hidden`), take the whole sequence in one pass.
         """
         n_tokens = input_ids.size(1) - prompt_length
-        prompts = torch.cat([input_ids[:, :prompt_length], attention_mask[:, :prompt_length]], dim=1)
-        distinct, rows = torch.unique(prompts, dim=0, return_inverse=True)
-        if distinct.size(0) == input_ids.size(0) or _is_fsdp2_module(self.teacher):
+        shared = None
+        if not _is_fsdp2_module(self.teacher):
+            with self._teacher_module() as teacher:
+                backbone = backbone_of(teacher)
+                shared = prefill_distinct(backbone, input_ids, attention_mask, prompt_length)
+                if shared is not None and n_tokens > 1:
+                    tail = backbone(
+                        input_ids=input_ids[:, prompt_length:-1],
+                        attention_mask=attention_mask[:, :-1],
+                        cache=shared[0].cache,
+                        use_cache=True,
+                    )
+        if shared is None:
             hidden, _ = self.teacher_hidden(input_ids, attention_mask, layers=False)
             return hidden[:, -n_tokens - 1 : -1]
-        with self._teacher_module() as teacher:
-            backbone = backbone_of(teacher)
-            head = backbone(
-                input_ids=distinct[:, :prompt_length], attention_mask=distinct[:, prompt_length:], use_cache=True
-            )
-            last_prompt = head.last_hidden_state[rows, -1:]
-            if n_tokens == 1:
-                return last_prompt
-            cache = head.cache
-            cache.reorder_cache(rows)  # each row gets its prompt's keys and values
-            tail = backbone(
-                input_ids=input_ids[:, prompt_length:-1],
-                attention_mask=attention_mask[:, :-1],
-                cache=cache,
-                use_cache=True,
-            )
-        return torch.cat([last_prompt, tail.last_hidden_state], dim=1)
+        head, rows = shared
+        last_prompt = head.last_hidden_state[rows, -1:]
+        return last_prompt if n_tokens == 1 else torch.cat([last_prompt, tail.last_hidden_state], dim=1)
 
     @torch.no_grad()
     def teacher_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_tokens: int) -> torch.Tensor:

@@ -17,7 +17,8 @@ The subclass is thin. The pruning engine (`grpo_prune.pruning`) does the math; t
   student (the teacher and `|W0|` were taken from it in `__init__`) is pruned on calibration text as
   `grpo-prune oneshot` prunes, and the pruner starts from those masks; a resumed run takes them from its checkpoint;
 * construction: TRL's fused LM head, which scores the policy's completions, skips the prompt positions on CPU as it
-  does on GPUs (`grpo_prune.trl_compat.compact_fused_lm_head_on_cpu`);
+  does on GPUs (`grpo_prune.trl_compat.compact_fused_lm_head_on_cpu`); the policy's `generate` prefills each distinct
+  prompt of a batch once instead of once per completion (`grpo_prune.prefix.share_prompt_prefill`);
 * `_save_checkpoint` / `save_model`: checkpoints carry the pruner's training state (resuming restores it exactly);
   the final `output_dir` gets only what a user ships (model with zeros, tokenizer, masks sidecar, report).
 """
@@ -38,6 +39,7 @@ from grpo_prune.config import MamaGRPOConfig
 from grpo_prune.data import TextWindowSampler
 from grpo_prune.distiller import Distiller, has_adapters
 from grpo_prune.fileio import relax_private_modes, write_json_atomic, write_text_atomic
+from grpo_prune.prefix import share_prompt_prefill
 from grpo_prune.pruning.pruner import Pruner
 from grpo_prune.pruning.reward_guard import RewardGuard
 from grpo_prune.pruning_callback import EVENTS_NAME, PruningCallback
@@ -110,6 +112,7 @@ class MamaGRPOTrainer(GRPOTrainer):
             )
         super().__init__(model, reward_funcs, args, *pargs, **kwargs)
         check_metrics_seam(self)
+        share_prompt_prefill(self.accelerator.unwrap_model(self.model))  # each group's prompt prefilled once
         if args.pruning_enabled and self.is_deepspeed_enabled:
             # Masks and indicators are full tensors per layer; sharding them like ZeRO partitions is not built.
             raise NotImplementedError(

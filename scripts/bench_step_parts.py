@@ -7,6 +7,9 @@ The micro-batch is the quickstart's: one arithmetic train prompt in its chat tem
   through the vocabulary (TRL off Triton devices) against the completion positions only
   (`grpo_prune.trl_compat.compact_fused_lm_head_on_cpu`, what `MamaGRPOTrainer` turns on). The log-probabilities
   must come out equal.
+* ``sampling the completions``: the policy's ``generate`` as TRL calls it (sampling at temperature 1, up to
+  ``--tokens`` new tokens), prefilling the prompt once per completion, against
+  `grpo_prune.prefix.share_prompt_prefill`, which prefills it once. The sampled tokens must come out equal.
 * ``teacher forward for distillation``: `Distiller.teacher_hidden` over the whole micro-batch, against
   `Distiller.teacher_prediction_hidden`, which runs the shared prompt once and its key/value cache for the
   completions. The largest difference of the hidden states is printed.
@@ -40,6 +43,7 @@ def main() -> None:
 
     import torch
     from accelerate import Accelerator
+    from transformers import GenerationConfig
     from trl.kernels.chunked_logprob import _use_triton as trl_decision
     from trl.trainer import utils as trl_utils
 
@@ -47,6 +51,7 @@ def main() -> None:
     from grpo_prune.data import load_prompt_dataset
     from grpo_prune.distiller import Distiller
     from grpo_prune.models import load_model, load_tokenizer
+    from grpo_prune.prefix import share_prompt_prefill
     from grpo_prune.trl_compat import compact_fused_lm_head_on_cpu
 
     model = load_model("smollm2-135m-instruct")
@@ -82,11 +87,36 @@ def main() -> None:
         report_to="none",
     )
     distiller = Distiller(config, Accelerator(cpu=True), model)
+    share_prompt_prefill(model)
+    sampling = GenerationConfig(
+        max_new_tokens=args.tokens,
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        disable_compile=True,
+    )
+    prompts, prompt_mask = ids[:, :prompt_length], mask[:, :prompt_length]
+
+    def sample(generate):
+        def run():
+            torch.manual_seed(0)
+            with torch.no_grad():
+                return generate(input_ids=prompts, attention_mask=prompt_mask, generation_config=sampling).float()
+
+        return run
+
     n_predicted = ids.size(1) - prompt_length
     parts = {
         "policy log-probs, forward + backward": (
             ("every position (TRL off Triton)", policy(trl_decision)),
             ("completion positions only", policy(compacted)),
+        ),
+        "sampling the completions": (
+            ("prompt prefilled per completion", sample(model.generate.__wrapped__)),
+            ("prompt prefilled once", sample(model.generate)),
         ),
         "teacher forward for distillation": (
             (
