@@ -96,7 +96,7 @@ class StudentCapture:
         return [self.layers[i] for i in sorted(self.layers)]
 
 
-def _is_fsdp2_module(module: torch.nn.Module) -> bool:
+def is_fsdp2_module(module: torch.nn.Module) -> bool:
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover - torch without FSDP2
@@ -252,7 +252,7 @@ class Distiller:
         (no dropout, no gradient checkpointing), restored afterwards. An FSDP2 teacher is yielded as the sharded
         root (not unwrapped): it must be called through its root."""
         if not self.teacher_is_disabled_adapters:
-            yield self.teacher if _is_fsdp2_module(self.teacher) else self.accelerator.unwrap_model(self.teacher)
+            yield self.teacher if is_fsdp2_module(self.teacher) else self.accelerator.unwrap_model(self.teacher)
             return
         model = self.teacher
         was_training = model.training
@@ -292,7 +292,7 @@ class Distiller:
             backbone = backbone_of(teacher)
             captured: dict[int, torch.Tensor] = {}
             with capture_layer_outputs(backbone, captured) if layers else nullcontext():
-                if _is_fsdp2_module(teacher):
+                if is_fsdp2_module(teacher):
                     out: dict[str, Any] = {}
 
                     def keep(module, args, output):
@@ -325,7 +325,7 @@ class Distiller:
         """
         n_tokens = input_ids.size(1) - prompt_length
         shared = None
-        if not _is_fsdp2_module(self.teacher):
+        if not is_fsdp2_module(self.teacher):
             with self._teacher_module() as teacher:
                 backbone = backbone_of(teacher)
                 shared = prefill_distinct(backbone, input_ids, attention_mask, prompt_length)

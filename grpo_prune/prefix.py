@@ -25,7 +25,8 @@ def prefill_distinct(
     backbone: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int
 ) -> tuple[Any, torch.Tensor] | None:
     """The decoder stack's output over the distinct rows of ``input_ids[:, :length]`` (with their attention mask),
-    its cache copied to every row, and each row's index among the distinct ones; None when every row differs.
+    its cache copied to every row, and each row's index among the distinct ones; None when every row differs, or
+    when the backbone returns no cache.
 
     Call it without gradient. The returned output's ``cache`` then continues ``input_ids[:, length:]`` for the whole
     batch; ``last_hidden_state[rows]`` is each row's hidden states over the prefix.
@@ -35,6 +36,8 @@ def prefill_distinct(
     if distinct.size(0) == input_ids.size(0):
         return None
     out = backbone(input_ids=distinct[:, :length], attention_mask=distinct[:, length:], use_cache=True)
+    if getattr(out, "cache", None) is None:  # no cache came back (activation checkpointing in training mode)
+        return None
     out.cache.reorder_cache(rows)  # each row gets its prompt's keys and values
     return out, rows
 
@@ -46,7 +49,7 @@ def share_prompt_prefill(model: torch.nn.Module) -> None:
     Applies only to a plain ``input_ids`` / ``attention_mask`` call with the default dynamic cache and no cache
     given; any other call, a PEFT model and an FSDP2-sharded one are left to ``generate`` unchanged. Idempotent.
     """
-    from grpo_prune.distiller import _is_fsdp2_module, backbone_of, has_adapters
+    from grpo_prune.distiller import backbone_of, has_adapters, is_fsdp2_module
 
     original = model.generate
     if getattr(original, "_grpo_prune_shares_prefill", False) or has_adapters(model):
@@ -59,7 +62,7 @@ def share_prompt_prefill(model: torch.nn.Module) -> None:
         plain = set(kwargs) <= {"input_ids", "attention_mask", "generation_config"} and not args
         if (
             not plain
-            or _is_fsdp2_module(model)  # sharded when training starts, after this was installed
+            or is_fsdp2_module(model)  # sharded when training starts, after this was installed
             or input_ids is None
             or attention_mask is None
             or input_ids.size(1) < 2

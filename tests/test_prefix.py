@@ -93,3 +93,15 @@ def test_peft_model_is_not_wrapped_and_the_trainer_wraps_its_policy(tmp_path):
     assert peft_model.generate == generate
     trainer = tiny_trainer(tmp_path, prune_target_sparsity=0.0)
     assert getattr(trainer.accelerator.unwrap_model(trainer.model).generate, "_grpo_prune_shares_prefill", False)
+
+
+def test_generate_under_activation_checkpointing_in_training_mode_still_samples():
+    """A model left in training mode with activation checkpointing returns no cache from a plain forward; the shared
+    prefill then steps aside and `generate` samples as it would without it."""
+    model = tiny_model()
+    model.gradient_checkpointing_enable()
+    model.train()
+    ids, mask = grouped([[5, 6, 7, 8]], group=3)
+    expected = sample(model, ids, mask)
+    share_prompt_prefill(model)
+    assert torch.equal(sample(model, ids, mask), expected)
