@@ -5,6 +5,7 @@ import torch
 from tiny import (
     TINY_DIMS,
     char_tokenizer,
+    grouped_prompts,
     kl_to_teacher,
     prompt_dataset,
     tiny_args,
@@ -295,17 +296,14 @@ def test_distill_dataset_self_distils_the_teachers_own_samples(tmp_path, monkeyp
 
 
 # ------------------------------------------------------------------------------------------------ shared prompts
-def _group_batch(prompts: list[list[int]], group: int, completion: int, pad: int = 0):
-    """``prompts`` left-padded to one length, each repeated ``group`` times (as GRPO lays them out), followed by random
-    completions whose later rows end early (completion mask zeros)."""
-    width = max(map(len, prompts))
-    rows = [p for p in prompts for _ in range(group)]
-    prompt_ids = torch.tensor([[pad] * (width - len(p)) + p for p in rows])
-    prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows])
+def _group_batch(prompts: list[list[int]], group: int, completion: int):
+    """`grouped_prompts` followed by random completions whose later rows end early (completion mask zeros)."""
+    prompt_ids, prompt_mask = grouped_prompts(prompts, group)
+    rows, width = prompt_ids.shape
     torch.manual_seed(0)
-    completion_ids = torch.randint(3, 64, (len(rows), completion))
+    completion_ids = torch.randint(3, 64, (rows, completion))
     completion_mask = torch.ones_like(completion_ids)
-    for r in range(len(rows)):
+    for r in range(rows):
         completion_mask[r, completion - r % 3 :] = 0
     return torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1), width
 

@@ -2,20 +2,11 @@
 
 import pytest
 import torch
+from tiny import grouped_prompts as grouped
 from tiny import tiny_model, tiny_trainer
 from transformers import GenerationConfig
 
 from grpo_prune.prefix import prefill_distinct, share_prompt_prefill
-
-
-def grouped(prompts, group):
-    """``prompts`` left-padded to one width, each repeated ``group`` times, as TRL lays out a GRPO batch."""
-    width = max(map(len, prompts))
-    rows = [p for p in prompts for _ in range(group)]
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in rows])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows])
-    return ids, mask
-
 
 SAMPLING = GenerationConfig(
     max_new_tokens=6, do_sample=True, top_k=0, top_p=1.0, pad_token_id=0, eos_token_id=1, disable_compile=True

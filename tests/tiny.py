@@ -87,6 +87,16 @@ def prompt_dataset(n: int = 16) -> Dataset:
     )
 
 
+def grouped_prompts(prompts: list[list[int]], group: int, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``prompts`` left-padded to one width, each repeated ``group`` times as TRL lays out a GRPO batch: ids and
+    attention mask ``[len(prompts) * group, width]``."""
+    width = max(map(len, prompts))
+    rows = [p for p in prompts for _ in range(group)]
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in rows])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows])
+    return ids, mask
+
+
 def varied_reward(completions, **kwargs) -> list[float]:
     """Reward that varies across a group (distinct characters), so GRPO advantages are not all zero."""
     texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
