@@ -99,10 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     overrides: dict[str, Any] = {"allocation": args.allocation}
     if args.granularity == "structured":
         overrides["structured_units"] = args.structured_units
-    if args.scorer == "sparsegpt" and args.granularity == "structured":
+    if args.scorer == "sparsegpt" and args.granularity == "structured" and args.structured_units != "mlp":
         raise ValueError(
-            "`--scorer sparsegpt` reconstructs weights, not whole units: use --granularity unstructured "
-            "or n:m, or a structured scorer such as wanda."
+            "`--scorer sparsegpt` removes whole MLP neurons (--structured-units mlp), not attention heads: use "
+            "a structured scorer such as wanda for heads."
         )
     try:
         PruningSettings(

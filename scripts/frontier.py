@@ -97,6 +97,8 @@ METHODS = (
     "wanda-mlp",
     "sparsegpt-256",
     "wanda-mlp-task",
+    "sparsegpt-mlp",
+    "recipe-sparsegpt-mlp",
 )
 MLP_NEURONS = ("--granularity", "structured", "--structured-units", "mlp")  # whole MLP neurons, exported smaller
 #: One-shot methods (no training, so no seeds): method -> the flags of `grpo-prune oneshot` besides the sparsity.
@@ -109,6 +111,8 @@ ONESHOT = {
     "sparsegpt-256": ("--scorer", "sparsegpt", "--calibration-windows", "256"),  # twice the default calibration
     # MLP neurons chosen by their activations on the dense model's answers to the task prompts alone
     "wanda-mlp-task": ("--scorer", "wanda", *MLP_NEURONS, "--calibration", "self:task"),
+    # MLP neurons removed with OBS: down_proj reconstructed on the kept ones, layer by layer
+    "sparsegpt-mlp": ("--scorer", "sparsegpt", *MLP_NEURONS),
 }
 #: One-shot methods whose sparsity is fixed by their pattern (a recipe from one of them is fixed alike).
 FIXED_SPARSITY = {"sparsegpt-24": 0.5}
@@ -134,6 +138,7 @@ RECIPES = {
     "recipe-lr": ("sparsegpt", (*SELF_TEXT, "--learning_rate", "1e-4")),  # recovery at the from-dense rate
     "recipe-cal": ("sparsegpt-256", SELF_TEXT),  # a start calibrated on 64k self tokens
     "recipe-mlp-task": ("wanda-mlp-task", SELF_TEXT),
+    "recipe-sparsegpt-mlp": ("sparsegpt-mlp", SELF_TEXT),
     "recipe-cool": ("sparsegpt", (*SELF_TEXT, *COOL)),
     "recipe-wide": ("sparsegpt", (*SELF_TEXT, "--per_device_train_batch_size", "16")),  # two prompts a step
 }

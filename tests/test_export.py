@@ -101,6 +101,20 @@ def test_structured_export_is_smaller_and_computes_the_same(tmp_path, kind, unit
     assert json.loads((tmp_path / "out" / REPORT_FILE).read_text())["params_after"] == out["params_after"]
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_structured_sparsegpt_export_is_smaller_and_computes_the_same(tmp_path, kind):
+    """MLP neurons removed with OBS reconstruction (the kept down_proj columns changed) slice like any other
+    structured result: the smaller model computes what the masked one does."""
+    model = make_model(kind)
+    report = prune_oneshot(model, 0.25, "structured", scorer="sparsegpt", calibration=ids(8, 16, 1))
+    masked = logits(model, ids())
+    out = export_pruned(model, tmp_path / "out", pruner=report)
+    exported = load(tmp_path / "out")
+    torch.testing.assert_close(logits(exported, ids()), masked, atol=ATOL, rtol=0)
+    assert out["mode"] == "structured" and exported.config.intermediate_size == 48
+    assert out["params_before"] - out["params_after"] == report.params_zeroed
+
+
 def test_a_kv_group_without_query_heads_loses_its_keys_and_values(tmp_path):
     model = make_model("qwen2")  # q/k/v biases: the k/v bias slicing is exercised too
     report = prune_oneshot(

@@ -12,7 +12,7 @@ from torch import nn
 from grpo_prune.pruning import masks as M
 from grpo_prune.pruning import scores as S
 from grpo_prune.pruning.oneshot import prune_oneshot
-from grpo_prune.pruning.sparsegpt import GramAccumulator, sparsegpt_prune_
+from grpo_prune.pruning.sparsegpt import GramAccumulator, obs_prune_inputs_, sparsegpt_prune_
 from grpo_prune.pruning.structure import resolve_targets
 
 
@@ -284,8 +284,11 @@ def test_prune_oneshot_sparsegpt_refusals():
     model = tiny_model()
     ids = calib_ids()
     before = {n: p.clone() for n, p in model.named_parameters()}
-    with pytest.raises(ValueError, match="structured"):
-        prune_oneshot(model, 0.25, granularity="structured", scorer="sparsegpt", calibration=ids)
+    for units, uniform in (("heads", True), ("mlp+heads", True), ("mlp", False)):
+        with pytest.raises(ValueError, match="MLP neurons, the same number in every layer"):
+            prune_oneshot(
+                model, 0.5, "structured", scorer="sparsegpt", calibration=ids, structured_units=units, uniform=uniform
+            )
     with pytest.raises(ValueError, match="`calibration`"):
         prune_oneshot(model, 0.5, scorer="sparsegpt")
     with pytest.raises(ValueError, match="`comparison`"):
@@ -298,6 +301,103 @@ def test_prune_oneshot_sparsegpt_refusals():
         prune_oneshot(model, 0.5, scorer="obs", calibration=ids)
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), f"{n} changed by a refused call"
+
+
+# ------------------------------------------------------------------------------ whole MLP neurons (structured)
+
+
+def _least_squares_refit(w, h, keep, damp=0.01):
+    """The best ``W'`` on the kept inputs for the damped ``H``: ``W' H_kk = W H_:k`` (the OBS objective)."""
+    hd = h + damp * torch.diagonal(h).mean() * torch.eye(len(h))
+    k = keep.nonzero().squeeze(1)
+    refit = torch.zeros_like(w)
+    refit[:, k] = torch.linalg.solve(hd[k][:, k].double(), (w.double() @ hd[:, k].double()).T).T.float()
+    return refit
+
+
+def _refit_error(w, h, refit, damp=0.01):
+    hd = h + damp * torch.diagonal(h).mean() * torch.eye(len(h))
+    delta = (refit - w).double()
+    return float(torch.einsum("oi,ij,oj->", delta, hd.double(), delta))
+
+
+def test_obs_input_removal_is_the_best_single_removal_with_its_least_squares_refit():
+    x, w, h = correlated_layer(3, d_in=24, d_out=10)
+    pruned = w.clone()
+    keep = obs_prune_inputs_(pruned, h, 1)
+    assert int((~keep).sum()) == 1
+    errors = []
+    for j in range(24):
+        candidate = torch.ones(24, dtype=torch.bool)
+        candidate[j] = False
+        errors.append(_refit_error(w, h, _least_squares_refit(w, h, candidate)))
+    assert int((~keep).nonzero()) == min(range(24), key=errors.__getitem__)
+    torch.testing.assert_close(pruned, _least_squares_refit(w, h, keep), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_obs_input_removal_exact_count_zero_columns_and_below_wanda(seed):
+    x, w, h = correlated_layer(seed, d_in=64, d_out=48)
+    pruned = w.clone()
+    keep = obs_prune_inputs_(pruned, h, 16)
+    assert keep.shape == (64,) and int((~keep).sum()) == 16
+    assert torch.equal(pruned[:, ~keep], torch.zeros(48, 16))
+    # The greedy choice reconstructed stays close to the least-squares refit of its own kept set ...
+    assert _refit_error(w, h, pruned) < 1.01 * _refit_error(w, h, _least_squares_refit(w, h, keep))
+    # ... and beats Wanda's structured choice (column norm x input norm), without or with that same refit.
+    wanda_keep = torch.ones(64, dtype=torch.bool)
+    wanda_keep[(w.norm(dim=0) * x.norm(dim=0)).argsort()[:16]] = False
+    err = output_error(x, w, pruned)
+    assert err < 0.7 * output_error(x, w, w * wanda_keep)
+    assert err <= output_error(x, w, _least_squares_refit(w, h, wanda_keep)) * 1.001
+
+
+def test_obs_input_removal_bad_arguments():
+    _, w, h = correlated_layer(d_in=16, d_out=4)
+    with pytest.raises(ValueError, match="`num_prune`"):
+        obs_prune_inputs_(w.clone(), h, 16)
+    with pytest.raises(ValueError, match="`hessian`"):
+        obs_prune_inputs_(w.clone(), h[:8, :8], 2)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])
+def test_prune_oneshot_sparsegpt_mlp_neurons(kind):
+    """Whole neurons: the same number in every layer, their gate/up rows and down columns exactly zero, masks and
+    report like the other structured scorers', the kept down_proj columns reconstructed; the MLP outputs of the
+    first layer (same inputs for both) closer to dense than Wanda's structured choice."""
+    ids = calib_ids(0, 8, 32)
+    model = tiny_model(kind, seed=5).eval()
+    dense = copy.deepcopy(model)
+    wanda = copy.deepcopy(model)
+    report = prune_oneshot(model, 0.25, "structured", scorer="sparsegpt", calibration=ids, structured_units="mlp")
+    prune_oneshot(wanda, 0.25, "structured", scorer="wanda", calibration=ids, structured_units="mlp")
+    intermediate = model.config.intermediate_size
+    assert report.scorer == "sparsegpt" and report.granularity == "structured"
+    assert set(report.unit_sparsity.values()) == {round(0.25 * intermediate) / intermediate}
+    layer_names = [f"model.layers.{i}.mlp" for i in range(model.config.num_hidden_layers)]
+    assert sorted(report.unit_sparsity) == layer_names
+    for prefix in layer_names:
+        mlp = model.get_submodule(prefix)
+        gone = ~report.masks[f"{prefix}.down_proj"].all(dim=0)
+        assert int(gone.sum()) == round(0.25 * intermediate)
+        assert torch.equal(
+            report.masks[f"{prefix}.gate_proj"], ~gone.unsqueeze(1).expand(-1, mlp.gate_proj.in_features)
+        )
+        for weight in (mlp.gate_proj.weight[gone], mlp.up_proj.weight[gone], mlp.down_proj.weight[:, gone]):
+            assert torch.count_nonzero(weight) == 0
+        assert not torch.equal(mlp.down_proj.weight[:, ~gone], dense.get_submodule(prefix).down_proj.weight[:, ~gone])
+    assert set(report.masks) == {f"{p}.{n}" for p in layer_names for n in ("gate_proj", "up_proj", "down_proj")}
+
+    seen = []  # the first MLP's inputs in the calibration pass: what its down_proj was reconstructed for
+    hook = dense.model.layers[0].mlp.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        dense(input_ids=ids)
+        hook.remove()
+        x = seen[0]
+        target = dense.model.layers[0].mlp(x)
+        err = (model.model.layers[0].mlp(x) - target).norm()
+        err_wanda = (wanda.model.layers[0].mlp(x) - target).norm()
+    assert err < err_wanda, (err, err_wanda)
 
 
 # ------------------------------------------------------------------------ Gram matrices end at the target sparsity

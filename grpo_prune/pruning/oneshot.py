@@ -23,9 +23,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from grpo_prune.pruning import masks as M
 from grpo_prune.pruning import scores as S
 from grpo_prune.pruning.pruner import Pruner, PruningSettings
-from grpo_prune.pruning.sparsegpt import sparsegpt_oneshot_
+from grpo_prune.pruning.scorers import GroupContext
+from grpo_prune.pruning.sparsegpt import sparsegpt_mlp_oneshot_, sparsegpt_oneshot_
 
 __all__ = ["ONESHOT_SCORERS", "PruneReport", "prune_oneshot"]
 
@@ -171,8 +173,9 @@ def prune_oneshot(
         granularity: ``"unstructured"``, ``"n:m"`` or ``"structured"``.
         n_m: the N:M pattern (``"2:4"``) for ``granularity="n:m"``.
         scorer: ``"magnitude"``, ``"wanda"``, ``"movement"``, ``"random"``, ``"mama"`` or ``"sparsegpt"`` (OBS
-            reconstruction, unstructured and N:M only: the kept weights change too; ``comparison`` ``"layer"``
-            or ``"row"``; see :mod:`grpo_prune.pruning.sparsegpt`).
+            reconstruction: the kept weights change too; unstructured and N:M with ``comparison`` ``"layer"`` or
+            ``"row"``, or structured MLP neurons, the same number per layer, with ``down_proj`` reconstructed;
+            see :mod:`grpo_prune.pruning.sparsegpt`).
         calibration: input_ids ``[B, T]``, a dict for ``model(**batch)``, or an iterable of either. Required by
             wanda, sparsegpt, structured pruning (activation-aware), compensation, and movement/mama (LM-loss
             gradient). A batch's ``attention_mask`` keeps padding out of the sparsegpt Gram matrices.
@@ -276,10 +279,13 @@ def _prune_sparsegpt(
     overrides: dict[str, Any],
 ) -> PruneReport:
     """``prune_oneshot(scorer="sparsegpt")``: validate, reconstruct layer by layer, record masks in a Pruner."""
-    if granularity == "structured":
+    if granularity == "structured" and (
+        overrides.get("structured_units", "mlp") != "mlp" or not overrides.get("uniform", True)
+    ):
         raise ValueError(
-            "`granularity`='structured' is not supported by scorer='sparsegpt' (OBS reconstruction of whole "
-            "neurons/heads is not implemented); use 'unstructured' or 'n:m', or a structured scorer such as 'wanda'."
+            "scorer='sparsegpt' with `granularity`='structured' removes MLP neurons, the same number in every layer: "
+            "use structured_units='mlp' and uniform=True (OBS reconstruction of whole attention heads is not "
+            "implemented), or a structured scorer such as 'wanda' for heads."
         )
     for name, (default, why) in _SPARSEGPT_REFUSED.items():
         if name in overrides and overrides[name] != default:
@@ -315,15 +321,23 @@ def _prune_sparsegpt(
     device = next(model.parameters()).device
     batches = [{k: v.to(device) if isinstance(v, Tensor) else v for k, v in b.items()} for b in batches]
 
-    keep = sparsegpt_oneshot_(
-        model,
-        pruner.targets,
-        sparsity,
-        batches,
-        n_m=n_m if granularity == "n:m" else None,
-        comparison=comparison,
-    )
-    pruner.masks.update(keep)
+    if granularity == "structured":
+        units = sparsegpt_mlp_oneshot_(model, pruner.mlp_groups, sparsity, batches)
+        pruner.unit_masks.update(units)
+        for g in pruner.mlp_groups:
+            for name, dim, size in GroupContext.layout(g):
+                shape = tuple(pruner.targets[name].weight.shape)
+                pruner.masks[name] = M.expand_group_mask(units[g.prefix], shape, dim, group_size=size)
+    else:
+        keep = sparsegpt_oneshot_(
+            model,
+            pruner.targets,
+            sparsity,
+            batches,
+            n_m=n_m if granularity == "n:m" else None,
+            comparison=comparison,
+        )
+        pruner.masks.update(keep)
     pruner.apply_masks_()  # already zero; keeps the Pruner's invariant explicit
     pruner.current_sparsity = sparsity
     info = pruner.report()
@@ -336,7 +350,11 @@ def _prune_sparsegpt(
         granularity=granularity,
         n_m=n_m if granularity == "n:m" else None,
         scorer="sparsegpt",
+        unit_sparsity=pruner.unit_sparsity(),
         biases_present=info["biases_present"],
-        notes=["sparsegpt: kept weights were reconstructed (OBS), decoder layer by decoder layer."],
+        notes=[
+            "sparsegpt: kept weights were reconstructed (OBS), decoder layer by decoder layer"
+            + (" (down_proj, for the MLP neurons removed)." if granularity == "structured" else ".")
+        ],
         masks={n: m.clone() for n, m in pruner.masks.items()},
     )

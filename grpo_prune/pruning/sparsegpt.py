@@ -31,16 +31,16 @@ see the pruned q/k/v), as in the paper's reference procedure.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from grpo_prune.pruning import masks as M
-from grpo_prune.pruning.structure import decoder_layers
+from grpo_prune.pruning.structure import MLPGroup, decoder_layers
 
-__all__ = ["GramAccumulator", "sparsegpt_oneshot_", "sparsegpt_prune_"]
+__all__ = ["GramAccumulator", "obs_prune_inputs_", "sparsegpt_mlp_oneshot_", "sparsegpt_oneshot_", "sparsegpt_prune_"]
 
 SPARSEGPT_COMPARISONS = ("layer", "row")
 
@@ -468,6 +468,43 @@ def _run_layer(layer: nn.Module, h: Tensor, call: tuple[tuple, dict]) -> Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _layer_by_layer_(
+    model: nn.Module,
+    modules: Mapping[str, nn.Linear],
+    batches: list[dict[str, Tensor]],
+    prune_layer: Callable[[dict[str, nn.Linear], GramAccumulator], None],
+) -> None:
+    """The sequential procedure shared by unstructured and structured SparseGPT: for each decoder layer that holds
+    some of ``modules``, collect the Gram matrices of their inputs from the outputs of the already pruned layers
+    before it, call ``prune_layer(its modules, grams)``, then run the pruned layer to make the next one's inputs."""
+    layer_list = decoder_layers(model)
+    by_layer: list[dict[str, nn.Linear]] = [{} for _ in layer_list]
+    for name, mod in modules.items():
+        hits = [i for i, (prefix, _) in enumerate(layer_list) if name.startswith(prefix + ".")]
+        if not hits:
+            raise ValueError(f"sparsegpt: target {name} is not inside a decoder layer.")
+        by_layer[hits[0]][name] = mod
+    layers = [layer for _, layer in layer_list]
+
+    was_training = model.training
+    model.eval()
+    try:
+        hidden, calls = _layer_inputs(model, layers, batches)
+        token_masks = [b["attention_mask"].bool() if "attention_mask" in b else None for b in batches]
+        for i, layer in enumerate(layers):
+            if by_layer[i]:
+                with GramAccumulator(by_layer[i]) as grams:
+                    for b, h in enumerate(hidden):
+                        grams.token_mask = token_masks[b]
+                        _run_layer(layer, h, calls[i][b])
+                prune_layer(by_layer[i], grams)
+                del grams
+            if i + 1 < len(layers):  # the next layer's inputs, from this (now pruned) layer
+                hidden = [_run_layer(layer, h, calls[i][b]) for b, h in enumerate(hidden)]
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def sparsegpt_oneshot_(
     model: nn.Module,
@@ -495,43 +532,119 @@ def sparsegpt_oneshot_(
     Returns:
         name -> bool keep-mask, for every target. The weights are pruned and reconstructed in place.
     """
-    batches = [dict(b) for b in batches]
-    layer_list = decoder_layers(model)
-    by_layer: list[dict[str, nn.Linear]] = [{} for _ in layer_list]
-    for name, mod in targets.items():
-        hits = [i for i, (prefix, _) in enumerate(layer_list) if name.startswith(prefix + ".")]
-        if not hits:
-            raise ValueError(f"sparsegpt: target {name} is not inside a decoder layer.")
-        by_layer[hits[0]][name] = mod
-    layers = [layer for _, layer in layer_list]
+    keep: dict[str, Tensor] = {}
 
-    was_training = model.training
-    model.eval()
-    try:
-        hidden, calls = _layer_inputs(model, layers, batches)
-        token_masks = [b["attention_mask"].bool() if "attention_mask" in b else None for b in batches]
-        keep: dict[str, Tensor] = {}
-        for i, layer in enumerate(layers):
-            if by_layer[i]:
-                with GramAccumulator(by_layer[i]) as grams:
-                    for b, h in enumerate(hidden):
-                        grams.token_mask = token_masks[b]
-                        _run_layer(layer, h, calls[i][b])
-                for name, mod in by_layer[i].items():
-                    prev = None if prev_keep is None else prev_keep.get(name)
-                    keep[name] = sparsegpt_prune_(
-                        mod.weight,
-                        grams.hessian(name),
-                        sparsity,
-                        n_m=n_m,
-                        block_size=block_size,
-                        damp=damp,
-                        prev_keep=prev,
-                        comparison=comparison,
-                    )
-                del grams
-            if i + 1 < len(layers):  # the next layer's inputs, from this (now pruned) layer
-                hidden = [_run_layer(layer, h, calls[i][b]) for b, h in enumerate(hidden)]
-    finally:
-        model.train(was_training)
+    def prune_layer(modules: dict[str, nn.Linear], grams: GramAccumulator) -> None:
+        for name, mod in modules.items():
+            keep[name] = sparsegpt_prune_(
+                mod.weight,
+                grams.hessian(name),
+                sparsity,
+                n_m=n_m,
+                block_size=block_size,
+                damp=damp,
+                prev_keep=None if prev_keep is None else prev_keep.get(name),
+                comparison=comparison,
+            )
+
+    _layer_by_layer_(model, targets, [dict(b) for b in batches], prune_layer)
     return {name: keep[name] for name in targets}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Whole units (structured): MLP neurons
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def obs_prune_inputs_(weight: Tensor, hessian: Tensor, num_prune: int, *, damp: float = 0.01) -> Tensor:
+    """Remove ``num_prune`` whole input features (columns) of ``weight`` with OBS and reconstruct the rest in place;
+    return the keep-mask over the inputs ``[in]``.
+
+    Removing input ``j`` from every row at once costs ``||W[:, j]||^2 / [H^-1]_jj`` of output error (the rows share
+    ``H``, so their OBS terms add up), and the optimal change of the other columns is
+    ``W -= W[:, j] [H^-1]_j,: / [H^-1]_jj``. Inputs are removed greedily, cheapest first, with ``H^-1`` updated after
+    each removal to the inverse over the remaining inputs (the OBS downdate), so every choice and every
+    reconstruction accounts for the inputs already gone. After one removal the result equals the best single input
+    to drop with a least-squares refit of the others on the (damped) ``H``.
+
+    Used for MLP neurons: neuron ``j`` is column ``j`` of ``down_proj`` (and rows ``j`` of ``gate_proj`` and
+    ``up_proj``, which the caller zeroes); ``H`` is the Gram matrix of ``down_proj``'s inputs. Cost: ``num_prune``
+    rank-one updates of ``[out, in]`` and ``[in, in]`` (in place, fp32 after an fp64 inverse).
+
+    Args:
+        weight: ``[out, in]`` float tensor or Parameter, modified in place.
+        hessian: ``[in, in]`` Gram matrix of the inputs (any positive scale); not modified.
+        num_prune: inputs to remove, ``0 <= num_prune < in``.
+        damp: relative dampening added to the diagonal before inversion (as :func:`sparsegpt_prune_`).
+    """
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"`weight` must be a float [out, in] matrix; got {weight.dtype} {tuple(weight.shape)}.")
+    cols = weight.shape[1]
+    if tuple(hessian.shape) != (cols, cols):
+        raise ValueError(f"`hessian` must be [in, in] = [{cols}, {cols}]; got {tuple(hessian.shape)}.")
+    if not isinstance(num_prune, int) or isinstance(num_prune, bool) or not 0 <= num_prune < cols:
+        raise ValueError(f"`num_prune` must be an int in [0, {cols}), got {num_prune!r}.")
+    device = weight.device
+    w = weight.detach().to(torch.float32, copy=True)
+    hessian = hessian.detach().to(device)
+    dead = torch.diagonal(hessian) == 0
+    w[:, dead] = 0.0  # never active in the calibration data: no effect on its outputs
+    upper = _inverse_cholesky_upper(hessian, float(damp), dead)
+    h_inv = upper.T @ upper  # H^-1 (fp32), downdated in place below
+    del upper
+    col_energy = w.square().sum(0)
+    keep = torch.ones(cols, dtype=torch.bool, device=device)
+    for _ in range(num_prune):
+        diag = torch.diagonal(h_inv)
+        cost = torch.where(keep, col_energy / diag, torch.full_like(diag, float("inf")))
+        j = int(torch.argmin(cost))
+        pivot = h_inv[j, j].clone()
+        w.addr_(w[:, j].clone(), h_inv[j] / pivot, alpha=-1.0)
+        h_inv.addr_(h_inv[:, j].clone(), h_inv[j] / pivot, alpha=-1.0)
+        keep[j] = False
+        w[:, j] = 0.0
+        h_inv[j, j] = 1.0  # keeps the diagonal positive for the division above (its cost is inf anyway)
+        col_energy = w.square().sum(0)
+    w[:, ~keep] = 0.0
+    weight.data.copy_(w.to(weight.dtype))
+    return keep
+
+
+@torch.no_grad()
+def sparsegpt_mlp_oneshot_(
+    model: nn.Module,
+    groups: Sequence[MLPGroup],
+    sparsity: float,
+    batches: Iterable[Mapping[str, Tensor]],
+    *,
+    damp: float = 0.01,
+) -> dict[str, Tensor]:
+    """Remove ``round(sparsity * intermediate)`` MLP neurons of every group (decoder layer) with OBS reconstruction
+    of ``down_proj`` (:func:`obs_prune_inputs_`), decoder layer by decoder layer as the unstructured procedure: each
+    layer's ``down_proj`` inputs come from the already pruned layers before it. The removed neurons' rows of
+    ``gate_proj`` and ``up_proj`` are zeroed, so each removed neuron contributes exactly nothing.
+
+    Returns:
+        group prefix -> bool neuron keep-mask ``[intermediate]``.
+    """
+    modules = dict(_named(model, g.down) for g in groups)
+    by_down = {g.down: g for g in groups}
+    units: dict[str, Tensor] = {}
+
+    def prune_layer(layer_modules: dict[str, nn.Linear], grams: GramAccumulator) -> None:
+        for name, down in layer_modules.items():
+            g = by_down[name]
+            keep = obs_prune_inputs_(
+                down.weight, grams.hessian(name), M.num_to_prune(sparsity, g.num_units), damp=damp
+            )
+            for producer in g.producers:
+                _named(model, producer)[1].weight.data[~keep] = 0.0
+            units[g.prefix] = keep
+
+    _layer_by_layer_(model, modules, [dict(b) for b in batches], prune_layer)
+    return {g.prefix: units[g.prefix] for g in groups}
+
+
+def _named(model: nn.Module, name: str) -> tuple[str, nn.Module]:
+    return name, model.get_submodule(name)
