@@ -53,7 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sparsity", type=float, default=0.5, help="fraction pruned, in [0, 1) (default 0.5)")
     parser.add_argument("--granularity", default="unstructured", choices=("unstructured", "n:m", "structured"))
     parser.add_argument("--n-m", default="2:4", help="N:M pattern for --granularity n:m (default 2:4)")
-    parser.add_argument("--structured-units", default="mlp", choices=("mlp", "heads", "mlp+heads"))
+    parser.add_argument(
+        "--structured-units",
+        default="mlp",
+        choices=("mlp", "heads", "mlp+heads"),
+        help="units removed by --granularity structured (default mlp: MLP neurons; sparsegpt removes only these, "
+        "reconstructing down_proj on the kept ones)",
+    )
     parser.add_argument(
         "--allocation",
         default="uniform",
@@ -104,9 +110,12 @@ def main(argv: list[str] | None = None) -> int:
             "`--scorer sparsegpt` removes whole MLP neurons (--structured-units mlp), not attention heads: use "
             "a structured scorer such as wanda for heads."
         )
+    # One-shot structured sparsegpt is checked above; the settings check the rest (their sparsegpt is the scorer of
+    # training-time events, which removes no whole units).
+    scorer = "random" if args.scorer == "sparsegpt" and args.granularity == "structured" else args.scorer
     try:
         PruningSettings(
-            target_sparsity=args.sparsity, granularity=args.granularity, n_m=args.n_m, scorer=args.scorer, **overrides
+            target_sparsity=args.sparsity, granularity=args.granularity, n_m=args.n_m, scorer=scorer, **overrides
         ).validate()
     except ValueError as err:  # the engine's field names, as this command's flags
         raise ValueError(

@@ -304,10 +304,25 @@ def test_oneshot_command_prunes_exports_and_feeds_prune_init_masks(tmp_path, tin
     assert all(torch.equal(trained[n].bool(), m.bool()) for n, m in masks.items())
 
 
+def test_oneshot_command_sparsegpt_mlp_neurons_exports_a_smaller_model(tmp_path, tiny_model_dir, capsys):
+    from transformers import AutoConfig
+
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog 12 + 7 = 19. " * 40)
+    out = tmp_path / "sparsegpt-mlp-25"
+    argv = ["oneshot", str(tiny_model_dir), str(out), "--scorer", "sparsegpt", "--granularity", "structured"]
+    assert main([*argv, "--sparsity", "0.25", "--calibration", str(text), "--calibration-windows", "4"]) == 0
+    assert "exported structured" in capsys.readouterr().out
+    dense = AutoConfig.from_pretrained(tiny_model_dir).intermediate_size
+    assert AutoConfig.from_pretrained(out).intermediate_size == dense - round(0.25 * dense)
+    report = json.loads((out / "pruning_report.json").read_text())
+    assert report["pruning"]["scorer"] == "sparsegpt"
+
+
 @pytest.mark.parametrize(
     "argv, match",
     [
-        (["--scorer", "sparsegpt", "--granularity", "structured"], "not whole units"),
+        (["--scorer", "sparsegpt", "--granularity", "structured", "--structured-units", "heads"], "not attention"),
         (["--calibration", "nowhere.txt"], "neither a built-in text"),
         (["--sparsity", "1.5"], "target_sparsity"),
         (["--scorer", "obs"], "invalid choice"),

@@ -229,8 +229,9 @@ class PruningSettings:
         if self.scorer == "sparsegpt":
             if self.granularity == "structured":
                 raise ValueError(
-                    "`scorer`='sparsegpt' reconstructs weights, not whole units: use granularity 'unstructured' or "
-                    "'n:m', or a structured scorer such as 'wanda'."
+                    "`scorer`='sparsegpt' at prune events reconstructs weights, not whole units: use granularity "
+                    "'unstructured' or 'n:m', or a structured scorer such as 'wanda' (one-shot, `grpo-prune oneshot "
+                    "--scorer sparsegpt --granularity structured` removes MLP neurons)."
                 )
             if self.comparison not in ("layer", "row"):
                 raise ValueError(

@@ -10,13 +10,15 @@ columns before ``j`` are fixed (``U_jj^2`` is ``[H_F^-1]_jj`` over the remaining
 - the saliency (output error) of removing ``w_ij`` is ``w_ij^2 / U_jj^2``;
 - the optimal compensation of the row's not-yet-fixed weights is ``w_i,j: -= (w_ij / U_jj) * U_j,j:``.
 
-This module has the two pieces:
+This module has three pieces:
 
 - :class:`GramAccumulator`: ``H = sum x x^T`` over real (non-padding) tokens of each layer's input, collected by
   forward hooks. Layers that read the *same* input tensor (``q/k/v_proj``, ``gate/up_proj``) share one matrix.
   Memory: ``4 * in^2`` bytes (fp32) per *distinct* input, e.g. SmolLM2-135M: two 576-wide inputs shared by
   q/k/v and gate/up, ``o_proj``'s 576 and ``down_proj``'s 1536: 3 x 1.3 MB + 9.4 MB = 13.4 MB per decoder layer.
 - :func:`sparsegpt_prune_`: prunes one weight in place from its Gram matrix and returns the keep-mask.
+- :func:`obs_prune_inputs_`: removes whole input features (columns) of one weight, greedily by their OBS cost, and
+  reconstructs the others: structured pruning of MLP neurons, which are ``down_proj``'s inputs.
 
 :func:`sparsegpt_oneshot_` prunes a whole model *sequentially*: decoder layer ``i`` is pruned from the inputs
 produced by the already pruned layers ``< i`` (the paper's procedure; later layers then correct what earlier ones
@@ -26,7 +28,8 @@ weights to produce the next layer's inputs), i.e. about two forward passes of th
 (per layer ``O(in^3)`` for the inverse and ``O(out * in^2)`` for the updates). Calibration hidden states of all
 batches are held at once: ``4 * tokens * hidden_size`` bytes (8 x 256 tokens of SmolLM2: 4.7 MB). Within a
 decoder layer every linear is pruned from the layer's dense inputs (the attention output projection does not
-see the pruned q/k/v), as in the paper's reference procedure.
+see the pruned q/k/v), as in the paper's reference procedure. :func:`sparsegpt_mlp_oneshot_` runs the same
+sequence for MLP neurons.
 """
 
 from __future__ import annotations
