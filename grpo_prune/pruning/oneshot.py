@@ -23,10 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from grpo_prune.pruning import masks as M
 from grpo_prune.pruning import scores as S
 from grpo_prune.pruning.pruner import Pruner, PruningSettings
-from grpo_prune.pruning.scorers import GroupContext
 from grpo_prune.pruning.sparsegpt import sparsegpt_mlp_oneshot_, sparsegpt_oneshot_
 
 __all__ = ["ONESHOT_SCORERS", "PruneReport", "prune_oneshot"]
@@ -323,11 +321,8 @@ def _prune_sparsegpt(
 
     if granularity == "structured":
         units = sparsegpt_mlp_oneshot_(model, pruner.mlp_groups, sparsity, batches)
+        pruner.masks.update(pruner.unit_weight_masks(units))
         pruner.unit_masks.update(units)
-        for g in pruner.mlp_groups:
-            for name, dim, size in GroupContext.layout(g):
-                shape = tuple(pruner.targets[name].weight.shape)
-                pruner.masks[name] = M.expand_group_mask(units[g.prefix], shape, dim, group_size=size)
     else:
         keep = sparsegpt_oneshot_(
             model,

@@ -500,12 +500,17 @@ class Pruner:
             per_kv, prev = scores[g.prefix].reshape(k, r), self.unit_masks[g.prefix].reshape(k, r)
             n_prune = g.heads_to_prune_per_kv(sparsity)
             units[g.prefix] = torch.cat([M.group_mask(per_kv[i], n_prune, prev[i]) for i in range(k)])
+        return self.unit_weight_masks(units), units
+
+    def unit_weight_masks(self, units: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Keep-masks of the structural groups' layers from their unit keep-masks (group prefix -> ``[num_units]``):
+        producers' rows and the consumer's columns, within the current masks."""
         new = {}
         for g in self.groups:
             for name, dim, size in GroupContext.layout(g):
                 shape = tuple(self.targets[name].weight.shape)
                 new[name] = M.expand_group_mask(units[g.prefix], shape, dim, group_size=size) & self.masks[name]
-        return new, units
+        return new
 
     def _allocated_sparsities(
         self, sparsity: float, scores: dict[str, Tensor], notes: dict[str, Any]

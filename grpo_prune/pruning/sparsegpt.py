@@ -631,7 +631,7 @@ def sparsegpt_mlp_oneshot_(
     Returns:
         group prefix -> bool neuron keep-mask ``[intermediate]``.
     """
-    modules = dict(_named(model, g.down) for g in groups)
+    modules = {g.down: model.get_submodule(g.down) for g in groups}
     by_down = {g.down: g for g in groups}
     units: dict[str, Tensor] = {}
 
@@ -642,12 +642,8 @@ def sparsegpt_mlp_oneshot_(
                 down.weight, grams.hessian(name), M.num_to_prune(sparsity, g.num_units), damp=damp
             )
             for producer in g.producers:
-                _named(model, producer)[1].weight.data[~keep] = 0.0
+                model.get_submodule(producer).weight.data[~keep] = 0.0
             units[g.prefix] = keep
 
     _layer_by_layer_(model, modules, [dict(b) for b in batches], prune_layer)
     return {g.prefix: units[g.prefix] for g in groups}
-
-
-def _named(model: nn.Module, name: str) -> tuple[str, nn.Module]:
-    return name, model.get_submodule(name)
