@@ -99,6 +99,7 @@ METHODS = (
     "wanda-mlp-task",
     "sparsegpt-mlp",
     "recipe-sparsegpt-mlp",
+    "recipe-sparsegpt-mlp-cool",
 )
 MLP_NEURONS = ("--granularity", "structured", "--structured-units", "mlp")  # whole MLP neurons, exported smaller
 #: One-shot methods (no training, so no seeds): method -> the flags of `grpo-prune oneshot` besides the sparsity.
@@ -139,6 +140,7 @@ RECIPES = {
     "recipe-cal": ("sparsegpt-256", SELF_TEXT),  # a start calibrated on 64k self tokens
     "recipe-mlp-task": ("wanda-mlp-task", SELF_TEXT),
     "recipe-sparsegpt-mlp": ("sparsegpt-mlp", SELF_TEXT),
+    "recipe-sparsegpt-mlp-cool": ("sparsegpt-mlp", (*SELF_TEXT, *COOL)),
     "recipe-cool": ("sparsegpt", (*SELF_TEXT, *COOL)),
     "recipe-wide": ("sparsegpt", (*SELF_TEXT, "--per_device_train_batch_size", "16")),  # two prompts a step
 }
