@@ -152,11 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         f"({args.calibration_windows} x {args.calibration_length} tokens of {args.calibration}; "
         f"{result.cpu_seconds:.0f} CPU-s); exported "
         f"{exported['mode']} to {args.output_dir}"
-        + (
-            f". Train it further with `model_name_or_path: {args.output_dir}`, `prune_init_masks: {args.output_dir}` "
-            f"and `teacher_model_name_or_path: {args.model}`."
-            if exported["mode"] == "masked"
-            else "."
-        )
+        + {
+            "masked": f". Train it further with `model_name_or_path: {args.output_dir}`, `prune_init_masks: "
+            f"{args.output_dir}` and `teacher_model_name_or_path: {args.model}`.",
+            "structured": f". Recover it with `model_name_or_path: {args.output_dir}`, `prune_target_sparsity: 0` "
+            f"and `teacher_model_name_or_path: {args.model}` (it is physically smaller: nothing left to mask).",
+        }.get(exported["mode"], ".")
     )
     return 0

@@ -312,7 +312,8 @@ def test_oneshot_command_sparsegpt_mlp_neurons_exports_a_smaller_model(tmp_path,
     out = tmp_path / "sparsegpt-mlp-25"
     argv = ["oneshot", str(tiny_model_dir), str(out), "--scorer", "sparsegpt", "--granularity", "structured"]
     assert main([*argv, "--sparsity", "0.25", "--calibration", str(text), "--calibration-windows", "4"]) == 0
-    assert "exported structured" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "exported structured" in printed and "prune_target_sparsity: 0" in printed
     dense = AutoConfig.from_pretrained(tiny_model_dir).intermediate_size
     assert AutoConfig.from_pretrained(out).intermediate_size == dense - round(0.25 * dense)
     report = json.loads((out / "pruning_report.json").read_text())
