@@ -30,27 +30,10 @@ from trl.trainer.utils import disable_dropout_in_model
 from grpo_prune.config import MamaGRPOConfig
 from grpo_prune.data import SELF_SOURCES, TextWindowSampler, text_token_stream
 from grpo_prune.distill import chunked_distillation_loss, hidden_state_loss, postprocess_logits
+from grpo_prune.models import backbone_of, has_adapters, is_fsdp2_module
 from grpo_prune.prefix import prefill_distinct
 
 __all__ = ["Distiller", "StudentCapture", "has_adapters"]
-
-
-def has_adapters(model: Any) -> bool:
-    """True for a PEFT model, or a transformers model with adapters loaded through its PEFT integration."""
-    if isinstance(model, str):
-        return False
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        PeftModel = ()
-    return isinstance(model, PeftModel) or bool(getattr(model, "_hf_peft_config_loaded", False))
-
-
-def backbone_of(model: torch.nn.Module) -> torch.nn.Module:
-    """The decoder stack whose `last_hidden_state` feeds the LM head (PEFT-aware)."""
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return model.base_model
 
 
 def decoder_layers(backbone: torch.nn.Module) -> torch.nn.ModuleList:
@@ -94,14 +77,6 @@ class StudentCapture:
 
     def layer_list(self) -> list[torch.Tensor]:
         return [self.layers[i] for i in sorted(self.layers)]
-
-
-def is_fsdp2_module(module: torch.nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without FSDP2
-        return False
-    return isinstance(module, FSDPModule)
 
 
 class Distiller:

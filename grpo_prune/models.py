@@ -562,6 +562,38 @@ def resolve_dtype(dtype: str | torch.dtype | None, use_cpu: bool = False) -> tor
     return getattr(torch, dtype)
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# What a loaded model is (PEFT, FSDP2, its decoder stack)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def has_adapters(model: Any) -> bool:
+    """True for a PEFT model, or a transformers model with adapters loaded through its PEFT integration."""
+    if isinstance(model, str):
+        return False
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        PeftModel = ()
+    return isinstance(model, PeftModel) or bool(getattr(model, "_hf_peft_config_loaded", False))
+
+
+def backbone_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack whose `last_hidden_state` feeds the LM head (PEFT-aware)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model.base_model
+
+
+def is_fsdp2_module(module: torch.nn.Module) -> bool:
+    """True for a module sharded with FSDP2 (`fully_shard`): it must be called through its root."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return False
+    return isinstance(module, FSDPModule)
+
+
 def load_model(
     name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", **kwargs: Any
 ) -> PreTrainedModel:

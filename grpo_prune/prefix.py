@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from grpo_prune.models import backbone_of, has_adapters, is_fsdp2_module
+
 __all__ = ["prefill_distinct", "share_prompt_prefill"]
 
 
@@ -49,8 +51,6 @@ def share_prompt_prefill(model: torch.nn.Module) -> None:
     Applies only to a plain ``input_ids`` / ``attention_mask`` call with the default dynamic cache and no cache
     given; any other call, a PEFT model and an FSDP2-sharded one are left to ``generate`` unchanged. Idempotent.
     """
-    from grpo_prune.distiller import backbone_of, has_adapters, is_fsdp2_module
-
     original = model.generate
     if getattr(original, "_grpo_prune_shares_prefill", False) or has_adapters(model):
         return

@@ -37,8 +37,9 @@ from trl import GRPOTrainer
 
 from grpo_prune.config import MamaGRPOConfig
 from grpo_prune.data import TextWindowSampler
-from grpo_prune.distiller import Distiller, has_adapters
+from grpo_prune.distiller import Distiller
 from grpo_prune.fileio import relax_private_modes, write_json_atomic, write_text_atomic
+from grpo_prune.models import has_adapters
 from grpo_prune.prefix import share_prompt_prefill
 from grpo_prune.pruning.pruner import Pruner
 from grpo_prune.pruning.reward_guard import RewardGuard

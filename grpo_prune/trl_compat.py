@@ -119,14 +119,14 @@ def compact_fused_lm_head_on_cpu() -> None:
 
     `trl.trainer.utils.add_fused_lm_head` projects through the 49k-entry vocabulary either the positions whose label
     is not -100 (on Triton devices) or every position (elsewhere), because on compiled backends (Neuron, XLA) a
-    batch-dependent token count would recompile the tiles on each call. Eager CPU has nothing to recompile, and a GRPO
-    micro-batch labels only its completion: the quickstart's 32 completion tokens follow about 87 prompt tokens, so
-    three quarters of that projection, forward and backward, is thrown away. Each position's log-probability and entropy is
-    computed on its own either way, so they agree to float rounding (the matrix products change shape), as do the
-    gradients. TRL reads the decision from its
-    module global `_use_triton` at call time; this wraps it so CPU devices answer True there. Only
-    `trl.trainer.utils` sees the wrapper: which kernel folds the tiles is decided in `trl.kernels.chunked_logprob`,
-    unchanged. Idempotent; raises `TrlSeamError` if the installed TRL no longer has the global.
+    batch-dependent token count would recompile the tiles on each call. Eager CPU has nothing to recompile, and a
+    GRPO micro-batch labels only its completion: the quickstart's 32 completion tokens follow about 87 prompt
+    tokens, so three quarters of that projection, forward and backward, is thrown away. Each position's
+    log-probability and entropy is computed on its own either way, so they agree to float rounding (the matrix
+    products change shape), as do the gradients. TRL reads the decision from its module global `_use_triton` at call
+    time; this wraps it so CPU devices answer True there. Only `trl.trainer.utils` sees the wrapper: which kernel
+    folds the tiles is decided in `trl.kernels.chunked_logprob`, unchanged. Idempotent; raises `TrlSeamError` if the
+    installed TRL no longer has the global.
     """
     import trl
     from trl.trainer import utils as trl_utils
