@@ -32,6 +32,9 @@ subprocesses, exactly as printed in the table), then evaluated in this process o
 * ``join``: ``grpo-prune oneshot --scorer sparsegpt`` at ``--join-start`` of the target (default 0.7: 35% for a
   50% target), then ``grpo-prune train`` from it with ``mama`` events (``--mama-alpha``) up to the target, at the
   recovery learning rate: a sparsegpt start followed by MAMA.
+* ``gradual``: the quickstart config with its SparseGPT start at ``--gradual-start`` of the target (default 0.8: 40%
+  for a 50% target), then training-time ``sparsegpt`` events (OBS on the Gram matrices of the inputs training saw) at
+  steps 8 and 16 up to the target, rollouts at temperature 0.7: pruning in two stages with recovery between them.
 
 Evaluation (:func:`grpo_prune.evaluate.evaluate_model`, the same seeded items for every model): LAMBADA perplexity on
 ``--lambada`` windows of 512 tokens, PIQA ``acc_norm`` on ``--piqa`` validation questions, and greedy accuracy on the
@@ -91,6 +94,7 @@ METHODS = (
     "mama-trained",
     "mama-reward",
     "join",
+    "gradual",
     "wanda",
     "wanda-owl",
     "sparsegpt-24",
@@ -168,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds (one-shot: seed 0 only)")
     parser.add_argument("--mama-alpha", type=float, default=0.2)
     parser.add_argument("--join-start", type=float, default=0.7, help="join: one-shot sparsity / target")
+    parser.add_argument("--gradual-start", type=float, default=0.8, help="gradual: one-shot sparsity / target")
     parser.add_argument("--lambada", type=int, default=12, help="LAMBADA windows of 512 tokens")
     parser.add_argument("--piqa", type=int, default=150, help="PIQA validation questions")
     parser.add_argument("--arithmetic-task", default="arithmetic", choices=("arithmetic", "arithmetic_wide"))
@@ -291,6 +296,13 @@ def _commands(args: argparse.Namespace, method: str, sparsity: float, seed: int)
             "--prune_initial_sparsity", f"{start_sparsity:g}", "--mama_alpha", f"{args.mama_alpha:g}", *EASY_DOCS,
         ]  # fmt: skip
         return [oneshot_command(start, start_sparsity), train_command(trained, sparsity, seed, *join)], trained
+    if method == "gradual":
+        start_sparsity = round(args.gradual_start * sparsity, 4)
+        gradual = [
+            "--prune_init_sparsity", f"{start_sparsity:g}", "--prune_scorer", "sparsegpt",
+            "--prune_end_step", "16", "--prune_every", "8", *COOL,
+        ]  # fmt: skip
+        return [train_command(trained, sparsity, seed, *gradual)], trained
     raise ValueError(f"unknown method {method!r}")
 
 
