@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         "--structured-units",
         default="mlp",
         choices=("mlp", "heads", "mlp+heads"),
-        help="units removed by --granularity structured (default mlp: MLP neurons; sparsegpt removes only these, "
-        "reconstructing down_proj on the kept ones)",
+        help="units removed by --granularity structured (default mlp: MLP neurons; heads: whole query heads, the "
+        "same number per KV head; sparsegpt reconstructs down_proj / o_proj on the kept ones)",
     )
     parser.add_argument(
         "--allocation",
@@ -105,13 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides: dict[str, Any] = {"allocation": args.allocation}
     if args.granularity == "structured":
         overrides["structured_units"] = args.structured_units
-    if args.scorer == "sparsegpt" and args.granularity == "structured" and args.structured_units != "mlp":
-        raise ValueError(
-            "`--scorer sparsegpt` removes whole MLP neurons (--structured-units mlp), not attention heads: use "
-            "a structured scorer such as wanda for heads."
-        )
-    # One-shot structured sparsegpt is checked above; the settings check the rest (their sparsegpt is the scorer of
-    # training-time events, which removes no whole units).
+    # The settings check the rest; their sparsegpt is the scorer of training-time events, which removes no whole
+    # units, so a structured one-shot sparsegpt is checked with a stand-in scorer that allocates nothing.
     scorer = "random" if args.scorer == "sparsegpt" and args.granularity == "structured" else args.scorer
     try:
         PruningSettings(

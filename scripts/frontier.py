@@ -21,8 +21,10 @@ subprocesses, exactly as printed in the table), then evaluated in this process o
   (``self:task``), 8 windows a step instead of 2.
 * ``sparsegpt-24`` / ``recipe-24``: the same for SparseGPT 2:4 (``--granularity n:m``; 50% only), the recovery as
   ``recipe-self``'s with the pattern held. ``wanda-mlp`` / ``recipe-mlp``: whole MLP neurons (the sparsity is the
-  fraction of neurons removed; wanda scores them, sparsegpt cannot), exported physically smaller, then
-  ``recipe-self``'s recovery of that smaller model with no masks (``prune_target_sparsity`` 0).
+  fraction of neurons removed), exported physically smaller, then ``recipe-self``'s recovery of that smaller model
+  with no masks (``prune_target_sparsity`` 0); ``sparsegpt-mlp`` / ``recipe-sparsegpt-mlp`` the same with the
+  neurons chosen by OBS and ``down_proj`` reconstructed. ``wanda-heads`` / ``sparsegpt-heads``: whole query heads,
+  as many per KV head (the sparsity is the fraction of heads; ``o_proj`` reconstructed by sparsegpt).
 * ``wanda-trained`` / ``mama-trained``: ``grpo-prune train --config configs/quickstart.yaml`` from the dense model,
   pruning during training on the quickstart's cubic schedule with ``mama_alpha`` 0 (the score is then wanda's,
   from the activations training saw) or ``--mama-alpha`` (default 0.2, statistic ``abs``); ``mama-reward``: the
@@ -104,8 +106,11 @@ METHODS = (
     "sparsegpt-mlp",
     "recipe-sparsegpt-mlp",
     "recipe-sparsegpt-mlp-cool",
+    "wanda-heads",
+    "sparsegpt-heads",
 )
 MLP_NEURONS = ("--granularity", "structured", "--structured-units", "mlp")  # whole MLP neurons, exported smaller
+HEADS = ("--granularity", "structured", "--structured-units", "heads")
 #: One-shot methods (no training, so no seeds): method -> the flags of `grpo-prune oneshot` besides the sparsity.
 ONESHOT = {
     "sparsegpt": ("--scorer", "sparsegpt"),
@@ -118,6 +123,9 @@ ONESHOT = {
     "wanda-mlp-task": ("--scorer", "wanda", *MLP_NEURONS, "--calibration", "self:task"),
     # MLP neurons removed with OBS: down_proj reconstructed on the kept ones, layer by layer
     "sparsegpt-mlp": ("--scorer", "sparsegpt", *MLP_NEURONS),
+    # whole query heads, as many per KV head (SmolLM2-135M: 3 per KV head, so 1/3 and 2/3 are the reachable points)
+    "wanda-heads": ("--scorer", "wanda", *HEADS),
+    "sparsegpt-heads": ("--scorer", "sparsegpt", *HEADS),  # o_proj reconstructed on the kept heads
 }
 #: One-shot methods whose sparsity is fixed by their pattern (a recipe from one of them is fixed alike).
 FIXED_SPARSITY = {"sparsegpt-24": 0.5}
@@ -222,7 +230,8 @@ def oneshot_dir(args: argparse.Namespace, sparsity: float, method: str = "sparse
 
 
 def oneshot_command(folder: Path, sparsity: float, method: str = "sparsegpt") -> list[str]:
-    return ["grpo-prune", "oneshot", MODEL, str(folder), "--sparsity", f"{sparsity:g}", *ONESHOT[method]]
+    # 10 digits: a head sparsity such as 1/3 must reach the pruner as a whole number of heads per KV head
+    return ["grpo-prune", "oneshot", MODEL, str(folder), "--sparsity", f"{sparsity:.10g}", *ONESHOT[method]]
 
 
 def train_command(folder: Path, sparsity: float, seed: int, *extra: str) -> list[str]:

@@ -323,7 +323,6 @@ def test_oneshot_command_sparsegpt_mlp_neurons_exports_a_smaller_model(tmp_path,
 @pytest.mark.parametrize(
     "argv, match",
     [
-        (["--scorer", "sparsegpt", "--granularity", "structured", "--structured-units", "heads"], "not attention"),
         (["--calibration", "nowhere.txt"], "neither a built-in text"),
         (["--sparsity", "1.5"], "target_sparsity"),
         (["--scorer", "obs"], "invalid choice"),

@@ -102,17 +102,24 @@ def test_structured_export_is_smaller_and_computes_the_same(tmp_path, kind, unit
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_structured_sparsegpt_export_is_smaller_and_computes_the_same(tmp_path, kind):
-    """MLP neurons removed with OBS reconstruction (the kept down_proj columns changed) slice like any other
-    structured result: the smaller model computes what the masked one does."""
+@pytest.mark.parametrize("units, sparsity, intermediate, heads", [("mlp", 0.25, 48, 4), ("mlp+heads", 0.5, 32, 2)])
+def test_structured_sparsegpt_export_is_smaller_and_computes_the_same(
+    tmp_path, kind, units, sparsity, intermediate, heads
+):
+    """MLP neurons and query heads removed with OBS reconstruction (the kept down_proj / o_proj columns changed)
+    slice like any other structured result: the smaller model computes what the masked one does."""
     model = make_model(kind)
-    report = prune_oneshot(model, 0.25, "structured", scorer="sparsegpt", calibration=ids(8, 16, 1))
+    report = prune_oneshot(
+        model, sparsity, "structured", scorer="sparsegpt", calibration=ids(8, 16, 1), structured_units=units
+    )
     masked = logits(model, ids())
     out = export_pruned(model, tmp_path / "out", pruner=report)
     exported = load(tmp_path / "out")
     torch.testing.assert_close(logits(exported, ids()), masked, atol=ATOL, rtol=0)
-    assert out["mode"] == "structured" and exported.config.intermediate_size == 48
-    assert out["params_before"] - out["params_after"] == report.params_zeroed
+    assert out["mode"] == "structured" and exported.config.intermediate_size == intermediate
+    assert (exported.config.num_attention_heads, exported.config.num_key_value_heads) == (heads, 2)
+    q_biases = 2 * 2 * 8 if kind == "qwen2" and "heads" in units else 0  # 2 heads of 8 in each of 2 layers
+    assert out["params_before"] - out["params_after"] == report.params_zeroed + q_biases
 
 
 def test_a_kv_group_without_query_heads_loses_its_keys_and_values(tmp_path):

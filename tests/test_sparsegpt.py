@@ -284,10 +284,10 @@ def test_prune_oneshot_sparsegpt_refusals():
     model = tiny_model()
     ids = calib_ids()
     before = {n: p.clone() for n, p in model.named_parameters()}
-    for units, uniform in (("heads", True), ("mlp+heads", True), ("mlp", False)):
-        with pytest.raises(ValueError, match="MLP neurons, the same number in every layer"):
+    for units in ("mlp", "mlp+heads"):
+        with pytest.raises(ValueError, match="the same number of units in every layer"):
             prune_oneshot(
-                model, 0.5, "structured", scorer="sparsegpt", calibration=ids, structured_units=units, uniform=uniform
+                model, 0.5, "structured", scorer="sparsegpt", calibration=ids, structured_units=units, uniform=False
             )
     with pytest.raises(ValueError, match="`calibration`"):
         prune_oneshot(model, 0.5, scorer="sparsegpt")
@@ -352,12 +352,49 @@ def test_obs_input_removal_exact_count_zero_columns_and_below_wanda(seed):
     assert err <= output_error(x, w, _least_squares_refit(w, h, wanda_keep)) * 1.001
 
 
+def test_obs_group_removal_is_the_best_single_group_with_its_least_squares_refit():
+    """Groups of 4 columns (heads of head_dim 4): the one removed is the brute-force best, refit exactly."""
+    x, w, h = correlated_layer(4, d_in=24, d_out=10)
+    pruned = w.clone()
+    keep = obs_prune_inputs_(pruned, h, 1, group_size=4)
+    assert keep.shape == (6,) and int((~keep).sum()) == 1
+    errors = []
+    for j in range(6):
+        candidate = torch.ones(24, dtype=torch.bool)
+        candidate[4 * j : 4 * (j + 1)] = False
+        errors.append(_refit_error(w, h, _least_squares_refit(w, h, candidate)))
+    assert int((~keep).nonzero()) == min(range(6), key=errors.__getitem__)
+    torch.testing.assert_close(pruned, _least_squares_refit(w, h, keep.repeat_interleave(4)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_obs_group_removal_takes_as_many_from_every_bucket_and_beats_the_refit_of_wanda(seed):
+    x, w, h = correlated_layer(seed, d_in=48, d_out=32)
+    pruned = w.clone()
+    keep = obs_prune_inputs_(pruned, h, 2, group_size=4, buckets=3)  # 12 groups: 3 buckets of 4, 2 from each
+    assert keep.shape == (12,) and keep.reshape(3, 4).sum(dim=1).tolist() == [2, 2, 2]
+    columns = keep.repeat_interleave(4)
+    assert torch.count_nonzero(pruned[:, ~columns]) == 0
+    wanda_keep = torch.ones(12, dtype=torch.bool)  # Wanda's structured head score: group L2 of |W| x input norm
+    score = (w.abs() * x.norm(dim=0)).reshape(32, 12, 4).square().sum(dim=(0, 2)).reshape(3, 4)
+    for b in range(3):
+        wanda_keep[4 * b + score[b].argsort()[:2]] = False
+    wanda_refit = _least_squares_refit(w, h, wanda_keep.repeat_interleave(4))
+    assert output_error(x, w, pruned) <= output_error(x, w, wanda_refit) * 1.001
+
+
 def test_obs_input_removal_bad_arguments():
     _, w, h = correlated_layer(d_in=16, d_out=4)
     with pytest.raises(ValueError, match="`num_prune`"):
         obs_prune_inputs_(w.clone(), h, 16)
+    with pytest.raises(ValueError, match="`num_prune`"):
+        obs_prune_inputs_(w.clone(), h, 2, group_size=4, buckets=2)  # 2 groups per bucket: at most 1
     with pytest.raises(ValueError, match="`hessian`"):
         obs_prune_inputs_(w.clone(), h[:8, :8], 2)
+    with pytest.raises(ValueError, match="`group_size`"):
+        obs_prune_inputs_(w.clone(), h, 1, group_size=3)
+    with pytest.raises(ValueError, match="`buckets`"):
+        obs_prune_inputs_(w.clone(), h, 1, group_size=4, buckets=3)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])
@@ -397,6 +434,44 @@ def test_prune_oneshot_sparsegpt_mlp_neurons(kind):
         target = dense.model.layers[0].mlp(x)
         err = (model.model.layers[0].mlp(x) - target).norm()
         err_wanda = (wanda.model.layers[0].mlp(x) - target).norm()
+    assert err < err_wanda, (err, err_wanda)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_prune_oneshot_sparsegpt_attention_heads(kind):
+    """Whole query heads: as many from every KV head, their q_proj rows and o_proj columns exactly zero, the kept
+    o_proj columns reconstructed; the first attention block's output (same inputs for both) closer to dense than
+    Wanda's structured choice."""
+    ids = calib_ids(0, 8, 32)
+    model = tiny_model(kind, seed=5).eval()
+    dense = copy.deepcopy(model)
+    wanda = copy.deepcopy(model)
+    report = prune_oneshot(model, 0.5, "structured", scorer="sparsegpt", calibration=ids, structured_units="heads")
+    prune_oneshot(wanda, 0.5, "structured", scorer="wanda", calibration=ids, structured_units="heads")
+    cfg = model.config
+    d = cfg.hidden_size // cfg.num_attention_heads
+    r = cfg.num_attention_heads // cfg.num_key_value_heads
+    layer_names = [f"model.layers.{i}.self_attn" for i in range(cfg.num_hidden_layers)]
+    assert report.unit_sparsity == {p: 0.5 for p in layer_names}
+    assert set(report.masks) == {f"{p}.{n}" for p in layer_names for n in ("q_proj", "o_proj")}
+    for prefix in layer_names:
+        attn = model.get_submodule(prefix)
+        gone = ~report.masks[f"{prefix}.o_proj"].all(dim=0).reshape(cfg.num_attention_heads, d).all(dim=1)
+        assert gone.reshape(cfg.num_key_value_heads, r).sum(dim=1).tolist() == [r // 2] * cfg.num_key_value_heads
+        columns = gone.repeat_interleave(d)
+        assert torch.count_nonzero(attn.q_proj.weight[columns]) == 0
+        assert torch.count_nonzero(attn.o_proj.weight[:, columns]) == 0
+        assert not torch.equal(attn.o_proj.weight[:, ~columns], dense.get_submodule(prefix).o_proj.weight[:, ~columns])
+
+    seen = []  # the first attention block's o_proj inputs in the calibration pass, as the dense model computes them
+    hook = dense.model.layers[0].self_attn.o_proj.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        dense(input_ids=ids)
+        hook.remove()
+        x = seen[0]
+        target = dense.model.layers[0].self_attn.o_proj(x)
+        err = (model.model.layers[0].self_attn.o_proj(x) - target).norm()
+        err_wanda = (wanda.model.layers[0].self_attn.o_proj(x) - target).norm()
     assert err < err_wanda, (err, err_wanda)
 
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from grpo_prune.pruning import scores as S
 from grpo_prune.pruning.pruner import Pruner, PruningSettings
-from grpo_prune.pruning.sparsegpt import sparsegpt_mlp_oneshot_, sparsegpt_oneshot_
+from grpo_prune.pruning.sparsegpt import sparsegpt_oneshot_, sparsegpt_structured_oneshot_
 
 __all__ = ["ONESHOT_SCORERS", "PruneReport", "prune_oneshot"]
 
@@ -172,8 +172,9 @@ def prune_oneshot(
         n_m: the N:M pattern (``"2:4"``) for ``granularity="n:m"``.
         scorer: ``"magnitude"``, ``"wanda"``, ``"movement"``, ``"random"``, ``"mama"`` or ``"sparsegpt"`` (OBS
             reconstruction: the kept weights change too; unstructured and N:M with ``comparison`` ``"layer"`` or
-            ``"row"``, or structured MLP neurons, the same number per layer, with ``down_proj`` reconstructed;
-            see :mod:`grpo_prune.pruning.sparsegpt`).
+            ``"row"``, or structured, the same number of units per layer: MLP neurons with ``down_proj``
+            reconstructed, query heads (as many per KV head) with ``o_proj`` reconstructed; see
+            :mod:`grpo_prune.pruning.sparsegpt`).
         calibration: input_ids ``[B, T]``, a dict for ``model(**batch)``, or an iterable of either. Required by
             wanda, sparsegpt, structured pruning (activation-aware), compensation, and movement/mama (LM-loss
             gradient). A batch's ``attention_mask`` keeps padding out of the sparsegpt Gram matrices.
@@ -277,13 +278,11 @@ def _prune_sparsegpt(
     overrides: dict[str, Any],
 ) -> PruneReport:
     """``prune_oneshot(scorer="sparsegpt")``: validate, reconstruct layer by layer, record masks in a Pruner."""
-    if granularity == "structured" and (
-        overrides.get("structured_units", "mlp") != "mlp" or not overrides.get("uniform", True)
-    ):
+    if granularity == "structured" and not overrides.get("uniform", True):
         raise ValueError(
-            "scorer='sparsegpt' with `granularity`='structured' removes MLP neurons, the same number in every layer: "
-            "use structured_units='mlp' and uniform=True (OBS reconstruction of whole attention heads is not "
-            "implemented), or a structured scorer such as 'wanda' for heads."
+            "scorer='sparsegpt' with `granularity`='structured' removes the same number of units in every layer "
+            "(its costs are reconstruction errors of one layer, not comparable across layers): use uniform=True, or "
+            "a structured scorer such as 'wanda' for a cross-layer MLP ranking."
         )
     for name, (default, why) in _SPARSEGPT_REFUSED.items():
         if name in overrides and overrides[name] != default:
@@ -320,7 +319,7 @@ def _prune_sparsegpt(
     batches = [{k: v.to(device) if isinstance(v, Tensor) else v for k, v in b.items()} for b in batches]
 
     if granularity == "structured":
-        units = sparsegpt_mlp_oneshot_(model, pruner.mlp_groups, sparsity, batches)
+        units = sparsegpt_structured_oneshot_(model, pruner.groups, sparsity, batches)
         pruner.masks.update(pruner.unit_weight_masks(units))
         pruner.unit_masks.update(units)
     else:
@@ -349,7 +348,7 @@ def _prune_sparsegpt(
         biases_present=info["biases_present"],
         notes=[
             "sparsegpt: kept weights were reconstructed (OBS), decoder layer by decoder layer"
-            + (" (down_proj, for the MLP neurons removed)." if granularity == "structured" else ".")
+            + (" (down_proj / o_proj, for the units removed)." if granularity == "structured" else ".")
         ],
         masks={n: m.clone() for n, m in pruner.masks.items()},
     )

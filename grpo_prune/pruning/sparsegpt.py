@@ -17,8 +17,9 @@ This module has three pieces:
   Memory: ``4 * in^2`` bytes (fp32) per *distinct* input, e.g. SmolLM2-135M: two 576-wide inputs shared by
   q/k/v and gate/up, ``o_proj``'s 576 and ``down_proj``'s 1536: 3 x 1.3 MB + 9.4 MB = 13.4 MB per decoder layer.
 - :func:`sparsegpt_prune_`: prunes one weight in place from its Gram matrix and returns the keep-mask.
-- :func:`obs_prune_inputs_`: removes whole input features (columns) of one weight, greedily by their OBS cost, and
-  reconstructs the others: structured pruning of MLP neurons, which are ``down_proj``'s inputs.
+- :func:`obs_prune_inputs_`: removes whole groups of input features (columns) of one weight, greedily by their OBS
+  cost, and reconstructs the others: structured pruning of MLP neurons (``down_proj``'s inputs, one column each)
+  and attention heads (``o_proj``'s inputs, ``head_dim`` columns each).
 
 :func:`sparsegpt_oneshot_` prunes a whole model *sequentially*: decoder layer ``i`` is pruned from the inputs
 produced by the already pruned layers ``< i`` (the paper's procedure; later layers then correct what earlier ones
@@ -28,8 +29,8 @@ weights to produce the next layer's inputs), i.e. about two forward passes of th
 (per layer ``O(in^3)`` for the inverse and ``O(out * in^2)`` for the updates). Calibration hidden states of all
 batches are held at once: ``4 * tokens * hidden_size`` bytes (8 x 256 tokens of SmolLM2: 4.7 MB). Within a
 decoder layer every linear is pruned from the layer's dense inputs (the attention output projection does not
-see the pruned q/k/v), as in the paper's reference procedure. :func:`sparsegpt_mlp_oneshot_` runs the same
-sequence for MLP neurons.
+see the pruned q/k/v), as in the paper's reference procedure. :func:`sparsegpt_structured_oneshot_` runs the
+same sequence for whole units.
 """
 
 from __future__ import annotations
@@ -41,9 +42,15 @@ import torch
 from torch import Tensor, nn
 
 from grpo_prune.pruning import masks as M
-from grpo_prune.pruning.structure import MLPGroup, decoder_layers
+from grpo_prune.pruning.structure import HeadGroup, MLPGroup, decoder_layers
 
-__all__ = ["GramAccumulator", "obs_prune_inputs_", "sparsegpt_mlp_oneshot_", "sparsegpt_oneshot_", "sparsegpt_prune_"]
+__all__ = [
+    "GramAccumulator",
+    "obs_prune_inputs_",
+    "sparsegpt_oneshot_",
+    "sparsegpt_prune_",
+    "sparsegpt_structured_oneshot_",
+]
 
 SPARSEGPT_COMPARISONS = ("layer", "row")
 
@@ -555,39 +562,60 @@ def sparsegpt_oneshot_(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Whole units (structured): MLP neurons
+# Whole units (structured): MLP neurons and attention heads
 # ----------------------------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def obs_prune_inputs_(weight: Tensor, hessian: Tensor, num_prune: int, *, damp: float = 0.01) -> Tensor:
-    """Remove ``num_prune`` whole input features (columns) of ``weight`` with OBS and reconstruct the rest in place;
-    return the keep-mask over the inputs ``[in]``.
+def obs_prune_inputs_(
+    weight: Tensor,
+    hessian: Tensor,
+    num_prune: int,
+    *,
+    group_size: int = 1,
+    buckets: int = 1,
+    damp: float = 0.01,
+) -> Tensor:
+    """Remove whole groups of input features (columns) of ``weight`` with OBS and reconstruct the rest in place;
+    return the keep-mask over the groups ``[in // group_size]``.
 
-    Removing input ``j`` from every row at once costs ``||W[:, j]||^2 / [H^-1]_jj`` of output error (the rows share
-    ``H``, so their OBS terms add up), and the optimal change of the other columns is
-    ``W -= W[:, j] [H^-1]_j,: / [H^-1]_jj``. Inputs are removed greedily, cheapest first, with ``H^-1`` updated after
-    each removal to the inverse over the remaining inputs (the OBS downdate), so every choice and every
-    reconstruction accounts for the inputs already gone. After one removal the result equals the best single input
-    to drop with a least-squares refit of the others on the (damped) ``H``.
+    A group ``S`` is ``group_size`` consecutive columns (one MLP neuron: 1; one attention head: ``head_dim``).
+    Removing it from every row at once costs ``tr(W_S [H^-1]_SS^-1 W_S^T)`` of output error (the rows share ``H``,
+    so their OBS terms add up), and the optimal change of the other columns is
+    ``W -= W_S [H^-1]_SS^-1 [H^-1]_S,:``. Groups are removed greedily, cheapest first, with ``H^-1`` downdated after
+    each removal to the inverse over the remaining inputs, so every choice and every reconstruction accounts for
+    the groups already gone. After one removal the result equals the best single group to drop with a
+    least-squares refit of the other columns on the (damped) ``H``.
 
-    Used for MLP neurons: neuron ``j`` is column ``j`` of ``down_proj`` (and rows ``j`` of ``gate_proj`` and
-    ``up_proj``, which the caller zeroes); ``H`` is the Gram matrix of ``down_proj``'s inputs. Cost: ``num_prune``
-    rank-one updates of ``[out, in]`` and ``[in, in]`` (in place, fp32 after an fp64 inverse).
+    ``buckets`` splits the groups into that many equal runs of consecutive groups, and ``num_prune`` groups are
+    removed from each (GQA: the query heads of one KV head form a bucket, and every KV head loses as many).
+
+    Used for MLP neurons (neuron ``j`` is column ``j`` of ``down_proj``; the caller zeroes rows ``j`` of
+    ``gate_proj`` and ``up_proj``) and attention heads (head ``h`` is columns ``h*d:(h+1)*d`` of ``o_proj``; the
+    caller zeroes the same rows of ``q_proj``); ``H`` is the Gram matrix of the layer's inputs. Cost: one rank-
+    ``group_size`` update of ``[out, in]`` and ``[in, in]`` per removal (in place, fp32 after an fp64 inverse).
 
     Args:
         weight: ``[out, in]`` float tensor or Parameter, modified in place.
         hessian: ``[in, in]`` Gram matrix of the inputs (any positive scale); not modified.
-        num_prune: inputs to remove, ``0 <= num_prune < in``.
+        num_prune: groups to remove from each bucket, ``0 <= num_prune < groups per bucket``.
+        group_size: columns per group; must divide ``in``.
+        buckets: runs of groups that each lose ``num_prune``; must divide the number of groups.
         damp: relative dampening added to the diagonal before inversion (as :func:`sparsegpt_prune_`).
     """
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"`weight` must be a float [out, in] matrix; got {weight.dtype} {tuple(weight.shape)}.")
-    cols = weight.shape[1]
+    out, cols = weight.shape
     if tuple(hessian.shape) != (cols, cols):
         raise ValueError(f"`hessian` must be [in, in] = [{cols}, {cols}]; got {tuple(hessian.shape)}.")
-    if not isinstance(num_prune, int) or isinstance(num_prune, bool) or not 0 <= num_prune < cols:
-        raise ValueError(f"`num_prune` must be an int in [0, {cols}), got {num_prune!r}.")
+    if group_size < 1 or cols % group_size:
+        raise ValueError(f"`group_size` must be a positive divisor of the {cols} inputs, got {group_size}.")
+    units = cols // group_size
+    if buckets < 1 or units % buckets:
+        raise ValueError(f"`buckets` must be a positive divisor of the {units} groups, got {buckets}.")
+    per_bucket = units // buckets
+    if not isinstance(num_prune, int) or isinstance(num_prune, bool) or not 0 <= num_prune < per_bucket:
+        raise ValueError(f"`num_prune` must be an int in [0, {per_bucket}), got {num_prune!r}.")
     device = weight.device
     w = weight.detach().to(torch.float32, copy=True)
     hessian = hessian.detach().to(device)
@@ -596,53 +624,67 @@ def obs_prune_inputs_(weight: Tensor, hessian: Tensor, num_prune: int, *, damp: 
     upper = _inverse_cholesky_upper(hessian, float(damp), dead)
     h_inv = upper.T @ upper  # H^-1 (fp32), downdated in place below
     del upper
-    col_energy = w.square().sum(0)
-    keep = torch.ones(cols, dtype=torch.bool, device=device)
-    for _ in range(num_prune):
-        diag = torch.diagonal(h_inv)
-        cost = torch.where(keep, col_energy / diag, torch.full_like(diag, float("inf")))
+    g = group_size
+    unit_index = torch.arange(units, device=device)
+    bucket_of = unit_index // per_bucket
+    left = torch.full((buckets,), num_prune, device=device)  # removals still owed by each bucket
+    keep = torch.ones(units, dtype=torch.bool, device=device)
+    for _ in range(num_prune * buckets):
+        blocks = h_inv.view(units, g, units, g)[unit_index, :, unit_index, :]  # [H^-1]_SS of every group
+        w_blocks = w.view(out, units, g)
+        cost = torch.einsum("oug,ugh,ouh->u", w_blocks, torch.linalg.inv(blocks), w_blocks)
+        cost = torch.where(keep & (left[bucket_of] > 0), cost, torch.full_like(cost, float("inf")))
         j = int(torch.argmin(cost))
-        pivot = h_inv[j, j].clone()
-        w.addr_(w[:, j].clone(), h_inv[j] / pivot, alpha=-1.0)
-        h_inv.addr_(h_inv[:, j].clone(), h_inv[j] / pivot, alpha=-1.0)
+        cols_j = slice(j * g, (j + 1) * g)
+        inv_block = torch.linalg.inv(h_inv[cols_j, cols_j])
+        w.sub_(w[:, cols_j] @ inv_block @ h_inv[cols_j])
+        h_inv.sub_(h_inv[:, cols_j] @ inv_block @ h_inv[cols_j])
         keep[j] = False
-        w[:, j] = 0.0
-        h_inv[j, j] = 1.0  # keeps the diagonal positive for the division above (its cost is inf anyway)
-        col_energy = w.square().sum(0)
-    w[:, ~keep] = 0.0
+        left[j // per_bucket] -= 1
+        w[:, cols_j] = 0.0
+        h_inv[cols_j, cols_j] = torch.eye(g, device=device)  # keeps the block invertible (its cost is inf anyway)
+    w.view(out, units, g)[:, ~keep] = 0.0
     weight.data.copy_(w.to(weight.dtype))
     return keep
 
 
 @torch.no_grad()
-def sparsegpt_mlp_oneshot_(
+def sparsegpt_structured_oneshot_(
     model: nn.Module,
-    groups: Sequence[MLPGroup],
+    groups: Sequence[MLPGroup | HeadGroup],
     sparsity: float,
     batches: Iterable[Mapping[str, Tensor]],
     *,
     damp: float = 0.01,
 ) -> dict[str, Tensor]:
-    """Remove ``round(sparsity * intermediate)`` MLP neurons of every group (decoder layer) with OBS reconstruction
-    of ``down_proj`` (:func:`obs_prune_inputs_`), decoder layer by decoder layer as the unstructured procedure: each
-    layer's ``down_proj`` inputs come from the already pruned layers before it. The removed neurons' rows of
-    ``gate_proj`` and ``up_proj`` are zeroed, so each removed neuron contributes exactly nothing.
+    """Remove whole units of every group with OBS reconstruction of the group's consumer
+    (:func:`obs_prune_inputs_`), decoder layer by decoder layer as the unstructured procedure: each layer's
+    consumer inputs come from the already pruned layers before it.
+
+    MLP groups lose ``round(sparsity * intermediate)`` neurons (``down_proj`` reconstructed, the neurons' rows of
+    ``gate_proj`` and ``up_proj`` zeroed); head groups lose ``sparsity * heads_per_kv`` query heads of every KV
+    head (``o_proj`` reconstructed, the heads' rows of ``q_proj`` zeroed). Each removed unit contributes exactly
+    nothing.
 
     Returns:
-        group prefix -> bool neuron keep-mask ``[intermediate]``.
+        group prefix -> bool unit keep-mask ``[num_units]``.
     """
-    modules = {g.down: model.get_submodule(g.down) for g in groups}
-    by_down = {g.down: g for g in groups}
+    by_consumer = {g.consumer: g for g in groups}
+    modules = {name: model.get_submodule(name) for name in by_consumer}
     units: dict[str, Tensor] = {}
 
     def prune_layer(layer_modules: dict[str, nn.Linear], grams: GramAccumulator) -> None:
-        for name, down in layer_modules.items():
-            g = by_down[name]
+        for name, consumer in layer_modules.items():
+            g = by_consumer[name]
+            if isinstance(g, HeadGroup):
+                num_prune, size, buckets = g.heads_to_prune_per_kv(sparsity), g.head_dim, g.num_kv_heads
+            else:
+                num_prune, size, buckets = M.num_to_prune(sparsity, g.num_units), 1, 1
             keep = obs_prune_inputs_(
-                down.weight, grams.hessian(name), M.num_to_prune(sparsity, g.num_units), damp=damp
+                consumer.weight, grams.hessian(name), num_prune, group_size=size, buckets=buckets, damp=damp
             )
             for producer in g.producers:
-                model.get_submodule(producer).weight.data[~keep] = 0.0
+                model.get_submodule(producer).weight.data[~keep.repeat_interleave(size)] = 0.0
             units[g.prefix] = keep
 
     _layer_by_layer_(model, modules, [dict(b) for b in batches], prune_layer)
