@@ -566,6 +566,17 @@ def sparsegpt_oneshot_(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _group_obs_costs(w: Tensor, h_inv: Tensor, group_size: int) -> Tensor:
+    """OBS cost ``tr(W_S [H^-1]_SS^-1 W_S^T)`` of removing each group of ``group_size`` consecutive columns."""
+    if group_size == 1:  # the scalar form: no block inverses
+        return w.square().sum(0) / torch.diagonal(h_inv)
+    out, cols = w.shape
+    units = cols // group_size
+    blocks = torch.diagonal(h_inv.view(units, group_size, units, group_size), dim1=0, dim2=2).permute(2, 0, 1)
+    w_blocks = w.view(out, units, group_size)
+    return torch.einsum("oug,ugh,ouh->u", w_blocks, torch.linalg.inv(blocks), w_blocks)
+
+
 @torch.no_grad()
 def obs_prune_inputs_(
     weight: Tensor,
@@ -625,20 +636,18 @@ def obs_prune_inputs_(
     h_inv = upper.T @ upper  # H^-1 (fp32), downdated in place below
     del upper
     g = group_size
-    unit_index = torch.arange(units, device=device)
-    bucket_of = unit_index // per_bucket
+    bucket_of = torch.arange(units, device=device) // per_bucket
     left = torch.full((buckets,), num_prune, device=device)  # removals still owed by each bucket
     keep = torch.ones(units, dtype=torch.bool, device=device)
     for _ in range(num_prune * buckets):
-        blocks = h_inv.view(units, g, units, g)[unit_index, :, unit_index, :]  # [H^-1]_SS of every group
-        w_blocks = w.view(out, units, g)
-        cost = torch.einsum("oug,ugh,ouh->u", w_blocks, torch.linalg.inv(blocks), w_blocks)
+        cost = _group_obs_costs(w, h_inv, g)
         cost = torch.where(keep & (left[bucket_of] > 0), cost, torch.full_like(cost, float("inf")))
         j = int(torch.argmin(cost))
         cols_j = slice(j * g, (j + 1) * g)
         inv_block = torch.linalg.inv(h_inv[cols_j, cols_j])
-        w.sub_(w[:, cols_j] @ inv_block @ h_inv[cols_j])
-        h_inv.sub_(h_inv[:, cols_j] @ inv_block @ h_inv[cols_j])
+        rows_j = h_inv[cols_j].clone()  # [H^-1]_S,: before the downdate, read by both in-place updates
+        w.addmm_(w[:, cols_j] @ inv_block, rows_j, alpha=-1.0)
+        h_inv.addmm_(h_inv[:, cols_j] @ inv_block, rows_j, alpha=-1.0)
         keep[j] = False
         left[j // per_bucket] -= 1
         w[:, cols_j] = 0.0
