@@ -531,7 +531,11 @@ def test_every_training_command_is_a_valid_train_config(frontier, tmp_path, monk
             assert config.learning_rate == (1e-4 if method == "recipe-lr" else 3e-5), method
             assert config.prune_init_scorer is None and config.teacher_model_name_or_path == frontier.MODEL
         assert (config.prune_granularity == "n:m") == (method == "recipe-24"), method
-        assert config.temperature == (0.7 if "cool" in method else 1.0), method  # recipe-cool, quickstart-cool
+        cool = "cool" in method or method == "gradual"  # recipe-cool, quickstart-cool, gradual
+        assert config.temperature == (0.7 if cool else 1.0), method
+        if method == "gradual":  # the config's own SparseGPT start at 80% of the target, then OBS events to it
+            assert config.prune_init_sparsity == 0.4 and config.prune_init_scorer == "sparsegpt"
+            assert (config.prune_scorer, config.prune_end_step, config.prune_every) == ("sparsegpt", 16, 8)
         assert config.per_device_train_batch_size == (16 if "wide" in method else 8), method
         assert config.max_steps == (24 if method == "quickstart" else 16), method  # the others as measured
         # Methods measured before the quickstart moved to the mixed prompts and `self` text pin the old data.
