@@ -24,7 +24,8 @@ subprocesses, exactly as printed in the table), then evaluated in this process o
   fraction of neurons removed), exported physically smaller, then ``recipe-self``'s recovery of that smaller model
   with no masks (``prune_target_sparsity`` 0); ``sparsegpt-mlp`` / ``recipe-sparsegpt-mlp`` the same with the
   neurons chosen by OBS and ``down_proj`` reconstructed. ``wanda-heads`` / ``sparsegpt-heads``: whole query heads,
-  as many per KV head (the sparsity is the fraction of heads; ``o_proj`` reconstructed by sparsegpt).
+  as many per KV head (the sparsity is the fraction of heads; ``o_proj`` reconstructed by sparsegpt), and
+  ``recipe-sparsegpt-heads`` the recovery of the latter's smaller model.
 * ``wanda-trained`` / ``mama-trained``: ``grpo-prune train --config configs/quickstart.yaml`` from the dense model,
   pruning during training on the quickstart's cubic schedule with ``mama_alpha`` 0 (the score is then wanda's,
   from the activations training saw) or ``--mama-alpha`` (default 0.2, statistic ``abs``); ``mama-reward``: the
@@ -108,6 +109,7 @@ METHODS = (
     "recipe-sparsegpt-mlp-cool",
     "wanda-heads",
     "sparsegpt-heads",
+    "recipe-sparsegpt-heads",
 )
 MLP_NEURONS = ("--granularity", "structured", "--structured-units", "mlp")  # whole MLP neurons, exported smaller
 HEADS = ("--granularity", "structured", "--structured-units", "heads")
@@ -153,6 +155,7 @@ RECIPES = {
     "recipe-mlp-task": ("wanda-mlp-task", SELF_TEXT),
     "recipe-sparsegpt-mlp": ("sparsegpt-mlp", SELF_TEXT),
     "recipe-sparsegpt-mlp-cool": ("sparsegpt-mlp", (*SELF_TEXT, *COOL)),
+    "recipe-sparsegpt-heads": ("sparsegpt-heads", SELF_TEXT),
     "recipe-cool": ("sparsegpt", (*SELF_TEXT, *COOL)),
     "recipe-wide": ("sparsegpt", (*SELF_TEXT, "--per_device_train_batch_size", "16")),  # two prompts a step
 }
