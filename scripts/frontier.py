@@ -25,7 +25,8 @@ subprocesses, exactly as printed in the table), then evaluated in this process o
   with no masks (``prune_target_sparsity`` 0); ``sparsegpt-mlp`` / ``recipe-sparsegpt-mlp`` the same with the
   neurons chosen by OBS and ``down_proj`` reconstructed. ``wanda-heads`` / ``sparsegpt-heads``: whole query heads,
   as many per KV head (the sparsity is the fraction of heads; ``o_proj`` reconstructed by sparsegpt), and
-  ``recipe-sparsegpt-heads`` the recovery of the latter's smaller model.
+  ``recipe-sparsegpt-heads`` the recovery of the latter's smaller model; ``sparsegpt-mlp-heads``: both kinds of
+  units at the same fraction.
 * ``wanda-trained`` / ``mama-trained``: ``grpo-prune train --config configs/quickstart.yaml`` from the dense model,
   pruning during training on the quickstart's cubic schedule with ``mama_alpha`` 0 (the score is then wanda's,
   from the activations training saw) or ``--mama-alpha`` (default 0.2, statistic ``abs``); ``mama-reward``: the
@@ -110,6 +111,7 @@ METHODS = (
     "wanda-heads",
     "sparsegpt-heads",
     "recipe-sparsegpt-heads",
+    "sparsegpt-mlp-heads",
 )
 MLP_NEURONS = ("--granularity", "structured", "--structured-units", "mlp")  # whole MLP neurons, exported smaller
 HEADS = ("--granularity", "structured", "--structured-units", "heads")
@@ -128,6 +130,8 @@ ONESHOT = {
     # whole query heads, as many per KV head (SmolLM2-135M: 3 per KV head, so 1/3 and 2/3 are the reachable points)
     "wanda-heads": ("--scorer", "wanda", *HEADS),
     "sparsegpt-heads": ("--scorer", "sparsegpt", *HEADS),  # o_proj reconstructed on the kept heads
+    # both: the same fraction of the MLP neurons and of the query heads of every layer
+    "sparsegpt-mlp-heads": ("--scorer", "sparsegpt", "--granularity", "structured", "--structured-units", "mlp+heads"),
 }
 #: One-shot methods whose sparsity is fixed by their pattern (a recipe from one of them is fixed alike).
 FIXED_SPARSITY = {"sparsegpt-24": 0.5}
