@@ -397,17 +397,36 @@ def test_obs_input_removal_bad_arguments():
         obs_prune_inputs_(w.clone(), h, 1, group_size=4, buckets=3)
 
 
+def _sparsegpt_and_wanda_units(kind, sparsity, units):
+    """Calibration ids, a tiny model pruned to ``sparsity`` of its ``units`` by sparsegpt, its dense copy, the same
+    model pruned by wanda, and sparsegpt's report."""
+    ids = calib_ids(0, 8, 32)
+    model = tiny_model(kind, seed=5).eval()
+    dense, wanda = copy.deepcopy(model), copy.deepcopy(model)
+    report = prune_oneshot(model, sparsity, "structured", scorer="sparsegpt", calibration=ids, structured_units=units)
+    prune_oneshot(wanda, sparsity, "structured", scorer="wanda", calibration=ids, structured_units=units)
+    return ids, model, dense, wanda, report
+
+
+def _first_layer_errors(ids, dense, pruned, path):
+    """Output error of module ``path`` of each pruned model against the dense one, on the inputs the dense module
+    saw in the calibration pass (what the first layer was reconstructed for)."""
+    seen = []
+    module = dense.get_submodule(path)
+    hook = module.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    with torch.no_grad():
+        dense(input_ids=ids)
+        hook.remove()
+        target = module(seen[0])
+        return [float((m.get_submodule(path)(seen[0]) - target).norm()) for m in pruned]
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])
 def test_prune_oneshot_sparsegpt_mlp_neurons(kind):
     """Whole neurons: the same number in every layer, their gate/up rows and down columns exactly zero, masks and
     report like the other structured scorers', the kept down_proj columns reconstructed; the MLP outputs of the
     first layer (same inputs for both) closer to dense than Wanda's structured choice."""
-    ids = calib_ids(0, 8, 32)
-    model = tiny_model(kind, seed=5).eval()
-    dense = copy.deepcopy(model)
-    wanda = copy.deepcopy(model)
-    report = prune_oneshot(model, 0.25, "structured", scorer="sparsegpt", calibration=ids, structured_units="mlp")
-    prune_oneshot(wanda, 0.25, "structured", scorer="wanda", calibration=ids, structured_units="mlp")
+    ids, model, dense, wanda, report = _sparsegpt_and_wanda_units(kind, 0.25, "mlp")
     intermediate = model.config.intermediate_size
     assert report.scorer == "sparsegpt" and report.granularity == "structured"
     assert set(report.unit_sparsity.values()) == {round(0.25 * intermediate) / intermediate}
@@ -425,15 +444,7 @@ def test_prune_oneshot_sparsegpt_mlp_neurons(kind):
         assert not torch.equal(mlp.down_proj.weight[:, ~gone], dense.get_submodule(prefix).down_proj.weight[:, ~gone])
     assert set(report.masks) == {f"{p}.{n}" for p in layer_names for n in ("gate_proj", "up_proj", "down_proj")}
 
-    seen = []  # the first MLP's inputs in the calibration pass: what its down_proj was reconstructed for
-    hook = dense.model.layers[0].mlp.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
-    with torch.no_grad():
-        dense(input_ids=ids)
-        hook.remove()
-        x = seen[0]
-        target = dense.model.layers[0].mlp(x)
-        err = (model.model.layers[0].mlp(x) - target).norm()
-        err_wanda = (wanda.model.layers[0].mlp(x) - target).norm()
+    err, err_wanda = _first_layer_errors(ids, dense, [model, wanda], "model.layers.0.mlp")
     assert err < err_wanda, (err, err_wanda)
 
 
@@ -442,12 +453,7 @@ def test_prune_oneshot_sparsegpt_attention_heads(kind):
     """Whole query heads: as many from every KV head, their q_proj rows and o_proj columns exactly zero, the kept
     o_proj columns reconstructed; the first attention block's output (same inputs for both) closer to dense than
     Wanda's structured choice."""
-    ids = calib_ids(0, 8, 32)
-    model = tiny_model(kind, seed=5).eval()
-    dense = copy.deepcopy(model)
-    wanda = copy.deepcopy(model)
-    report = prune_oneshot(model, 0.5, "structured", scorer="sparsegpt", calibration=ids, structured_units="heads")
-    prune_oneshot(wanda, 0.5, "structured", scorer="wanda", calibration=ids, structured_units="heads")
+    ids, model, dense, wanda, report = _sparsegpt_and_wanda_units(kind, 0.5, "heads")
     cfg = model.config
     d = cfg.hidden_size // cfg.num_attention_heads
     r = cfg.num_attention_heads // cfg.num_key_value_heads
@@ -463,15 +469,7 @@ def test_prune_oneshot_sparsegpt_attention_heads(kind):
         assert torch.count_nonzero(attn.o_proj.weight[:, columns]) == 0
         assert not torch.equal(attn.o_proj.weight[:, ~columns], dense.get_submodule(prefix).o_proj.weight[:, ~columns])
 
-    seen = []  # the first attention block's o_proj inputs in the calibration pass, as the dense model computes them
-    hook = dense.model.layers[0].self_attn.o_proj.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
-    with torch.no_grad():
-        dense(input_ids=ids)
-        hook.remove()
-        x = seen[0]
-        target = dense.model.layers[0].self_attn.o_proj(x)
-        err = (model.model.layers[0].self_attn.o_proj(x) - target).norm()
-        err_wanda = (wanda.model.layers[0].self_attn.o_proj(x) - target).norm()
+    err, err_wanda = _first_layer_errors(ids, dense, [model, wanda], "model.layers.0.self_attn.o_proj")
     assert err < err_wanda, (err, err_wanda)
 
 
