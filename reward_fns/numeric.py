@@ -106,7 +106,8 @@ def first_number(span: str) -> Number | None:
 
 
 def last_number(text: str) -> Number | None:
-    """The last number in ``text`` (None if there is none or it is unparsable).
+    """The last number in ``text`` (None if there is none, it is unparsable, or it is glued to a symbol as in
+    :func:`first_number`: ``... 2^`` gives None).
 
     Every number holds a digit, so the last match holds the last digit, and it lies within the run of characters
     that can occur in a number around that digit: scanning from the start of that run gives the same last match as
@@ -118,7 +119,9 @@ def last_number(text: str) -> Number | None:
         return None
     cut = len(text) - _IN_NUMBER_RUN.match(backwards, digit.start()).end()
     last = last_match(NUMBER, text, cut)
-    return None if last is None else _from_match(last)
+    if last is None or _GLUED.match(text, last.end()):
+        return None
+    return _from_match(last)
 
 
 def extract_number(text: str) -> Number | None:
