@@ -96,13 +96,18 @@ def _from_match(match: re.Match) -> Number | None:
     return Number(value, match.group("pct") is not None)
 
 
+def _standalone(match: re.Match | None, text: str) -> Number | None:
+    """The number ``match`` found in ``text``, unless there is none or a symbol glued after it (:data:`_GLUED`)
+    makes it part of a larger expression."""
+    if match is None or _GLUED.match(text, match.end()):
+        return None
+    return _from_match(match)
+
+
 def first_number(span: str) -> Number | None:
     """The first number in ``span``; None if there is none, it is unparsable, or it is glued to a symbol that makes
     it part of a larger expression (``2^3``, ``2\\sqrt{2}``, ``2\\pi``, ``2π``)."""
-    match = NUMBER.search(span)
-    if match is None or _GLUED.match(span, match.end()):
-        return None
-    return _from_match(match)
+    return _standalone(NUMBER.search(span), span)
 
 
 def last_number(text: str) -> Number | None:
@@ -118,10 +123,7 @@ def last_number(text: str) -> Number | None:
     if digit is None:
         return None
     cut = len(text) - _IN_NUMBER_RUN.match(backwards, digit.start()).end()
-    last = last_match(NUMBER, text, cut)
-    if last is None or _GLUED.match(text, last.end()):
-        return None
-    return _from_match(last)
+    return _standalone(last_match(NUMBER, text, cut), text)
 
 
 def extract_number(text: str) -> Number | None:

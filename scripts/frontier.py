@@ -113,8 +113,15 @@ METHODS = (
     "recipe-sparsegpt-heads",
     "sparsegpt-mlp-heads",
 )
-MLP_NEURONS = ("--granularity", "structured", "--structured-units", "mlp")  # whole MLP neurons, exported smaller
-HEADS = ("--granularity", "structured", "--structured-units", "heads")
+
+
+def structured(units: str) -> tuple[str, ...]:
+    """`grpo-prune oneshot` flags that remove whole ``units`` (mlp, heads, mlp+heads), exported smaller."""
+    return ("--granularity", "structured", "--structured-units", units)
+
+
+MLP_NEURONS = structured("mlp")
+HEADS = structured("heads")
 #: One-shot methods (no training, so no seeds): method -> the flags of `grpo-prune oneshot` besides the sparsity.
 ONESHOT = {
     "sparsegpt": ("--scorer", "sparsegpt"),
@@ -131,7 +138,7 @@ ONESHOT = {
     "wanda-heads": ("--scorer", "wanda", *HEADS),
     "sparsegpt-heads": ("--scorer", "sparsegpt", *HEADS),  # o_proj reconstructed on the kept heads
     # both: the same fraction of the MLP neurons and of the query heads of every layer
-    "sparsegpt-mlp-heads": ("--scorer", "sparsegpt", "--granularity", "structured", "--structured-units", "mlp+heads"),
+    "sparsegpt-mlp-heads": ("--scorer", "sparsegpt", *structured("mlp+heads")),
 }
 #: One-shot methods whose sparsity is fixed by their pattern (a recipe from one of them is fixed alike).
 FIXED_SPARSITY = {"sparsegpt-24": 0.5}

@@ -649,7 +649,7 @@ def obs_prune_inputs_(
         w.addmm_(w[:, cols_j] @ inv_block, rows_j, alpha=-1.0)
         h_inv.addmm_(h_inv[:, cols_j] @ inv_block, rows_j, alpha=-1.0)
         keep[j] = False
-        left[j // per_bucket] -= 1
+        left[bucket_of[j]] -= 1
         w[:, cols_j] = 0.0
         h_inv[cols_j, cols_j] = torch.eye(g, device=device)  # keeps the block invertible (its cost is inf anyway)
     w.view(out, units, g)[:, ~keep] = 0.0
