@@ -304,6 +304,9 @@ def run_train(run: TrainRun) -> dict[str, Any]:
     if trainer.accelerator.is_main_process:
         write_json_atomic(os.path.join(args.output_dir, "run_summary.json"), summary)
         print(format_summary(summary))
+    # Destroys the process group under torchrun / accelerate launch (accelerate's recommended last call); left to
+    # interpreter exit, gloo can abort a finished rank ("terminate called without an active exception").
+    trainer.accelerator.end_training()
     return summary
 
 

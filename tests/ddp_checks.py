@@ -18,7 +18,7 @@ import sys
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
-from tiny import tiny_trainer, varied_reward
+from tiny import end_process_group, tiny_trainer, varied_reward
 
 COMMON = dict(ddp_backend="gloo", mama_alpha=0.5, mama_min_updates=1, distill_coef=1.0)
 
@@ -79,6 +79,7 @@ def main(mode: str, out: str) -> None:
     result.pop("rms")
     with open(f"{out}/{mode}_rank{rank}.json", "w") as f:
         json.dump({"world_size": dist.get_world_size(), **result}, f)
+    end_process_group()
 
 
 if __name__ == "__main__":

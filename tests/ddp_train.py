@@ -5,7 +5,7 @@ import sys
 
 import torch.distributed as dist
 from safetensors.torch import save_file
-from tiny import tiny_trainer
+from tiny import end_process_group, tiny_trainer
 
 
 def main(out: str) -> None:
@@ -17,6 +17,7 @@ def main(out: str) -> None:
     save_file({k: v.contiguous() for k, v in trainer.pruner.masks.items()}, f"{out}/masks_rank{rank}.safetensors")
     with open(f"{out}/ddp_rank{rank}.json", "w") as f:
         json.dump({"world_size": dist.get_world_size(), "sparsity": trainer.pruner.sparsity()}, f)
+    end_process_group()
 
 
 if __name__ == "__main__":

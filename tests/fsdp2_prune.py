@@ -16,7 +16,7 @@ import zlib
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
-from tiny import tiny_model
+from tiny import end_process_group, tiny_model
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
 
@@ -207,8 +207,7 @@ def main(out: str) -> None:
     info["rank"] = rank
     with open(f"{out}/fsdp2_rank{rank}.json", "w") as f:
         json.dump(info, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    end_process_group()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import sys
 from types import SimpleNamespace
 
 import torch
-from tiny import tiny_trainer
+from tiny import end_process_group, tiny_trainer
 from torch.distributed.fsdp import FSDPModule
 
 from grpo_prune.distiller import Distiller
@@ -63,6 +63,7 @@ def main(out: str, text: str) -> None:
         result[f"{wrap}_sparsity"] = sharded["sparsity"]
     with open(f"{out}/fsdp2_teacher.json", "w") as f:
         json.dump(result, f)
+    end_process_group()
 
 
 if __name__ == "__main__":

@@ -98,6 +98,28 @@ def test_train_cli_end_to_end(tmp_path, tiny_model_dir):
     assert "is_gradient_checkpointing" not in proc.stderr
 
 
+def test_train_cli_under_torchrun_two_ranks(tmp_path, tiny_model_dir):
+    # The command a DDP user runs: both ranks exit 0 once training is over (the run ends its process group; left to
+    # interpreter exit, gloo once aborted a finished rank) and rank 0 alone prints and writes the summary.
+    config = write_config(tmp_path, tiny_model_dir, prune_scorer="wanda", distill_coef=0.0, use_cpu=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*launch, "-m", "grpo_prune.cli", "train", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("grpo-prune: run finished") == 1  # rank 0 alone reports
+    summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
+    assert summary["steps"] == 3 and summary["sparsity_reached"] == pytest.approx(0.5)
+    assert "terminate called" not in proc.stderr
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
