@@ -29,6 +29,7 @@ COMMANDS = {
     "eval": "Evaluate a model (task accuracy, perplexity, multiple choice, throughput), optionally against another.",
     "export": "Export a pruned checkpoint: zeros + masks, or a physically smaller model for structured pruning.",
     "oneshot": "Prune a model in one step on calibration text (sparsegpt, wanda, ...) and export it.",
+    "soup": "Average models recovered from one pruned start (runs differing in their seed); the mask is kept.",
 }
 
 
@@ -428,6 +429,10 @@ def _run_command(command: str, rest: list[str]) -> int:
         from grpo_prune.oneshot_cli import main as oneshot_main
 
         return oneshot_main(rest)
+    if command == "soup":
+        from grpo_prune.soup import main as soup_main
+
+        return soup_main(rest)
     from grpo_prune.export import main as export_main
 
     return export_main(rest)

@@ -39,6 +39,9 @@ subprocesses, exactly as printed in the table), then evaluated in this process o
 * ``gradual``: the quickstart config with its SparseGPT start at ``--gradual-start`` of the target (default 0.8: 40%
   for a 50% target), then training-time ``sparsegpt`` events (OBS on the Gram matrices of the inputs training saw) at
   steps 8 and 16 up to the target, rollouts at temperature 0.7: pruning in two stages with recovery between them.
+* ``soupN:METHOD`` (e.g. ``soup4:recipe-cool@32``): ``grpo-prune soup`` of N seeds of a recipe, which all hold one
+  start's masks; its seed s averages the recipe's seeds N*s to N*s+N-1, measured as points of their own first (their
+  models kept), and its training tokens and CPU-seconds are their sums.
 
 Evaluation (:func:`grpo_prune.evaluate.evaluate_model`, the same seeded items for every model): LAMBADA perplexity on
 ``--lambada`` windows of 512 tokens, PIQA ``acc_norm`` on ``--piqa`` validation questions, and greedy accuracy on the
@@ -255,10 +258,27 @@ def train_command(folder: Path, sparsity: float, seed: int, *extra: str) -> list
     ]  # fmt: skip
 
 
+_SOUP = re.compile(r"soup(\d+):(.+)")
+
+
+def soup_of(method: str) -> tuple[int, str] | None:
+    """``(members, member method)`` of a ``soupN:METHOD`` method, else None."""
+    match = _SOUP.fullmatch(method)
+    return (int(match.group(1)), match.group(2)) if match else None
+
+
 def method_spec(text: str) -> str:
     """A ``--methods`` entry: a method name, or ``NAME@STEPS`` for its training run at ``STEPS`` optimizer steps
     instead of its default (the config's ``max_steps`` for ``quickstart``, :data:`MEASURED_STEPS` for the others; e.g.
-    ``recipe@48``: a longer recovery; one-shot methods take no steps)."""
+    ``recipe@48``: a longer recovery; one-shot methods take no steps); or ``soupN:METHOD`` (e.g.
+    ``soup4:recipe-cool@32``), the average (``grpo-prune soup``) of N seeds of a trained method that holds its
+    start's masks: seed s averages METHOD's seeds N*s to N*s+N-1, measured as points of their own first."""
+    soup = soup_of(text)
+    if soup is not None:
+        members, member = soup
+        if members < 2 or method_spec(member).partition("@")[0] not in RECIPES:
+            raise argparse.ArgumentTypeError(f"{text!r}: soupN:METHOD needs N >= 2 and a recipe (e.g. recipe-cool@32)")
+        return text
     base, at, steps = text.partition("@")
     if base not in METHODS or (at and (base in ONESHOT or not steps.isdigit() or int(steps) < 1)):
         raise argparse.ArgumentTypeError(
@@ -418,7 +438,50 @@ def eval_settings(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def run_point(args: argparse.Namespace, method: str, sparsity: float, seed: int) -> dict[str, Any]:
+def soup_point(args: argparse.Namespace, method: str, sparsity: float, seed: int) -> dict[str, Any]:
+    """A ``soupN:METHOD`` point: METHOD's N member points (run here, models kept, unless already measured with their
+    models still in the work folder), then ``grpo-prune soup`` of their models. Its training tokens and CPU-seconds
+    are the members' sums: what the soup cost."""
+    from grpo_prune.fileio import write_json_atomic
+
+    members, member = soup_of(method)
+    folders, records = [], []
+    for s in range(members * seed, members * (seed + 1)):
+        name = point_name(member, sparsity, s)
+        path = args.output_dir / "points" / f"{name}.json"
+        folder = commands(args, member, sparsity, s)[1]
+        if not path.exists():
+            print(f"[run] {name} (a member of {method})", flush=True)
+            write_json_atomic(path, run_point(args, member, sparsity, s, keep_model=True), default=str)
+        elif not (folder / "config.json").is_file():
+            raise SystemExit(f"{method}: member {name} was measured but its model {folder} is gone; remove {path}")
+        folders.append(folder)
+        records.append(json.loads(path.read_text()))
+    out = args.work_dir / point_name(method, sparsity, seed)
+    soup = ["grpo-prune", "soup", *map(str, folders), "--output-dir", str(out)]
+    step = run_command(soup, args.work_dir / f"{point_name(method, sparsity, seed)}.log")
+    record = {
+        "method": method,
+        "target": sparsity,
+        "seed": seed,
+        "eval_settings": eval_settings(args),
+        "members": [point_name(member, sparsity, s) for s in range(members * seed, members * (seed + 1))],
+        "steps": [*(st for r in records for st in r["steps"] if not st.get("reused")), step],
+        **evaluate(args, out),
+        "device": results_page.device_name(),
+        "date": results_page.run_record()["date"],
+    }
+    for key in ("training_tokens", "training_cpu_seconds"):
+        record[key] = sum(r[key] for r in records)
+    record["cpu_seconds"] = sum(r["cpu_seconds"] for r in records) + step["cpu_seconds"]
+    return record
+
+
+def run_point(
+    args: argparse.Namespace, method: str, sparsity: float, seed: int, keep_model: bool = False
+) -> dict[str, Any]:
+    if soup_of(method):
+        return soup_point(args, method, sparsity, seed)
     cmds, folder = commands(args, method, sparsity, seed)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     steps = []
@@ -442,7 +505,7 @@ def run_point(args: argparse.Namespace, method: str, sparsity: float, seed: int)
     # One-shot CPU-s count only where the model was made; a reused one-shot model costs what its maker's row says.
     record["cpu_seconds"] = sum(s["cpu_seconds"] for s in steps)
     record["training_cpu_seconds"] = sum(s["cpu_seconds"] for s in trained)
-    if trained and not args.keep_models and folder != Path(MODEL):
+    if trained and not (args.keep_models or keep_model) and folder != Path(MODEL):
         import shutil
 
         shutil.rmtree(folder, ignore_errors=True)
@@ -564,9 +627,9 @@ def render(args: argparse.Namespace, records: dict[str, dict[str, Any]]) -> tupl
                 + " / ".join(f"{100 * ratios[w]:.0f}%" if w in ratios else "-" for w in wordings)
                 + f" | {r.get('training_tokens', 0):,} | {r.get('training_cpu_seconds', 0):.0f} | "
                 f"{r.get('cpu_seconds', 0):.0f} | {r['eval_cpu_seconds']:.0f} | "
-                + (f"{zero_std[0]:.3f}" if zero_std else "-")
+                + (f"{max(zero_std):.3f}" if zero_std else "-")  # a soup's: its worst member's
                 + " | "
-                + (f"{clipped[0]:.3f}" if clipped else "-")
+                + (f"{max(clipped):.3f}" if clipped else "-")
                 + " |"
             )
         seeded = [m for m in head if len({r["seed"] for r in rows if r["method"] == m}) > 1]

@@ -5,6 +5,7 @@ PATH stands in for the real one), and the ``--tables-only`` path."""
 from __future__ import annotations
 
 import importlib.util
+import argparse
 import json
 import os
 import sys
@@ -315,6 +316,7 @@ elif argv[0] == "train":
     out = Path(argv[argv.index("--output_dir") + 1])
     out.mkdir(parents=True, exist_ok=True)
     (out / "model.safetensors").write_bytes(b"")
+    (out / "config.json").write_text("{{}}")
     print("  6%|6         | 1/16 [00:01<00:20]", flush=True)
     print("{{'loss': '1.1', 'num_tokens': '829', 'frac_reward_zero_std': '0.0', 'completions/clipped_ratio': '0.125'}}", flush=True)
     print("{{'loss': '0.9', 'grad_norm': '3.2', 'num_tokens': '1650', 'frac_reward_zero_std': '0.5', 'completions/clipped_ratio': '0.25'}}", flush=True)
@@ -322,6 +324,10 @@ elif argv[0] == "train":
     print("{{'train_runtime': '12.5', 'train_loss': '0.9', 'epoch': '1'}}", flush=True)
     summary = {{"reward_first": 0.25, "reward_last": 0.5, "sparsity_reached": 0.49}}
     (out / "run_summary.json").write_text(json.dumps(summary))
+elif argv[0] == "soup":
+    out = Path(argv[argv.index("--output-dir") + 1])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text("{{}}")
 '''
 
 
@@ -421,6 +427,56 @@ def test_main_makes_each_point_once_reuses_one_shot_models_and_resumes(
     assert frontier.main(argv) == 0
     assert len(fake_grpo_prune()) == 3 and len(evaluated) == 4
     assert (out / "frontier.md").read_text() == page
+
+
+def test_a_soup_point_measures_its_members_first_keeps_their_models_and_sums_their_cost(
+    frontier, tmp_path, fake_grpo_prune, monkeypatch
+):
+    evaluated = []
+
+    def fake_evaluate(args, folder):
+        evaluated.append(Path(folder))
+        return {
+            "ppl": 24.0, "piqa": 0.6, "arithmetic": {w: 0.3 for w in args.wordings}, "arithmetic_n": 159,
+            "arithmetic_samples": {}, "sparsity": 0.5, "eval_cpu_seconds": 1.0,
+        }  # fmt: skip
+
+    monkeypatch.setattr(frontier, "evaluate", fake_evaluate)
+    monkeypatch.setattr(frontier.results_page, "device_name", lambda device="cpu": "cpu (test)")
+    out, work = tmp_path / "out", tmp_path / "work"
+    argv = ["--output-dir", str(out), "--work-dir", str(work), "--methods", "soup2:recipe@8", "--sparsities", "0.5"]
+    assert frontier.main(argv) == 0
+    calls = fake_grpo_prune()
+    assert [c[0] for c in calls] == ["oneshot", "train", "train", "soup"]
+    members = [work / "recipe@8-50-s0", work / "recipe@8-50-s1"]
+    assert [c[c.index("--seed") + 1] for c in calls[1:3]] == ["0", "1"]
+    assert calls[3] == ["soup", *map(str, members), "--output-dir", str(work / "soup2:recipe@8-50-s0")]
+    assert all((m / "config.json").is_file() for m in members)  # kept for the soup (and for larger soups)
+    assert evaluated[1:] == [*members, work / "soup2:recipe@8-50-s0"]
+    points = {p.stem: json.loads(p.read_text()) for p in (out / "points").glob("*.json")}
+    soup = points["soup2:recipe@8-50-s0"]
+    assert soup["members"] == ["recipe@8-50-s0", "recipe@8-50-s1"]
+    assert soup["training_tokens"] == sum(points[m]["training_tokens"] for m in soup["members"]) > 0
+    assert soup["training_cpu_seconds"] == sum(points[m]["training_cpu_seconds"] for m in soup["members"])
+    assert [s["command"].split()[1] for s in soup["steps"]] == ["oneshot", "train", "train", "soup"]
+    assert "soup2:recipe@8" in (out / "frontier.md").read_text()
+
+    # A member whose point is recorded but whose model is gone cannot be averaged: a clear stop, nothing run.
+    (out / "points" / "soup2:recipe@8-50-s0.json").unlink()
+    import shutil
+
+    shutil.rmtree(members[1])
+    with pytest.raises(SystemExit, match="recipe@8-50-s1 was measured but its model"):
+        frontier.main(argv)
+    assert len(fake_grpo_prune()) == 4
+
+
+def test_soup_methods_name_a_recipe_and_at_least_two_members(frontier):
+    assert frontier.method_spec("soup4:recipe-cool@32") == "soup4:recipe-cool@32"
+    assert frontier.soup_of("soup4:recipe-cool@32") == (4, "recipe-cool@32")
+    for bad in ("soup1:recipe-cool", "soup2:sparsegpt", "soup2:quickstart", "soupx:recipe"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            frontier.method_spec(bad)
 
 
 def test_the_page_keeps_points_a_run_beside_this_one_adds(frontier, tmp_path, fake_grpo_prune, monkeypatch, dense):
