@@ -39,7 +39,7 @@ subprocesses, exactly as printed in the table), then evaluated in this process o
 * ``gradual``: the quickstart config with its SparseGPT start at ``--gradual-start`` of the target (default 0.8: 40%
   for a 50% target), then training-time ``sparsegpt`` events (OBS on the Gram matrices of the inputs training saw) at
   steps 8 and 16 up to the target, rollouts at temperature 0.7: pruning in two stages with recovery between them.
-* ``soupN:METHOD`` (e.g. ``soup4:recipe-cool@32``): ``grpo-prune soup`` of N seeds of a recipe, which all hold one
+* ``soupN-METHOD`` (e.g. ``soup4-recipe-cool@32``): ``grpo-prune soup`` of N seeds of a recipe, which all hold one
   start's masks; its seed s averages the recipe's seeds N*s to N*s+N-1, measured as points of their own first (their
   models kept), and its training tokens and CPU-seconds are their sums.
 
@@ -258,11 +258,11 @@ def train_command(folder: Path, sparsity: float, seed: int, *extra: str) -> list
     ]  # fmt: skip
 
 
-_SOUP = re.compile(r"soup(\d+):(.+)")
+_SOUP = re.compile(r"soup(\d+)-(.+)")
 
 
 def soup_of(method: str) -> tuple[int, str] | None:
-    """``(members, member method)`` of a ``soupN:METHOD`` method, else None."""
+    """``(members, member method)`` of a ``soupN-METHOD`` method, else None."""
     match = _SOUP.fullmatch(method)
     return (int(match.group(1)), match.group(2)) if match else None
 
@@ -270,14 +270,14 @@ def soup_of(method: str) -> tuple[int, str] | None:
 def method_spec(text: str) -> str:
     """A ``--methods`` entry: a method name, or ``NAME@STEPS`` for its training run at ``STEPS`` optimizer steps
     instead of its default (the config's ``max_steps`` for ``quickstart``, :data:`MEASURED_STEPS` for the others; e.g.
-    ``recipe@48``: a longer recovery; one-shot methods take no steps); or ``soupN:METHOD`` (e.g.
-    ``soup4:recipe-cool@32``), the average (``grpo-prune soup``) of N seeds of a trained method that holds its
+    ``recipe@48``: a longer recovery; one-shot methods take no steps); or ``soupN-METHOD`` (e.g.
+    ``soup4-recipe-cool@32``), the average (``grpo-prune soup``) of N seeds of a trained method that holds its
     start's masks: seed s averages METHOD's seeds N*s to N*s+N-1, measured as points of their own first."""
     soup = soup_of(text)
     if soup is not None:
         members, member = soup
         if members < 2 or method_spec(member).partition("@")[0] not in RECIPES:
-            raise argparse.ArgumentTypeError(f"{text!r}: soupN:METHOD needs N >= 2 and a recipe (e.g. recipe-cool@32)")
+            raise argparse.ArgumentTypeError(f"{text!r}: soupN-METHOD needs N >= 2 and a recipe (e.g. recipe-cool@32)")
         return text
     base, at, steps = text.partition("@")
     if base not in METHODS or (at and (base in ONESHOT or not steps.isdigit() or int(steps) < 1)):
@@ -439,7 +439,7 @@ def eval_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def soup_point(args: argparse.Namespace, method: str, sparsity: float, seed: int) -> dict[str, Any]:
-    """A ``soupN:METHOD`` point: METHOD's N member points (run here, models kept, unless already measured with their
+    """A ``soupN-METHOD`` point: METHOD's N member points (run here, models kept, unless already measured with their
     models still in the work folder), then ``grpo-prune soup`` of their models. Its training tokens and CPU-seconds
     are the members' sums: what the soup cost."""
     from grpo_prune.fileio import write_json_atomic
