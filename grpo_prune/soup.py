@@ -1,10 +1,11 @@
 """Sparse model soups: the average of models recovered from one pruned start (``grpo-prune soup``).
 
-A few GRPO steps on one prompt each are a noisy estimate of the gradient, so two recoveries of the same one-shot
-start that differ only in their seed end in models that keep different parts of the task. Models that share a mask
-can be averaged without losing it: each is exactly zero where the mask prunes, so their mean is too, and the soup is
-exactly as sparse and as fast as each of them (Zimmer et al., "Sparse Model Soups", arXiv 2306.16788). The runs are
-independent, so on several accelerators they run side by side, one per device.
+A few GRPO steps on one prompt each are a noisy estimate of the gradient: four recoveries of one 50% start that
+differed only in their seed kept 46-75% of dense arithmetic (results/soup). Models that share a mask can be averaged
+without losing it: each is exactly zero where the mask prunes, so their mean is too, and the soup is exactly as
+sparse and as fast as each of them (Zimmer et al., "Sparse Model Soups", arXiv 2306.16788). Measured there, the
+soups kept 65-68% at the same perplexity, and more than their members on average in a rewording of the task. The
+runs are independent, so on several accelerators they run side by side, one per device.
 
 Which models may be averaged is checked before any weight is read: the same architecture and shapes, and either the
 same mask sidecar (``pruning_masks.safetensors``, bit for bit) in every folder or none in any (a physically smaller
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = OneLineArgumentParser(
         prog="grpo-prune soup",
         description="Average models recovered from one pruned start (runs that differ in their seed): the soup keeps "
-        "their shared mask exactly and often more of the task than any one of them.",
+        "their shared mask exactly (what it bought on the embedded model: docs/training.md, 'Averaging seeds').",
     )
     parser.add_argument("models", nargs="+", help="two or more model folders (a run's output_dir, or an export)")
     parser.add_argument("--output-dir", required=True, help="folder to write (an earlier soup there is replaced)")

@@ -460,21 +460,29 @@ def soup_point(args: argparse.Namespace, method: str, sparsity: float, seed: int
     out = args.work_dir / point_name(method, sparsity, seed)
     soup = ["grpo-prune", "soup", *map(str, folders), "--output-dir", str(out)]
     step = run_command(soup, args.work_dir / f"{point_name(method, sparsity, seed)}.log")
-    record = {
-        "method": method,
-        "target": sparsity,
-        "seed": seed,
-        "eval_settings": eval_settings(args),
-        "members": [point_name(member, sparsity, s) for s in range(members * seed, members * (seed + 1))],
-        "steps": [*(st for r in records for st in r["steps"] if not st.get("reused")), step],
-        **evaluate(args, out),
-        "device": results_page.device_name(),
-        "date": results_page.run_record()["date"],
-    }
+    steps = [*(st for r in records for st in r["steps"] if not st.get("reused")), step]
+    record = measured(args, method, sparsity, seed, steps, out)
+    record["members"] = [point_name(r["method"], r["target"], r["seed"]) for r in records]
     for key in ("training_tokens", "training_cpu_seconds"):
         record[key] = sum(r[key] for r in records)
     record["cpu_seconds"] = sum(r["cpu_seconds"] for r in records) + step["cpu_seconds"]
     return record
+
+
+def measured(
+    args: argparse.Namespace, method: str, sparsity: float, seed: int, steps: list[dict[str, Any]], folder: Path
+) -> dict[str, Any]:
+    """A point's record: what made it (``steps``) and the evaluation of the model in ``folder``."""
+    return {
+        "method": method,
+        "target": sparsity,
+        "seed": seed,
+        "eval_settings": eval_settings(args),
+        "steps": steps,
+        **evaluate(args, folder),
+        "device": results_page.device_name(),
+        "date": results_page.run_record()["date"],
+    }
 
 
 def run_point(
@@ -490,16 +498,7 @@ def run_point(
             steps.append({"command": shlex.join(command), "cpu_seconds": 0.0, "reused": True})
             continue  # made for another point (deterministic: same command, same model)
         steps.append(run_command(command, args.work_dir / f"{point_name(method, sparsity, seed)}.{i}.log"))
-    record = {
-        "method": method,
-        "target": sparsity,
-        "seed": seed,
-        "eval_settings": eval_settings(args),
-        "steps": steps,
-        **evaluate(args, folder),
-        "device": results_page.device_name(),
-        "date": results_page.run_record()["date"],
-    }
+    record = measured(args, method, sparsity, seed, steps, folder)
     trained = [s for s in steps if s.get("steps")]
     record["training_tokens"] = sum(s["rollout_tokens"] + text_tokens(s["command"], s["steps"]) for s in trained)
     # One-shot CPU-s count only where the model was made; a reused one-shot model costs what its maker's row says.
