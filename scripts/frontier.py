@@ -494,7 +494,8 @@ def run_point(
     args.work_dir.mkdir(parents=True, exist_ok=True)
     steps = []
     for i, command in enumerate(cmds):
-        if command[1] == "oneshot" and (Path(command[3]) / "pruning_masks.safetensors").exists():
+        # Every export writes its report last of all, in one atomic folder; a sliced (structured) one has no masks.
+        if command[1] == "oneshot" and (Path(command[3]) / "pruning_report.json").exists():
             steps.append({"command": shlex.join(command), "cpu_seconds": 0.0, "reused": True})
             continue  # made for another point (deterministic: same command, same model)
         steps.append(run_command(command, args.work_dir / f"{point_name(method, sparsity, seed)}.{i}.log"))

@@ -311,7 +311,7 @@ if os.environ.get("FAKE_GRPO_PRUNE_FAIL"):
 if argv[0] == "oneshot":
     out = Path(argv[2])
     out.mkdir(parents=True, exist_ok=True)
-    (out / "pruning_masks.safetensors").write_bytes(b"")
+    (out / "pruning_report.json").write_text("{{}}")  # every export has a report; a sliced one has no masks
 elif argv[0] == "train":
     out = Path(argv[argv.index("--output_dir") + 1])
     out.mkdir(parents=True, exist_ok=True)
@@ -444,29 +444,31 @@ def test_a_soup_point_measures_its_members_first_keeps_their_models_and_sums_the
     monkeypatch.setattr(frontier, "evaluate", fake_evaluate)
     monkeypatch.setattr(frontier.results_page, "device_name", lambda device="cpu": "cpu (test)")
     out, work = tmp_path / "out", tmp_path / "work"
-    argv = ["--output-dir", str(out), "--work-dir", str(work), "--methods", "soup2-recipe@8", "--sparsities", "0.5"]
+    # A structured start (a sliced export: a report and no masks) is made once, as a masked one is.
+    argv = ["--output-dir", str(out), "--work-dir", str(work), "--methods", "soup2-recipe-sparsegpt-mlp@8"]
+    argv += ["--sparsities", "0.5"]
     assert frontier.main(argv) == 0
     calls = fake_grpo_prune()
     assert [c[0] for c in calls] == ["oneshot", "train", "train", "soup"]
-    members = [work / "recipe@8-50-s0", work / "recipe@8-50-s1"]
+    members = [work / "recipe-sparsegpt-mlp@8-50-s0", work / "recipe-sparsegpt-mlp@8-50-s1"]
     assert [c[c.index("--seed") + 1] for c in calls[1:3]] == ["0", "1"]
-    assert calls[3] == ["soup", *map(str, members), "--output-dir", str(work / "soup2-recipe@8-50-s0")]
+    assert calls[3] == ["soup", *map(str, members), "--output-dir", str(work / "soup2-recipe-sparsegpt-mlp@8-50-s0")]
     assert all((m / "config.json").is_file() for m in members)  # kept for the soup (and for larger soups)
-    assert evaluated[1:] == [*members, work / "soup2-recipe@8-50-s0"]
+    assert evaluated[1:] == [*members, work / "soup2-recipe-sparsegpt-mlp@8-50-s0"]
     points = {p.stem: json.loads(p.read_text()) for p in (out / "points").glob("*.json")}
-    soup = points["soup2-recipe@8-50-s0"]
-    assert soup["members"] == ["recipe@8-50-s0", "recipe@8-50-s1"]
+    soup = points["soup2-recipe-sparsegpt-mlp@8-50-s0"]
+    assert soup["members"] == ["recipe-sparsegpt-mlp@8-50-s0", "recipe-sparsegpt-mlp@8-50-s1"]
     assert soup["training_tokens"] == sum(points[m]["training_tokens"] for m in soup["members"]) > 0
     assert soup["training_cpu_seconds"] == sum(points[m]["training_cpu_seconds"] for m in soup["members"])
     assert [s["command"].split()[1] for s in soup["steps"]] == ["oneshot", "train", "train", "soup"]
-    assert "soup2-recipe@8" in (out / "frontier.md").read_text()
+    assert "soup2-recipe-sparsegpt-mlp@8" in (out / "frontier.md").read_text()
 
     # A member whose point is recorded but whose model is gone cannot be averaged: a clear stop, nothing run.
-    (out / "points" / "soup2-recipe@8-50-s0.json").unlink()
+    (out / "points" / "soup2-recipe-sparsegpt-mlp@8-50-s0.json").unlink()
     import shutil
 
     shutil.rmtree(members[1])
-    with pytest.raises(SystemExit, match="recipe@8-50-s1 was measured but its model"):
+    with pytest.raises(SystemExit, match="recipe-sparsegpt-mlp@8-50-s1 was measured but its model"):
         frontier.main(argv)
     assert len(fake_grpo_prune()) == 4
 
