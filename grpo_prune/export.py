@@ -53,6 +53,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,9 @@ from grpo_prune.usage import OneLineArgumentParser
 __all__ = [
     "EXPORT_FORMAT",
     "MASKS_FILE",
+    "check_masks_fit",
+    "check_replaceable",
+    "folder_tokenizer",
     "load_masks_sidecar",
     "masks_sidecar_granularity",
     "REPORT_FILE",
@@ -179,7 +183,7 @@ def _source_from_checkpoint(folder: Path, tokenizer: Any) -> _Source:
     pruner.apply_masks_()
     report_path = folder / REPORT_FILE
     source_report = json.loads(report_path.read_text()) if report_path.is_file() else None
-    tokenizer = _folder_tokenizer(folder, tokenizer)
+    tokenizer = folder_tokenizer(folder, tokenizer)
     return _Source(
         model=model,
         masks=dict(pruner.masks),
@@ -232,7 +236,7 @@ def load_masks_sidecar(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     return {n: m.bool() for n, m in tensors.items()}
 
 
-def _folder_tokenizer(folder: Path, tokenizer: Any) -> Any:
+def folder_tokenizer(folder: Path, tokenizer: Any) -> Any:
     if tokenizer is None and any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         from transformers import AutoTokenizer
 
@@ -250,7 +254,7 @@ def _source_from_masked_export(folder: Path, tokenizer: Any) -> _Source:
     report_path = folder / REPORT_FILE
     source_report = json.loads(report_path.read_text()) if report_path.is_file() else None
     model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
-    _check_masks_fit(model, masks, f"{folder / MASKS_FILE}")
+    check_masks_fit(model, masks, f"{folder / MASKS_FILE}")
     return _Source(
         model=model,
         masks=masks,
@@ -258,11 +262,11 @@ def _source_from_masked_export(folder: Path, tokenizer: Any) -> _Source:
         origin=str(folder),
         pruning=(source_report or {}).get("pruning") or {},
         source_report=source_report,
-        tokenizer=_folder_tokenizer(folder, tokenizer),
+        tokenizer=folder_tokenizer(folder, tokenizer),
     )
 
 
-def _check_masks_fit(model: nn.Module, masks: dict[str, Tensor], origin: str) -> None:
+def check_masks_fit(model: nn.Module, masks: dict[str, Tensor], origin: str) -> None:
     """ValueError unless every mask names an ``nn.Linear`` of ``model`` and has its weight's shape (a sidecar from
     another model, or a model whose weights were swapped, must not be applied by broadcasting or silently skipped)."""
     modules = dict(model.named_modules())
@@ -555,21 +559,27 @@ def _check_output(output_dir: Path, source_dir: Path | None) -> None:
             raise ValueError(
                 f"output_dir {output_dir} must not be, contain or lie inside the checkpoint {source_dir}."
             )
-    if output_dir.exists():
-        if not output_dir.is_dir():
-            raise FileExistsError(f"output_dir {output_dir} exists and is not a folder.")
-        report = output_dir / REPORT_FILE
-        previous = False
-        if report.is_file():
-            try:
-                previous = json.loads(report.read_text()).get("format") == EXPORT_FORMAT
-            except ValueError:
-                previous = False
-        if any(output_dir.iterdir()) and not previous:
-            raise FileExistsError(
-                f"output_dir {output_dir} exists and is not an earlier export; refusing to replace it. Remove it or "
-                "choose another folder."
-            )
+    check_replaceable(output_dir, lambda report: report.get("format") == EXPORT_FORMAT, "an earlier export")
+
+
+def check_replaceable(output_dir: Path, earlier: Callable[[dict[str, Any]], bool], what: str) -> None:
+    """FileExistsError unless ``output_dir`` is absent, empty, or ``what`` this command wrote before: a folder whose
+    ``pruning_report.json`` satisfies ``earlier`` (a user's own folder is never replaced)."""
+    if not output_dir.exists():
+        return
+    if not output_dir.is_dir():
+        raise FileExistsError(f"output_dir {output_dir} exists and is not a folder.")
+    report = output_dir / REPORT_FILE
+    try:
+        content = json.loads(report.read_text()) if report.is_file() else None
+    except ValueError:
+        content = None
+    previous = isinstance(content, dict) and earlier(content)
+    if any(output_dir.iterdir()) and not previous:
+        raise FileExistsError(
+            f"output_dir {output_dir} exists and is not {what}; refusing to replace it. Remove it or choose another "
+            "folder."
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -607,7 +617,7 @@ def _prepare(src: _Source, structured: bool | str) -> _Export:
     slice_units = src.granularity == "structured" and structured in ("auto", True)
 
     model = src.model
-    _check_masks_fit(model, src.masks, src.origin)
+    check_masks_fit(model, src.masks, src.origin)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
 
     # The output state, as new tensors: the caller's model is never modified.

@@ -25,7 +25,15 @@ from typing import Any
 import torch
 
 from grpo_prune.compress import compressed_format
-from grpo_prune.export import MASKS_FILE, REPORT_FILE, UNIT_MASKS_FILE, load_masks_sidecar
+from grpo_prune.export import (
+    MASKS_FILE,
+    REPORT_FILE,
+    UNIT_MASKS_FILE,
+    check_masks_fit,
+    check_replaceable,
+    folder_tokenizer,
+    load_masks_sidecar,
+)
 from grpo_prune.fileio import write_json_atomic
 from grpo_prune.models import write_dir_atomically
 from grpo_prune.usage import OneLineArgumentParser
@@ -60,7 +68,7 @@ def _shared_masks(folders: list[Path]) -> dict[str, torch.Tensor] | None:
     if not any(has):
         return None
     if not all(has):
-        missing = [str(f) for f, h in zip(folders, has) if not h]
+        missing = [str(f) for f, h in zip(folders, has, strict=True) if not h]
         raise ValueError(f"{', '.join(missing)} hold no {MASKS_FILE} but {folders[has.index(True)]} does.")
     first = load_masks_sidecar(folders[0])
     for folder in folders[1:]:
@@ -77,51 +85,33 @@ def _shared_masks(folders: list[Path]) -> dict[str, torch.Tensor] | None:
     return first
 
 
-def _check_replaceable(out: Path) -> None:
-    """An existing ``out`` is replaced only when empty or an earlier soup (its report has a ``soup`` entry)."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise FileExistsError(f"output_dir {out} exists and is not a folder.")
-    report = out / REPORT_FILE
-    try:
-        earlier = report.is_file() and "soup" in json.loads(report.read_text())
-    except ValueError:
-        earlier = False
-    if any(out.iterdir()) and not earlier:
-        raise FileExistsError(f"output_dir {out} exists and is not an earlier soup; refusing to replace it.")
-
-
 def _check_zero_where_pruned(model: torch.nn.Module, masks: dict[str, torch.Tensor], folder: Path) -> None:
+    check_masks_fit(model, masks, str(folder / MASKS_FILE))
     modules = dict(model.named_modules())
     for name, mask in masks.items():
-        weight = modules[name].weight
-        if weight.shape != mask.shape:
-            raise ValueError(f"{folder}: {name}.weight is {tuple(weight.shape)}, its mask {tuple(mask.shape)}.")
-        if weight[~mask].any():
+        if modules[name].weight[~mask].any():
             raise ValueError(f"{folder}: {name}.weight is not zero where its mask prunes; not a pruned model.")
 
 
-def average_models(
-    model_dirs: Sequence[str | os.PathLike[str]], output_dir: str | os.PathLike[str]
-) -> dict[str, Any]:
+def average_models(model_dirs: Sequence[str | os.PathLike[str]], output_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Write the uniform average of ``model_dirs`` (HF model folders) to ``output_dir``.
 
     The models must share architecture, shapes and mask (see the module docstring); the sums are taken in float32
     and the result is saved in the first model's dtype, with its config, tokenizer and mask sidecars, and its
     ``pruning_report.json`` with a ``soup`` entry naming the models. ``output_dir`` is written atomically (an
-    existing folder is replaced only once the new one is complete) and must not be one of the models.
+    earlier soup there is replaced only once the new one is complete; any other non-empty folder is refused) and
+    must not be one of the models.
 
     Returns:
         ``{"models": [...], "output_dir": ..., "masked_modules": int, "parameters": int}``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     folders = _model_folders(model_dirs)
     out = Path(os.fspath(output_dir)).expanduser()
     if out.resolve() in [f.resolve() for f in folders]:
         raise ValueError(f"output_dir {output_dir} is one of the models; write the soup to a new folder.")
-    _check_replaceable(out)
+    check_replaceable(out, lambda report: "soup" in report, "an earlier soup")
     masks = _shared_masks(folders)
 
     soup = AutoModelForCausalLM.from_pretrained(folders[0], dtype="auto")
@@ -147,9 +137,7 @@ def average_models(
         for name, tensor in soup.state_dict().items():  # tied tensors are written twice, with the same value
             tensor.copy_((sums[name] / len(folders)).to(dtype))
 
-    tokenizer = None
-    if any((folders[0] / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        tokenizer = AutoTokenizer.from_pretrained(folders[0])
+    tokenizer = folder_tokenizer(folders[0], None)
     names = [str(f) for f in folders]
 
     def write(tmp: Path) -> None:

@@ -4,8 +4,8 @@ PATH stands in for the real one), and the ``--tables-only`` path."""
 
 from __future__ import annotations
 
-import importlib.util
 import argparse
+import importlib.util
 import json
 import os
 import sys

@@ -20,7 +20,9 @@ def oneshot_start(folder, sparsity=0.5, **kw):
     model = tiny_model()
     scorer = "wanda" if kw.get("granularity") == "structured" else "magnitude"  # structured scores need activations
     report = prune_oneshot(model, sparsity=sparsity, scorer=scorer, **kw)
-    export_pruned(model, folder, pruner=report, structured=kw.get("granularity") == "structured", tokenizer=char_tokenizer())
+    export_pruned(
+        model, folder, pruner=report, structured=kw.get("granularity") == "structured", tokenizer=char_tokenizer()
+    )
     return folder
 
 
