@@ -183,6 +183,9 @@ class MamaGRPOConfig(GRPOConfig):
             Windows of calibration tokens of the one-shot start.
         prune_calibration_length (`int`, defaults to `256`):
             Tokens per calibration window of the one-shot start.
+        prune_calibration_seed (`int`, *optional*):
+            Seed of the self-generated calibration samples. Default: the run's `seed`. Fix it to give runs with
+            different seeds the same start and masks, so that their models can be averaged (`grpo-prune soup`).
         reward_window (`int`, defaults to `4`):
             Number of generation batches in the rolling mean reward recorded before and after each prune event.
         reward_guard_tolerance (`float`, *optional*):
@@ -335,6 +338,13 @@ class MamaGRPOConfig(GRPOConfig):
     )
     prune_calibration_length: int = field(
         default=256, metadata={"help": "Tokens per calibration window of the one-shot start."}
+    )
+    prune_calibration_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "Seed of the self-generated calibration samples. Default: the run's seed; fix it to give runs "
+            "with different seeds the same start and masks (their models can then be averaged: grpo-prune soup)."
+        },
     )
     reward_window: int = field(
         default=4, metadata={"help": "Generation batches in the rolling reward recorded around prune events."}
@@ -532,6 +542,9 @@ class MamaGRPOConfig(GRPOConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"`{name}` must be an int >= {least}, got {value!r}.")
+        seed = self.prune_calibration_seed
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+            raise ValueError(f"`prune_calibration_seed` must be None or an int >= 0, got {seed!r}.")
         try:  # the start's own settings (scorer against granularity, comparison, allocation; N:M sparsity)
             PruningSettings(
                 **{k: v for k, v in self.oneshot_start_settings().items() if k not in ("sparsity", "scorer")},

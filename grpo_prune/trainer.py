@@ -224,7 +224,7 @@ class MamaGRPOTrainer(GRPOTrainer):
             calibration=args.prune_calibration,
             windows=args.prune_calibration_windows,
             length=args.prune_calibration_length,
-            calibration_seed=args.seed,
+            calibration_seed=args.seed if args.prune_calibration_seed is None else args.prune_calibration_seed,
             task=ONESHOT_START_TASK,
             **args.oneshot_start_settings(),
         )

@@ -167,6 +167,37 @@ def test_self_calibration_samples_the_dense_student(tmp_path, monkeypatch):
     assert trainer.pruner.sparsity() == pytest.approx(0.5)
 
 
+def test_calibration_seed_gives_runs_of_other_seeds_the_same_start(tmp_path, monkeypatch):
+    """A fixed `prune_calibration_seed` makes the start independent of the run's seed (so the runs can be souped);
+    left unset, the run's seed draws the samples."""
+    monkeypatch.setenv("GRPO_PRUNE_CACHE", str(tmp_path / "cache"))
+    seeds = []
+    original = data.calibration_windows
+
+    def spy(*args, seed, **kwargs):
+        seeds.append(seed)
+        return original(*args, seed=seed, **kwargs)
+
+    monkeypatch.setattr(data, "calibration_windows", spy)
+    self_start = dict(
+        prune_init_scorer="sparsegpt",
+        prune_calibration="self",
+        prune_calibration_windows=2,
+        prune_calibration_length=16,
+        max_steps=1,
+        prune_end_step=1,
+    )
+    masks = []
+    for name, seed, calibration_seed in (("a", 0, 7), ("b", 1, 7), ("c", 1, None)):
+        trainer = tiny_trainer(tmp_path / name, seed=seed, prune_calibration_seed=calibration_seed, **self_start)
+        trainer.train()
+        assert trainer.oneshot_start["calibration_seed"] == (seed if calibration_seed is None else calibration_seed)
+        masks.append({n: m.clone() for n, m in trainer.pruner.masks.items()})
+    assert seeds == [7, 7, 1]
+    for name, mask in masks[0].items():
+        assert torch.equal(mask, masks[1][name]), name
+
+
 # ------------------------------------------------------------------------------------------------ resume
 def test_resume_does_not_redo_the_start_and_gives_the_same_masks(tmp_path, monkeypatch):
     overrides = dict(
@@ -216,6 +247,7 @@ def test_resume_does_not_redo_the_start_and_gives_the_same_masks(tmp_path, monke
         (dict(prune_init_scorer="wanda", prune_calibration="nowhere.txt"), "`prune_calibration`"),
         (dict(prune_init_scorer="wanda", prune_calibration_windows=0), "`prune_calibration_windows`"),
         (dict(prune_init_scorer="wanda", prune_calibration_length=1), "`prune_calibration_length`"),
+        (dict(prune_init_scorer="wanda", prune_calibration_seed=-1), "`prune_calibration_seed`"),
         (dict(prune_init_scorer="wanda", prune_compensate=True), "`prune_compensate: true`"),
         (
             dict(prune_init_scorer="sparsegpt", prune_granularity="n:m", prune_init_sparsity=0.25),
