@@ -18,7 +18,9 @@ subprocesses, exactly as printed in the table), then evaluated in this process o
   ``-``; ``python_docs`` text). ``recipe-mixed``: the same on the mixed ``arithmetic`` prompts (``+``, ``-``,
   ``*``); ``recipe-self``: that, distilling the dense model's own samples (``distill_dataset: self``) instead of
   ``python_docs``: the quickstart's data now; ``recipe-task``: only its answers to the task's train prompts
-  (``self:task``), 8 windows a step instead of 2.
+  (``self:task``), 8 windows a step instead of 2. ``recipe-cool``: ``recipe-self`` with rollouts at temperature
+  0.7; ``recipe-kd-cool``: that with the distillation on the rollouts weighted 4 instead of 1 (``distill_coef``), so
+  that the teacher's per-token signal on the student's own completions outweighs GRPO's per-group one.
 * ``sparsegpt-24`` / ``recipe-24``: the same for SparseGPT 2:4 (``--granularity n:m``; 50% only), the recovery as
   ``recipe-self``'s with the pattern held. ``wanda-mlp`` / ``recipe-mlp``: whole MLP neurons (the sparsity is the
   fraction of neurons removed), exported physically smaller, then ``recipe-self``'s recovery of that smaller model
@@ -97,6 +99,7 @@ METHODS = (
     "recipe-mlp-task",
     "recipe-cool",
     "recipe-wide",
+    "recipe-kd-cool",
     "wanda-trained",
     "mama-trained",
     "mama-reward",
@@ -172,6 +175,7 @@ RECIPES = {
     "recipe-sparsegpt-heads": ("sparsegpt-heads", SELF_TEXT),
     "recipe-cool": ("sparsegpt", (*SELF_TEXT, *COOL)),
     "recipe-wide": ("sparsegpt", (*SELF_TEXT, "--per_device_train_batch_size", "16")),  # two prompts a step
+    "recipe-kd-cool": ("sparsegpt", (*SELF_TEXT, *COOL, "--distill_coef", "4")),  # on-policy distillation leads
 }
 #: The shipped config in one command: method -> its `grpo-prune train` flags besides the sparsity and seed.
 QUICKSTARTS = {"quickstart": (), "quickstart-cool": COOL}
