@@ -18,6 +18,15 @@ REPO = Path(__file__).resolve().parents[1]
 LINEAR_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Built-in text: no sampling, so the start costs well under a second on the tiny model.
 FAST = dict(prune_calibration="python_docs", prune_calibration_windows=4, prune_calibration_length=32)
+# The dense student's own samples, as few as the tiny model needs: one optimizer step after the start.
+SELF_START = dict(
+    prune_init_scorer="wanda",
+    prune_calibration="self",
+    prune_calibration_windows=2,
+    prune_calibration_length=16,
+    max_steps=1,
+    prune_end_step=1,
+)
 
 
 def target_weights(model):
@@ -151,15 +160,7 @@ def test_self_calibration_samples_the_dense_student(tmp_path, monkeypatch):
 
     monkeypatch.setattr(data, "calibration_windows", spy)
     dense_nonzero = sum(int(w.count_nonzero()) for w in target_weights(tiny_model()).values())
-    trainer = tiny_trainer(
-        tmp_path / "out",
-        prune_init_scorer="wanda",
-        prune_calibration="self",
-        prune_calibration_windows=2,
-        prune_calibration_length=16,
-        max_steps=1,
-        prune_end_step=1,
-    )
+    trainer = tiny_trainer(tmp_path / "out", **SELF_START)
     trainer.train()
     assert seen == [dense_nonzero]  # sampled once, from the student before it was pruned
     assert list((tmp_path / "cache" / "self_generated").iterdir())  # and cached
@@ -179,17 +180,9 @@ def test_calibration_seed_gives_runs_of_other_seeds_the_same_start(tmp_path, mon
         return original(*args, seed=seed, **kwargs)
 
     monkeypatch.setattr(data, "calibration_windows", spy)
-    self_start = dict(
-        prune_init_scorer="sparsegpt",
-        prune_calibration="self",
-        prune_calibration_windows=2,
-        prune_calibration_length=16,
-        max_steps=1,
-        prune_end_step=1,
-    )
     masks = []
     for name, seed, calibration_seed in (("a", 0, 7), ("b", 1, 7), ("c", 1, None)):
-        trainer = tiny_trainer(tmp_path / name, seed=seed, prune_calibration_seed=calibration_seed, **self_start)
+        trainer = tiny_trainer(tmp_path / name, seed=seed, prune_calibration_seed=calibration_seed, **SELF_START)
         trainer.train()
         assert trainer.oneshot_start["calibration_seed"] == (seed if calibration_seed is None else calibration_seed)
         masks.append({n: m.clone() for n, m in trainer.pruner.masks.items()})
