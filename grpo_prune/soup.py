@@ -5,8 +5,8 @@ differed only in their seed kept 46-75% of dense arithmetic (results/soup). Mode
 without losing it: each is exactly zero where the mask prunes, so their mean is too, and the soup is exactly as
 sparse and as fast as each of them (Zimmer et al., "Sparse Model Soups", arXiv 2306.16788). Measured there, the
 soups kept 65-68% at the same perplexity; recoveries of a model without a quarter of its MLP neurons, which kept
-52-88% alone, averaged three at a time to 98% and 106%. The runs are independent, so on several accelerators they run side by side, one per
-device.
+52-88% alone, averaged three at a time to 98% and 106%, and at 30% unstructured to 108% and 126% (results/frontier).
+The runs are independent, so on several accelerators they run side by side, one per device.
 
 Which models may be averaged is checked before any weight is read: the same architecture and shapes, and either the
 same mask sidecar (``pruning_masks.safetensors``, bit for bit) in every folder or none in any (a physically smaller
