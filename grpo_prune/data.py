@@ -48,6 +48,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import random
 import re
@@ -720,6 +721,23 @@ def validate_calibration_source(source: str | os.PathLike[str]) -> str:
     return "text"
 
 
+#: Share of a ``self`` stream's tokens that are answers to the task's train prompts (the rest continue neutral
+#: openings): half, unless :func:`self_generated_stream` is given another ``task_share``.
+SELF_TASK_SHARE = 0.5
+
+
+def validate_task_share(task_share: float, source: str | os.PathLike[str]) -> None:
+    """Cheap check: ``task_share`` is a number in [0, 1], and other than :data:`SELF_TASK_SHARE` only for a source
+    that mixes task and open samples (``self``, or ``mix``'s self-generated half). ``ValueError`` otherwise."""
+    if isinstance(task_share, bool) or not isinstance(task_share, (int, float)) or not 0 <= task_share <= 1:
+        raise ValueError(f"the task share must be a number in [0, 1], got {task_share!r}")
+    if task_share != SELF_TASK_SHARE and os.fspath(source) not in ("self", "mix"):
+        raise ValueError(
+            f"a task share other than {SELF_TASK_SHARE} needs the calibration 'self' (or 'mix'), which mixes the "
+            f"model's answers to the task with its open continuations; {os.fspath(source)!r} does not"
+        )
+
+
 def _tensor_digest(h: Any, tensor: Any) -> None:
     """Feed a tensor's shape, dtype and up to 65536 evenly strided values into the hash ``h``."""
     import torch
@@ -951,17 +969,25 @@ def self_generated_stream(
     seed: int = 0,
     task: str = "arithmetic",
     cache_dir: str | os.PathLike[str] | None = None,
+    task_share: float = SELF_TASK_SHARE,
 ) -> list[int]:
     """At least ``num_tokens`` token ids of a self-generated source (:data:`SELF_SOURCES`), samples joined by the
     tokens of a blank line (as :func:`text_token_stream` joins documents). ``self`` alternates task and open
-    samples, half the tokens each."""
+    samples, ``task_share`` of the tokens task ones (half by default). When the shares differ, the larger kind's last
+    samples follow the smaller kind's; the first ``num_tokens`` tokens hold each kind's share to within one
+    sample."""
     if source not in SELF_SOURCES:
         raise ValueError(f"source must be one of {SELF_SOURCES}, got {source!r}")
+    validate_task_share(task_share, source)
     sep = _separator_ids(tokenizer)
-    kinds = {"self:task": ["task"], "self:open": ["open"], "self": ["task", "open"]}[source]
-    share = -(-num_tokens // len(kinds))
+    shares = {"self:task": {"task": 1.0}, "self:open": {"open": 1.0}}.get(
+        source, {"task": task_share, "open": 1.0 - task_share}
+    )
     per_kind = []
-    for kind in kinds:
+    for kind, fraction in shares.items():
+        share = math.ceil(fraction * num_tokens)
+        if share == 0:
+            continue
         # Room for the separators, so that the joined stream reaches its share.
         samples = self_generated_samples(model, tokenizer, kind, share, seed=seed, task=task, cache_dir=cache_dir)
         while sum(map(len, samples)) + len(sep) * len(samples) < share:
@@ -998,6 +1024,7 @@ def calibration_windows(
     seed: int = 0,
     task: str = "arithmetic",
     cache_dir: str | os.PathLike[str] | None = None,
+    task_share: float = SELF_TASK_SHARE,
 ) -> Any:
     """Calibration token ids ``[windows, length]`` (a long tensor) for one-shot pruning, from a named source.
 
@@ -1010,13 +1037,16 @@ def calibration_windows(
     - ``mix``: ``windows - windows // 2`` windows of ``python_docs`` then ``windows // 2`` of ``self``.
 
     ``model`` is required by the self-generated sources and ``mix`` (sample it before pruning it); ``seed`` and
-    ``task`` choose their samples. Raises ``ValueError`` for an unknown source or too little text.
+    ``task`` choose their samples, and ``task_share`` the share of ``self``'s tokens (and of ``mix``'s
+    self-generated half) that answer the task (:func:`validate_task_share`). Raises ``ValueError`` for an unknown
+    source, a task share the source cannot take, or too little text.
     """
     import torch
 
     if windows < 1 or length < 2:
         raise ValueError(f"need windows >= 1 and length >= 2, got {windows} and {length}")
     kind = validate_calibration_source(source)
+    validate_task_share(task_share, source)
     text = os.fspath(source)
     if kind != "text" and model is None:
         raise ValueError(f"calibration source {text!r} samples the model: pass model= (the dense model)")
@@ -1024,7 +1054,7 @@ def calibration_windows(
         rows = _spread_windows(text_token_stream(tokenizer, text), windows, length, text)
     elif kind == "self":
         stream = self_generated_stream(
-            model, tokenizer, text, windows * length, seed=seed, task=task, cache_dir=cache_dir
+            model, tokenizer, text, windows * length, seed=seed, task=task, cache_dir=cache_dir, task_share=task_share
         )
         rows = [stream[i * length : (i + 1) * length] for i in range(windows)]
     else:
@@ -1032,7 +1062,8 @@ def calibration_windows(
         rows = _spread_windows(text_token_stream(tokenizer, "python_docs"), windows - n_self, length, "python_docs")
         if n_self:
             stream = self_generated_stream(
-                model, tokenizer, "self", n_self * length, seed=seed, task=task, cache_dir=cache_dir
-            )
+                model, tokenizer, "self", n_self * length, seed=seed, task=task, cache_dir=cache_dir,
+                task_share=task_share,
+            )  # fmt: skip
             rows += [stream[i * length : (i + 1) * length] for i in range(n_self)]
     return torch.tensor(rows, dtype=torch.long)

@@ -31,6 +31,7 @@ class CalibratedPrune:
         report: the one-shot prune's :class:`~grpo_prune.pruning.oneshot.PruneReport` (masks included).
         calibration, windows, length: the calibration source and its ``windows x length`` tokens.
         calibration_seed: the seed of its self-generated samples (unused by a plain text).
+        task_share: the share of a ``self`` calibration's tokens that answer the task (the rest open continuations).
         cpu_seconds: CPU time of this process (every thread), sampling the calibration text included; a cached
             sample costs nothing.
         wall_seconds: elapsed time, the same span.
@@ -41,6 +42,7 @@ class CalibratedPrune:
     windows: int
     length: int
     calibration_seed: int
+    task_share: float
     cpu_seconds: float
     wall_seconds: float
 
@@ -55,6 +57,7 @@ class CalibratedPrune:
             "calibration_windows": self.windows,
             "calibration_length": self.length,
             "calibration_seed": self.calibration_seed,
+            "calibration_task_share": self.task_share,
             "cpu_seconds": round(self.cpu_seconds, 2),
             "wall_seconds": round(self.wall_seconds, 2),
         }
@@ -71,6 +74,7 @@ def prune_on_calibration(
     length: int = 256,
     calibration_seed: int = 0,
     task: str = "arithmetic",
+    task_share: float = data.SELF_TASK_SHARE,
     granularity: str = "unstructured",
     n_m: str = "2:4",
     **settings_overrides: Any,
@@ -88,16 +92,19 @@ def prune_on_calibration(
         windows, length: number and length (tokens) of the calibration windows.
         calibration_seed, task: which self-generated samples (their seed, and the prompt dataset whose train
             prompts are answered); ``settings_overrides``' ``seed`` is the random scorer's.
+        task_share: the share of a ``self`` calibration's tokens that answer ``task`` (default half; the rest
+            continue neutral openings). More of the task keeps more of it at the cost of held-out perplexity
+            (results/frontier, ``sparsegpt-taskcal``).
 
     Returns:
         a :class:`CalibratedPrune` (the report, with the masks, and the time taken).
 
     Raises:
-        ValueError: a bad source, too little text, or what ``prune_oneshot`` refuses (before the model changes).
+        ValueError: a bad source or task share, too little text, or what ``prune_oneshot`` refuses (before the model changes).
     """
     cpu, wall = time.process_time(), time.perf_counter()
     ids = data.calibration_windows(
-        tokenizer, calibration, windows, length, model=model, seed=calibration_seed, task=task
+        tokenizer, calibration, windows, length, model=model, seed=calibration_seed, task=task, task_share=task_share
     )
     report = prune_oneshot(
         model,
@@ -114,6 +121,7 @@ def prune_on_calibration(
         windows=windows,
         length=length,
         calibration_seed=calibration_seed,
+        task_share=task_share,
         cpu_seconds=time.process_time() - cpu,
         wall_seconds=time.perf_counter() - wall,
     )

@@ -226,6 +226,7 @@ class MamaGRPOTrainer(GRPOTrainer):
             length=args.prune_calibration_length,
             calibration_seed=args.seed if args.prune_calibration_seed is None else args.prune_calibration_seed,
             task=ONESHOT_START_TASK,
+            task_share=args.prune_calibration_task_share,
             **args.oneshot_start_settings(),
         )
         reached = self.pruner.start_from_masks(result.report.masks)

@@ -100,6 +100,7 @@ METHODS = (
     "recipe-cool",
     "recipe-wide",
     "recipe-kd-cool",
+    "recipe-taskcal-cool",
     "wanda-trained",
     "mama-trained",
     "mama-reward",
@@ -110,6 +111,7 @@ METHODS = (
     "sparsegpt-24",
     "wanda-mlp",
     "sparsegpt-256",
+    "sparsegpt-taskcal",
     "wanda-mlp-task",
     "sparsegpt-mlp",
     "recipe-sparsegpt-mlp",
@@ -136,6 +138,8 @@ ONESHOT = {
     "sparsegpt-24": ("--scorer", "sparsegpt", "--granularity", "n:m", "--n-m", "2:4"),
     "wanda-mlp": ("--scorer", "wanda", *MLP_NEURONS),
     "sparsegpt-256": ("--scorer", "sparsegpt", "--calibration-windows", "256"),  # twice the default calibration
+    # 7/8 of the self calibration's tokens answers to the task's train prompts (the default half): keeps the task
+    "sparsegpt-taskcal": ("--scorer", "sparsegpt", "--calibration-task-share", "0.875"),
     # MLP neurons chosen by their activations on the dense model's answers to the task prompts alone
     "wanda-mlp-task": ("--scorer", "wanda", *MLP_NEURONS, "--calibration", "self:task"),
     # MLP neurons removed with OBS: down_proj reconstructed on the kept ones, layer by layer
@@ -176,6 +180,7 @@ RECIPES = {
     "recipe-cool": ("sparsegpt", (*SELF_TEXT, *COOL)),
     "recipe-wide": ("sparsegpt", (*SELF_TEXT, "--per_device_train_batch_size", "16")),  # two prompts a step
     "recipe-kd-cool": ("sparsegpt", (*SELF_TEXT, *COOL, "--distill_coef", "4")),  # on-policy distillation leads
+    "recipe-taskcal-cool": ("sparsegpt-taskcal", (*SELF_TEXT, *COOL)),  # recipe-cool from the task-heavy start
 }
 #: The shipped config in one command: method -> its `grpo-prune train` flags besides the sparsity and seed.
 QUICKSTARTS = {"quickstart": (), "quickstart-cool": COOL}

@@ -114,6 +114,42 @@ def test_mix_is_half_text_half_self(small_recipe, tmp_path):
     assert torch.equal(mix[:2], docs) and torch.equal(mix[2:], own)
 
 
+@pytest.mark.parametrize("task_share", [0.5, 0.875, 0.25])
+def test_task_share_sets_the_share_of_task_tokens(task_share, monkeypatch):
+    """``self`` holds ``task_share`` of its tokens from task samples; 0.5 alternates them one to one, as before."""
+    tok = char_tokenizer()
+    token = {"task": 1, "open": 2}
+
+    def fake_samples(model, tokenizer, kind, num_tokens, **kwargs):
+        return [[token[kind]] * 100 for _ in range(-(-num_tokens // 100))]
+
+    monkeypatch.setattr(data, "self_generated_samples", fake_samples)
+    stream = data.self_generated_stream(None, tok, "self", 20_000, task_share=task_share)[:20_000]
+    task, open_ = stream.count(1), stream.count(2)
+    assert task / (task + open_) == pytest.approx(task_share, abs=0.01)
+    if task_share == 0.5:  # rows alternate: task, open, task, ...
+        firsts = [t for t in stream if t in (1, 2)][::100][:6]
+        assert firsts == [1, 2, 1, 2, 1, 2]
+    for share, source in ((1.0, "self:task"), (0.0, "self:open")):
+        assert data.self_generated_stream(None, tok, "self", 500, task_share=share) == data.self_generated_stream(
+            None, tok, source, 500
+        )
+
+
+def test_task_share_is_refused_where_it_cannot_apply():
+    data.validate_task_share(0.875, "self")
+    data.validate_task_share(0.875, "mix")
+    data.validate_task_share(0.5, "python_docs")  # the default is fine anywhere
+    for share in (1.5, -0.1, True, "half"):
+        with pytest.raises(ValueError, match=r"a number in \[0, 1\]"):
+            data.validate_task_share(share, "self")
+    for source in ("self:task", "self:open", "python_docs"):
+        with pytest.raises(ValueError, match="needs the calibration 'self'"):
+            data.validate_task_share(0.75, source)
+    with pytest.raises(ValueError, match="needs the calibration 'self'"):
+        calibration_windows(char_tokenizer(), "python_docs", 2, 16, task_share=0.75)
+
+
 def test_bad_sources_fail_before_any_model_is_needed(tmp_path):
     with pytest.raises(ValueError, match="Unknown calibration source 'wikipedia'.*python_docs, self"):
         validate_calibration_source("wikipedia")
@@ -164,6 +200,9 @@ def test_oneshot_command_refuses_an_unknown_source_before_loading(tmp_path, caps
     # The default source samples the model on a task's prompts: an unknown task is refused before loading too.
     code = main(["oneshot", str(tmp_path / "no-such-model"), str(tmp_path / "out"), "--calibration-task", "nosuch"])
     assert code == 2 and "Unknown dataset 'nosuch'" in capsys.readouterr().err
+    bad_share = ["--calibration", "python_docs", "--calibration-task-share", "0.75"]
+    code = main(["oneshot", str(tmp_path / "no-such-model"), str(tmp_path / "out"), *bad_share])
+    assert code == 2 and "`--calibration-task-share`: a task share other than 0.5" in capsys.readouterr().err
 
 
 def test_prune_oneshot_points_a_source_name_to_calibration_windows():

@@ -191,6 +191,24 @@ def test_calibration_seed_gives_runs_of_other_seeds_the_same_start(tmp_path, mon
         assert torch.equal(mask, masks[1][name]), name
 
 
+def test_task_share_reaches_the_calibration_and_the_record(tmp_path, monkeypatch):
+    """`prune_calibration_task_share` is what the start's calibration samples with, and the start records it."""
+    monkeypatch.setenv("GRPO_PRUNE_CACHE", str(tmp_path / "cache"))
+    shares = []
+    original = data.calibration_windows
+
+    def spy(*args, task_share, **kwargs):
+        shares.append(task_share)
+        return original(*args, task_share=task_share, **kwargs)
+
+    monkeypatch.setattr(data, "calibration_windows", spy)
+    trainer = tiny_trainer(tmp_path / "out", prune_calibration_task_share=0.875, **SELF_START)
+    trainer.train()
+    assert shares == [0.875]
+    assert trainer.oneshot_start["calibration_task_share"] == 0.875
+    assert trainer.pruner.sparsity() == pytest.approx(0.5)
+
+
 # ------------------------------------------------------------------------------------------------ resume
 def test_resume_does_not_redo_the_start_and_gives_the_same_masks(tmp_path, monkeypatch):
     overrides = dict(
@@ -241,6 +259,11 @@ def test_resume_does_not_redo_the_start_and_gives_the_same_masks(tmp_path, monke
         (dict(prune_init_scorer="wanda", prune_calibration_windows=0), "`prune_calibration_windows`"),
         (dict(prune_init_scorer="wanda", prune_calibration_length=1), "`prune_calibration_length`"),
         (dict(prune_init_scorer="wanda", prune_calibration_seed=-1), "`prune_calibration_seed`"),
+        (dict(prune_init_scorer="wanda", prune_calibration_task_share=1.5), "`prune_calibration_task_share`.*0, 1"),
+        (
+            dict(prune_init_scorer="wanda", prune_calibration="python_docs", prune_calibration_task_share=0.75),
+            "`prune_calibration_task_share`.*needs the calibration 'self'",
+        ),
         (dict(prune_init_scorer="wanda", prune_compensate=True), "`prune_compensate: true`"),
         (
             dict(prune_init_scorer="sparsegpt", prune_granularity="n:m", prune_init_sparsity=0.25),
