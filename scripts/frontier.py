@@ -21,6 +21,9 @@ subprocesses, exactly as printed in the table), then evaluated in this process o
   (``self:task``), 8 windows a step instead of 2. ``recipe-cool``: ``recipe-self`` with rollouts at temperature
   0.7; ``recipe-kd-cool``: that with the distillation on the rollouts weighted 4 instead of 1 (``distill_coef``), so
   that the teacher's per-token signal on the student's own completions outweighs GRPO's per-group one.
+  ``sparsegpt-taskcal`` / ``recipe-taskcal-cool``: the same one-shot and recovery with 7/8 of the calibration's
+  tokens the dense model's answers to the task's train prompts instead of half (``--calibration-task-share
+  0.875``): the start keeps more of the task and more held-out perplexity.
 * ``sparsegpt-24`` / ``recipe-24``: the same for SparseGPT 2:4 (``--granularity n:m``; 50% only), the recovery as
   ``recipe-self``'s with the pattern held. ``wanda-mlp`` / ``recipe-mlp``: whole MLP neurons (the sparsity is the
   fraction of neurons removed), exported physically smaller, then ``recipe-self``'s recovery of that smaller model
