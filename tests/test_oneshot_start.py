@@ -168,43 +168,42 @@ def test_self_calibration_samples_the_dense_student(tmp_path, monkeypatch):
     assert trainer.pruner.sparsity() == pytest.approx(0.5)
 
 
+def record_calibrations(monkeypatch, tmp_path) -> list[dict]:
+    """Samples cached under ``tmp_path``; returns the list that receives the keyword arguments of every
+    `data.calibration_windows` call."""
+    monkeypatch.setenv("GRPO_PRUNE_CACHE", str(tmp_path / "cache"))
+    calls = []
+    original = data.calibration_windows
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(data, "calibration_windows", spy)
+    return calls
+
+
 def test_calibration_seed_gives_runs_of_other_seeds_the_same_start(tmp_path, monkeypatch):
     """A fixed `prune_calibration_seed` makes the start independent of the run's seed (so the runs can be souped);
     left unset, the run's seed draws the samples."""
-    monkeypatch.setenv("GRPO_PRUNE_CACHE", str(tmp_path / "cache"))
-    seeds = []
-    original = data.calibration_windows
-
-    def spy(*args, seed, **kwargs):
-        seeds.append(seed)
-        return original(*args, seed=seed, **kwargs)
-
-    monkeypatch.setattr(data, "calibration_windows", spy)
+    calls = record_calibrations(monkeypatch, tmp_path)
     masks = []
     for name, seed, calibration_seed in (("a", 0, 7), ("b", 1, 7), ("c", 1, None)):
         trainer = tiny_trainer(tmp_path / name, seed=seed, prune_calibration_seed=calibration_seed, **SELF_START)
         trainer.train()
         assert trainer.oneshot_start["calibration_seed"] == (seed if calibration_seed is None else calibration_seed)
         masks.append({n: m.clone() for n, m in trainer.pruner.masks.items()})
-    assert seeds == [7, 7, 1]
+    assert [call["seed"] for call in calls] == [7, 7, 1]
     for name, mask in masks[0].items():
         assert torch.equal(mask, masks[1][name]), name
 
 
 def test_task_share_reaches_the_calibration_and_the_record(tmp_path, monkeypatch):
     """`prune_calibration_task_share` is what the start's calibration samples with, and the start records it."""
-    monkeypatch.setenv("GRPO_PRUNE_CACHE", str(tmp_path / "cache"))
-    shares = []
-    original = data.calibration_windows
-
-    def spy(*args, task_share, **kwargs):
-        shares.append(task_share)
-        return original(*args, task_share=task_share, **kwargs)
-
-    monkeypatch.setattr(data, "calibration_windows", spy)
+    calls = record_calibrations(monkeypatch, tmp_path)
     trainer = tiny_trainer(tmp_path / "out", prune_calibration_task_share=0.875, **SELF_START)
     trainer.train()
-    assert shares == [0.875]
+    assert [call["task_share"] for call in calls] == [0.875]
     assert trainer.oneshot_start["calibration_task_share"] == 0.875
     assert trainer.pruner.sparsity() == pytest.approx(0.5)
 
