@@ -7,9 +7,10 @@ subprocesses, exactly as printed in the table), then evaluated in this process o
 
 * ``quickstart``: ``grpo-prune train --config configs/quickstart.yaml`` as shipped, at the point's sparsity: its
   one-shot start (``prune_init_scorer``) and recovery in one command; its CPU-seconds include the start.
-  ``quickstart-cool``: the same with rollouts at temperature 0.7. Every other trained method runs 16 steps (the
-  config's ``max_steps`` when they were measured) unless given as ``NAME@STEPS``; ``quickstart@16`` is the
-  quickstart before it moved to 24 steps.
+  ``quickstart-cool``: the same with rollouts at temperature 0.7; ``quickstart-taskcal-cool`` that with the start's
+  calibration 7/8 the task's answers (``recipe-taskcal-cool`` in one command). Every other trained method runs 16
+  steps (the config's ``max_steps`` when they were measured) unless given as ``NAME@STEPS``; ``quickstart@16`` is
+  the quickstart before it moved to 24 steps.
 * ``sparsegpt``: ``grpo-prune oneshot --scorer sparsegpt`` at its defaults (128 x 256 tokens of the dense model's
   own samples, ``results/calibration``); no training.
 * ``recipe``: that one-shot model (the same folder: made once per sparsity), then ``grpo-prune train --config
@@ -90,6 +91,7 @@ CONFIG = "configs/quickstart.yaml"
 METHODS = (
     "quickstart",
     "quickstart-cool",
+    "quickstart-taskcal-cool",
     "sparsegpt",
     "recipe",
     "recipe-mixed",
@@ -186,7 +188,12 @@ RECIPES = {
     "recipe-taskcal-cool": ("sparsegpt-taskcal", (*SELF_TEXT, *COOL)),  # recipe-cool from the task-heavy start
 }
 #: The shipped config in one command: method -> its `grpo-prune train` flags besides the sparsity and seed.
-QUICKSTARTS = {"quickstart": (), "quickstart-cool": COOL}
+QUICKSTARTS = {
+    "quickstart": (),
+    "quickstart-cool": COOL,
+    # recipe-taskcal-cool in one command: the config's own start with 7/8 of its calibration the task's answers
+    "quickstart-taskcal-cool": (*COOL, "--prune_calibration_task_share", "0.875"),
+}
 #: Optimizer steps of every trained method but `quickstart` when not given as @STEPS: the config's `max_steps` when
 #: they were measured (it is 24 since the quickstart moved there), pinned so that their commands reproduce their
 #: points.
