@@ -190,8 +190,9 @@ class MamaGRPOConfig(GRPOConfig):
             Share of a `"self"` calibration's tokens that are the student's answers to the task's train prompts (the
             rest continue neutral openings); `"mix"` applies it to its self-generated half, other sources refuse a
             value other than 0.5. More of the task keeps more of it and costs held-out perplexity: at 50%, 0.875
-            then 32 GRPO steps kept 85 / 103 / 82% of dense arithmetic (mean of 3 seeds) at 1.78x perplexity, 0.5
-            73 / 81 / 144% at 1.58x (results/frontier, `recipe-taskcal-cool@32` against `recipe-cool@32`).
+            then 32 GRPO steps kept 78 / 101 / 77% of dense arithmetic (mean of 4 seeds; averaged with
+            `grpo-prune soup`, 3 seeds kept 102 / 125 / 104%) at 1.78x perplexity, 0.5 73 / 81 / 144% at 1.58x
+            (results/frontier, `recipe-taskcal-cool@32` against `recipe-cool@32`).
         reward_window (`int`, defaults to `4`):
             Number of generation batches in the rolling mean reward recorded before and after each prune event.
         reward_guard_tolerance (`float`, *optional*):
