@@ -100,7 +100,8 @@ def prune_on_calibration(
         a :class:`CalibratedPrune` (the report, with the masks, and the time taken).
 
     Raises:
-        ValueError: a bad source or task share, too little text, or what ``prune_oneshot`` refuses (before the model changes).
+        ValueError: a bad source or task share, too little text, or what ``prune_oneshot`` refuses (before the
+            model changes).
     """
     cpu, wall = time.process_time(), time.perf_counter()
     ids = data.calibration_windows(
